@@ -1,0 +1,142 @@
+# iotsuite: top-level build. `make help` lists the targets.
+#
+# One place for flags; generated code (protoc-c output, the embedded descriptor set) goes to
+# build/gen and is a prerequisite, never committed. VARIANT=asan builds the same tree with
+# AddressSanitizer + UndefinedBehaviorSanitizer into build/asan.
+
+.DEFAULT_GOAL := all
+.SUFFIXES:
+.DELETE_ON_ERROR:
+
+VARIANT ?= release
+PKGS    := grpc gpr libprotobuf-c libpq hiredis libmicrohttpd jansson openssl
+GEN     := build/gen
+
+ifeq ($(VARIANT),asan)
+  B       := build/asan
+  OPT     := -O1 -g -fno-omit-frame-pointer
+  SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+else ifeq ($(VARIANT),release)
+  B       := build/release
+  OPT     := -O2 -g
+  SANFLAGS :=
+else
+  $(error VARIANT must be release or asan)
+endif
+
+# pkg-config is evaluated lazily so that `make deps` works before the -dev packages exist.
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+WARN    := -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror
+CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -pthread $(SANFLAGS) -MMD -MP
+CPPFLAGS = -Ilibs/common -Itests/support -I$(GEN) $(PKG_CFLAGS)
+LDFLAGS := -pthread $(SANFLAGS)
+LDLIBS   = $(PKG_LIBS) -lm
+
+# ---- generated code ------------------------------------------------------------------------
+GRPC_PROTO_DIR := /usr/share/grpc-proto
+PB_INCLUDE     := /usr/include
+PROTOS         := $(shell find proto -name '*.proto' | sort)
+GRPC_PROTOS    := grpc/health/v1/health.proto grpc/reflection/v1alpha/reflection.proto
+WKT_PROTOS     := google/protobuf/descriptor.proto
+PROTO_PATH     := -Iproto -I$(GRPC_PROTO_DIR) -I$(PB_INCLUDE)
+
+GEN_C := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS)) \
+         $(patsubst %.proto,$(GEN)/%.pb-c.c,$(GRPC_PROTOS) $(WKT_PROTOS))
+GEN_H := $(GEN_C:.c=.h)
+GEN_DESCSET := $(GEN)/descriptor_set.pb
+GEN_EMBED   := $(GEN)/cm_descriptor_set.c
+
+$(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
+	@mkdir -p $(GEN)
+	protoc-c $(PROTO_PATH) --c_out=$(GEN) $<
+
+$(GEN)/grpc/%.pb-c.c $(GEN)/grpc/%.pb-c.h: $(GRPC_PROTO_DIR)/grpc/%.proto
+	@mkdir -p $(GEN)
+	protoc-c $(PROTO_PATH) --c_out=$(GEN) $<
+
+$(GEN)/google/%.pb-c.c $(GEN)/google/%.pb-c.h: $(PB_INCLUDE)/google/%.proto
+	@mkdir -p $(GEN)
+	protoc-c $(PROTO_PATH) --c_out=$(GEN) $<
+
+# Every server embeds one descriptor set (all project protos plus health and reflection) so that
+# server reflection can answer file and symbol queries without files on disk.
+$(GEN_DESCSET): $(PROTOS) | $(GEN_H)
+	@mkdir -p $(GEN)
+	protoc $(PROTO_PATH) --include_imports --descriptor_set_out=$@ $(PROTOS) $(GRPC_PROTOS)
+
+$(GEN_EMBED): $(GEN_DESCSET) tools/embed.sh
+	sh tools/embed.sh cm__descriptor_set $< > $@
+
+# ---- libs/common ---------------------------------------------------------------------------
+COMMON_SRC := $(sort $(wildcard libs/common/*.c))
+COMMON_OBJ := $(patsubst %.c,$(B)/%.o,$(COMMON_SRC)) \
+              $(patsubst %.c,$(B)/%.o,$(GEN_C) $(GEN_EMBED))
+LIBCOMMON  := $(B)/libiotcommon.a
+
+# Generated sources are compiled with the same flags; headers must exist before any compile.
+$(B)/%.o: %.c | $(GEN_H)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
+$(LIBCOMMON): $(COMMON_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $^
+
+# ---- services (each adds itself to SERVICES and BINS) --------------------------------------
+SERVICES :=
+BINS     :=
+-include $(wildcard services/*/module.mk)
+
+# ---- tests ---------------------------------------------------------------------------------
+TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c
+TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
+TEST_SRC  := $(sort $(wildcard tests/unit/*.c tests/integration/*.c))
+TEST_BINS := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
+ECHO_SERVER := $(B)/tests/echo_server
+
+$(B)/tests/%: $(B)/tests/%.o $(TEST_SUPPORT_OBJ) $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(ECHO_SERVER): $(B)/tests/support/echo_server.o $(B)/tests/support/echo_service.o $(LIBCOMMON)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# ---- top-level targets ---------------------------------------------------------------------
+.PHONY: all deps test test-asan run bench clean help check-tree
+
+all: $(LIBCOMMON) $(BINS) $(ECHO_SERVER) $(TEST_BINS)
+
+deps:
+	sh tools/deps.sh
+
+test: deps
+	$(MAKE) --no-print-directory VARIANT=$(VARIANT) all
+	sh tests/run.sh $(B)
+
+test-asan: deps
+	$(MAKE) --no-print-directory VARIANT=asan all
+	sh tests/run.sh build/asan
+
+run: deps
+	$(MAKE) --no-print-directory all
+	sh tools/run.sh $(B)
+
+bench: deps
+	$(MAKE) --no-print-directory all
+	$(MAKE) --no-print-directory -C bench B=../$(B)
+	sh bench/run.sh $(B)
+
+clean:
+	rm -rf build
+
+help:
+	@echo "make            build everything (build/release)"
+	@echo "make deps       install the Debian and npm packages the build, tests and run need"
+	@echo "make test       deps, build, then the whole test suite (ends with 'N passed, N failed')"
+	@echo "make test-asan  the same suite built with -fsanitize=address,undefined"
+	@echo "make run        start the suite locally with its own Postgres and Redis"
+	@echo "make bench      benchmarks against reference runs (grpc++ servers, raw Postgres/Redis)"
+
+-include $(shell find build -name '*.d' 2>/dev/null)

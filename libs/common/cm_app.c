@@ -1,0 +1,81 @@
+/* Shared service lifecycle: configuration, logging, gRPC server, admin endpoint, signals. */
+#include "cm_app.h"
+#include "cm_err.h"
+#include "cm_log.h"
+#include "cm_metrics.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int cm_app_init(cm_app_t *app, const char *name, const cm_config_var_t *vars, size_t n_vars, int argc, char **argv,
+                const char *summary, const char *def_listen, const char *def_admin) {
+    memset(app, 0, sizeof *app);
+    app->name = name;
+    /* Before any thread exists, so every thread (grpc's included) inherits the mask. */
+    cm_signals_block();
+    cm_config_var_t all[CM_APP_MAX_VARS];
+    size_t n = 0;
+    cm_server_config_vars(&app->cfg, def_listen, def_admin, all);
+    n = CM_SERVER_CONFIG_NVARS;
+    for (size_t i = 0; i < n_vars && n < CM_APP_MAX_VARS; i++) all[n++] = vars[i];
+    int rc = cm_config_load(all, n, argc, argv, summary);
+    if (rc) return rc;
+    int level = cm_log_level_parse(app->cfg.log_level);
+    if (level < 0) {
+        fprintf(stderr, "%s: IOT_LOG_LEVEL=\"%s\" is not one of debug, info, warn, error, off\n", argv[0],
+                app->cfg.log_level);
+        return CM_ECONFIG;
+    }
+    if (!*app->cfg.tls_cert != !*app->cfg.tls_key) {
+        fprintf(stderr, "%s: IOT_TLS_CERT and IOT_TLS_KEY must be set together\n", argv[0]);
+        return CM_ECONFIG;
+    }
+    if (app->cfg.tls_require_client_cert && !*app->cfg.tls_ca) {
+        fprintf(stderr, "%s: IOT_TLS_REQUIRE_CLIENT_CERT needs IOT_TLS_CLIENT_CA\n", argv[0]);
+        return CM_ECONFIG;
+    }
+    cm_log_init(name, (cm_log_level_t)level);
+    return 0;
+}
+
+int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n) {
+    cm_tls_files_t tls = {app->cfg.tls_cert, app->cfg.tls_key, *app->cfg.tls_ca ? app->cfg.tls_ca : NULL,
+                          app->cfg.tls_require_client_cert};
+    cm_server_opts_t o = {
+        .name = app->name,
+        .listen = app->cfg.listen,
+        .threads = (int)app->cfg.threads,
+        .max_recv_bytes = (int)app->cfg.max_recv_bytes,
+        .grace_ms = (int)app->cfg.grace_ms,
+        .tls = *app->cfg.tls_cert ? &tls : NULL,
+    };
+    int err;
+    app->srv = cm_server_new(&o, &err);
+    if (!app->srv) return err;
+    for (size_t i = 0; i < n; i++)
+        if ((err = cm_server_add_service(app->srv, svcs[i]))) return err;
+    if ((err = cm_server_start(app->srv))) return err;
+    cm_metrics_add_server(app->srv);
+    app->admin = cm_admin_start(app->cfg.admin_listen, app->ready, app->ready_arg, &err);
+    if (!app->admin) return err;
+    printf("%s grpc=%d admin=%d\n", app->name, cm_server_port(app->srv), cm_admin_port(app->admin));
+    fflush(stdout);
+    return 0;
+}
+
+void cm_app_wait(cm_app_t *app) {
+    int sig = cm_wait_for_signal();
+    cm_log_kv(CM_LOG_INFO, "signal received, draining", "signal", sig == 15 ? "SIGTERM" : "SIGINT", "service",
+              app->name, NULL);
+}
+
+void cm_app_stop(cm_app_t *app) {
+    if (app->srv) {
+        cm_server_shutdown(app->srv);
+        cm_metrics_remove_server(app->srv);
+    }
+    cm_admin_stop(app->admin);
+    app->admin = NULL;
+    cm_server_free(app->srv);
+    app->srv = NULL;
+}

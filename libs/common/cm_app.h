@@ -1,0 +1,42 @@
+/* The lifecycle every service binary shares, so that main.c reads: config -> start -> wait for a
+ * signal -> stop -> free.
+ *
+ *   cm_app_t app;
+ *   int rc = cm_app_init(&app, "registry", vars, n, argc, argv, "what it does", "0.0.0.0:7001", "0.0.0.0:9101");
+ *   if (rc) return rc > 0 ? 0 : 2;
+ *   ... open stores ...
+ *   if (cm_app_start(&app, services, n_services)) return 1;
+ *   cm_app_wait(&app);   // SIGTERM/SIGINT
+ *   cm_app_stop(&app);   // drain gRPC, stop admin
+ */
+#ifndef CM_APP_H
+#define CM_APP_H
+
+#include "cm_admin.h"
+#include "cm_config.h"
+#include "cm_rpc.h"
+
+#define CM_APP_MAX_VARS 64
+
+typedef struct cm_app_s {
+    const char *name;
+    cm_server_config_t cfg;
+    cm_server_t *srv;
+    cm_admin_t *admin;
+    cm_ready_fn ready; /* optional readiness check for /readyz, set before cm_app_start */
+    void *ready_arg;
+} cm_app_t;
+
+/* Blocks signals, parses the shared and the service's variables, sets up logging.
+ * Returns 0 to continue, 1 after --help (exit 0), CM_ECONFIG after printing why (exit 2). */
+int cm_app_init(cm_app_t *app, const char *name, const cm_config_var_t *vars, size_t n_vars, int argc, char **argv,
+                const char *summary, const char *def_listen, const char *def_admin);
+/* Creates and starts the gRPC server with the services, and the admin endpoint. Prints one line
+ * to stdout, "<name> grpc=<port> admin=<port>", for scripts and tests that asked for port 0. */
+int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n);
+/* Waits for SIGTERM or SIGINT. */
+void cm_app_wait(cm_app_t *app);
+/* Graceful drain and release of everything cm_app_start created. */
+void cm_app_stop(cm_app_t *app);
+
+#endif

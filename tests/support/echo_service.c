@@ -1,0 +1,219 @@
+/* The Echo test service: each method exercises one framework feature (see echo.proto). */
+#include "echo_service.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "cm_alloc.h"
+#include "cm_buf.h"
+#include "cm_err.h"
+#include "iot/testing/v1/echo.pb-c.h"
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Sleeps up to ms, returning early (1) if the call is cancelled. */
+static int sleep_unless_cancelled(cm_call_t *call, int ms) {
+    while (ms > 0) {
+        if (cm_call_cancelled(call)) return 1;
+        int step = ms < 5 ? ms : 5;
+        sleep_ms(step);
+        ms -= step;
+    }
+    return cm_call_cancelled(call);
+}
+
+static void fill_common(cm_call_t *call, const Iot__Testing__V1__EchoRequest *req, Iot__Testing__V1__EchoResponse *resp) {
+    resp->message = req->message;
+    resp->payload = req->payload;
+    resp->peer = (char *)cm_call_peer(call);
+    resp->trace_id = (char *)cm_call_trace_id(call);
+    resp->deadline_ms = cm_call_deadline_ms(call);
+    if (!req->echo_metadata) return;
+    size_t n = 0;
+    const char *k, *v;
+    size_t vl;
+    while (cm_call_metadata_at(call, n, &k, &v, &vl) == 0) n++;
+    resp->metadata = cm_call_alloc(call, n * sizeof *resp->metadata);
+    for (size_t i = 0; i < n; i++) {
+        cm_call_metadata_at(call, i, &k, &v, &vl);
+        Iot__Testing__V1__EchoResponse__MetadataEntry *e = cm_call_alloc(call, sizeof *e);
+        iot__testing__v1__echo_response__metadata_entry__init(e);
+        e->key = (char *)k;
+        e->value = (char *)v;
+        resp->metadata[i] = e;
+    }
+    resp->n_metadata = n;
+    const char *x = cm_call_metadata(call, "x-echo", NULL);
+    if (x) {
+        cm_call_add_initial_metadata(call, "x-echo-initial", x, 0);
+        cm_call_add_trailing_metadata(call, "x-echo-trailing", x, 0);
+    }
+}
+
+static int echo_unary(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Testing__V1__EchoRequest *req = (const void *)req_;
+    Iot__Testing__V1__EchoResponse *resp = (void *)resp_;
+    if (req->delay_ms > 0 && sleep_unless_cancelled(call, req->delay_ms))
+        return cm_call_fail(call, CM_STATUS_CANCELLED, "cancelled while sleeping");
+    fill_common(call, req, resp);
+    if (req->status_code) return cm_call_fail(call, req->status_code, "%s", req->status_message);
+    return CM_STATUS_OK;
+}
+
+static int echo_cs_message(cm_call_t *call, const ProtobufCMessage *msg) {
+    const Iot__Testing__V1__EchoRequest *req = (const void *)msg;
+    cm_buf_t *b = cm_call_user(call);
+    if (!b) {
+        b = cm_calloc(1, sizeof *b);
+        cm_call_set_user(call, b);
+    }
+    if (req->status_code) return cm_call_fail(call, req->status_code, "%s", req->status_message);
+    cm_buf_puts(b, req->message);
+    return CM_PENDING;
+}
+
+static int echo_cs_half_close(cm_call_t *call, ProtobufCMessage *resp_) {
+    Iot__Testing__V1__EchoResponse *resp = (void *)resp_;
+    cm_buf_t *b = cm_call_user(call);
+    resp->message = cm_call_strdup(call, b && b->data ? b->data : "");
+    return CM_STATUS_OK;
+}
+
+static void echo_free_buf(cm_call_t *call, int cancelled) {
+    cm_buf_t *b = cm_call_user(call);
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    if (cancelled) atomic_fetch_add(&ctx->stream_cancels, 1);
+    if (b) {
+        cm_buf_free(b);
+        cm_free(b);
+    }
+}
+
+static int echo_ss_start(cm_call_t *call, const ProtobufCMessage *req_) {
+    const Iot__Testing__V1__EchoRequest *req = (const void *)req_;
+    for (int i = 0; i < req->repeat; i++) {
+        if (req->delay_ms > 0 && sleep_unless_cancelled(call, req->delay_ms)) return CM_STATUS_CANCELLED;
+        Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
+        resp.message = req->message;
+        resp.index = i;
+        resp.payload = req->payload;
+        int rc;
+        /* A blocking handler can afford backpressure: wait for the client to read. */
+        while ((rc = cm_call_send(call, &resp.base)) == CM_EFULL) {
+            if (cm_call_cancelled(call)) return CM_STATUS_CANCELLED;
+            sleep_ms(1);
+        }
+        if (rc != 0) return CM_STATUS_CANCELLED;
+    }
+    if (req->status_code) return cm_call_fail(call, req->status_code, "%s", req->status_message);
+    return CM_STATUS_OK;
+}
+
+static void echo_ss_done(cm_call_t *call, int cancelled) {
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    if (cancelled) atomic_fetch_add(&ctx->stream_cancels, 1);
+}
+
+static int echo_bidi_message(cm_call_t *call, const ProtobufCMessage *msg) {
+    const Iot__Testing__V1__EchoRequest *req = (const void *)msg;
+    intptr_t n = (intptr_t)cm_call_user(call);
+    if (req->status_code) return cm_call_fail(call, req->status_code, "%s", req->status_message);
+    Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
+    resp.message = req->message;
+    resp.payload = req->payload;
+    resp.index = (int32_t)n;
+    cm_call_set_user(call, (void *)(n + 1));
+    if (cm_call_send(call, &resp.base) == CM_EFULL)
+        return cm_call_fail(call, CM_STATUS_RESOURCE_EXHAUSTED, "client is not reading responses");
+    return CM_PENDING;
+}
+
+static int echo_wait_for_cancel(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    (void)req_;
+    (void)resp_;
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    if (sleep_unless_cancelled(call, 30000)) {
+        atomic_fetch_add(&ctx->cancels_seen, 1);
+        return cm_call_fail(call, CM_STATUS_CANCELLED, "handler saw the cancellation");
+    }
+    return cm_call_fail(call, CM_STATUS_DEADLINE_EXCEEDED, "nobody cancelled within 30s");
+}
+
+static int echo_stats(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    (void)req_;
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    Iot__Testing__V1__EchoResponse *resp = (void *)resp_;
+    char buf[96];
+    snprintf(buf, sizeof buf, "cancels=%d stream_cancels=%d", atomic_load(&ctx->cancels_seen),
+             atomic_load(&ctx->stream_cancels));
+    resp->message = cm_call_strdup(call, buf);
+    return CM_STATUS_OK;
+}
+
+typedef struct { int64_t messages, points; double sum; } summary_t;
+
+static summary_t *summary_of(cm_call_t *call) {
+    summary_t *s = cm_call_user(call);
+    if (!s) {
+        s = cm_calloc(1, sizeof *s);
+        cm_call_set_user(call, s);
+    }
+    return s;
+}
+
+static int echo_record_message(cm_call_t *call, const ProtobufCMessage *msg) {
+    const Iot__Testing__V1__Point *p = (const void *)msg;
+    summary_t *s = summary_of(call);
+    s->messages++;
+    s->points++;
+    s->sum += p->value;
+    return CM_PENDING;
+}
+
+static int echo_record_batch_message(cm_call_t *call, const ProtobufCMessage *msg) {
+    const Iot__Testing__V1__PointBatch *b = (const void *)msg;
+    summary_t *s = summary_of(call);
+    s->messages++;
+    s->points += (int64_t)b->n_points;
+    for (size_t i = 0; i < b->n_points; i++) s->sum += b->points[i]->value;
+    return CM_PENDING;
+}
+
+static int echo_record_half_close(cm_call_t *call, ProtobufCMessage *resp_) {
+    Iot__Testing__V1__StreamSummary *resp = (void *)resp_;
+    summary_t *s = summary_of(call);
+    resp->messages = s->messages;
+    resp->points = s->points;
+    resp->value_sum = s->sum;
+    return CM_STATUS_OK;
+}
+
+static void echo_record_done(cm_call_t *call, int cancelled) {
+    (void)cancelled;
+    cm_free(cm_call_user(call));
+}
+
+static const cm_method_t echo_methods[] = {
+    {.name = "Unary", .kind = CM_RPC_UNARY, .unary = echo_unary},
+    {.name = "ClientStream", .kind = CM_RPC_CLIENT_STREAM, .message = echo_cs_message,
+     .half_close = echo_cs_half_close, .done = echo_free_buf},
+    {.name = "ServerStream", .kind = CM_RPC_SERVER_STREAM, .start = echo_ss_start, .done = echo_ss_done},
+    {.name = "Bidi", .kind = CM_RPC_BIDI, .message = echo_bidi_message, .done = echo_ss_done},
+    {.name = "WaitForCancel", .kind = CM_RPC_UNARY, .unary = echo_wait_for_cancel},
+    {.name = "Stats", .kind = CM_RPC_UNARY, .unary = echo_stats},
+    {.name = "Record", .kind = CM_RPC_CLIENT_STREAM, .message = echo_record_message,
+     .half_close = echo_record_half_close, .done = echo_record_done},
+    {.name = "RecordBatch", .kind = CM_RPC_CLIENT_STREAM, .message = echo_record_batch_message,
+     .half_close = echo_record_half_close, .done = echo_record_done},
+};
+
+void echo_service_init(cm_service_t *svc, echo_ctx_t *ctx) {
+    svc->desc = &iot__testing__v1__echo__descriptor;
+    svc->methods = echo_methods;
+    svc->n_methods = sizeof echo_methods / sizeof echo_methods[0];
+    svc->ctx = ctx;
+}
