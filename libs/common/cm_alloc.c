@@ -66,7 +66,7 @@ struct cm_arena_chunk_s {
     max_align_t data[]; /* aligned storage follows */
 };
 
-#define CM__ARENA_ALIGN (sizeof(max_align_t))
+#define CM__ARENA_ALIGN (_Alignof(max_align_t))
 #define CM__ARENA_CHUNK 4096
 
 static size_t cm__align(size_t n) {
