@@ -90,7 +90,7 @@ BINS     :=
 -include $(wildcard services/*/module.mk)
 
 # ---- tests ---------------------------------------------------------------------------------
-TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c
+TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c tests/support/proc.c
 TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
 TEST_SRC  := $(sort $(wildcard tests/unit/*.c tests/integration/*.c))
 TEST_BINS := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))

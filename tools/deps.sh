@@ -1,0 +1,45 @@
+#!/bin/sh
+# make deps: installs every Debian and npm package the build, the tests and `make run` need.
+# Idempotent: checks first and installs only what is missing. Needs root (or sudo) on Debian 12.
+set -eu
+
+PKGS="build-essential make pkg-config openssl ca-certificates
+      libgrpc-dev libgrpc++-dev protobuf-compiler-grpc grpc-proto
+      libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
+      libpq-dev libhiredis-dev libmicrohttpd-dev libjansson-dev libssl-dev
+      postgresql redis-server"
+
+missing=
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+done
+# Node.js may come from elsewhere than Debian (and then Debian's npm conflicts with it): only ask
+# apt for what is really absent.
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
+
+if [ -n "$missing" ]; then
+    SUDO=
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    echo "deps: installing:$missing"
+    # The suite runs its own throwaway clusters; do not let the package start a system one.
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+        $SUDO mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+    fi
+    $SUDO apt-get update -q
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+else
+    echo "deps: Debian packages present"
+fi
+
+# npm packages for the interop tests (grpc-js client, grpc-health-check), pinned by the lock file.
+root=$(cd "$(dirname "$0")/.." && pwd)
+interop=$root/tests/interop
+if [ ! -d "$interop/node_modules/@grpc/grpc-js" ] || [ "$interop/package-lock.json" -nt "$interop/node_modules/.package-lock.json" ]; then
+    echo "deps: installing npm packages for tests/interop"
+    (cd "$interop" && npm ci --no-audit --no-fund --loglevel=error)
+else
+    echo "deps: npm packages present"
+fi
