@@ -31,7 +31,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 WARN    := -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror
 CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -pthread $(SANFLAGS) -MMD -MP
 CPPFLAGS = -Ilibs/common -Itests/support -I$(GEN) $(PKG_CFLAGS)
-LDFLAGS := -pthread $(SANFLAGS)
+LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
 LDLIBS   = $(PKG_LIBS) -lm
 
 # ---- generated code ------------------------------------------------------------------------

@@ -67,7 +67,7 @@ struct cm_arena_chunk_s {
 };
 
 #define CM__ARENA_ALIGN (_Alignof(max_align_t))
-#define CM__ARENA_CHUNK 4096
+#define CM__ARENA_CHUNK 16384
 
 static size_t cm__align(size_t n) {
     return (n + CM__ARENA_ALIGN - 1) & ~(CM__ARENA_ALIGN - 1);
@@ -139,6 +139,27 @@ char *cm_arena_strdup(cm_arena_t *a, const char *s) {
 }
 
 void cm_arena_reset(cm_arena_t *a) {
+    /* Keep the newest standard chunk for the next message of a stream, so that a steady stream
+     * decodes without malloc/free per message; release everything else. */
+    cm_arena_chunk_t *keep = NULL, *c = a->head;
+    while (c) {
+        cm_arena_chunk_t *n = c->next;
+        if (!keep && c->size == CM__ARENA_CHUNK) {
+            keep = c;
+        } else {
+            cm_free(c);
+        }
+        c = n;
+    }
+    if (keep) {
+        keep->next = NULL;
+        keep->used = 0;
+    }
+    a->head = keep;
+    a->inline_used = 0;
+}
+
+void cm_arena_free(cm_arena_t *a) {
     cm_arena_chunk_t *c = a->head;
     while (c) {
         cm_arena_chunk_t *n = c->next;
@@ -147,8 +168,4 @@ void cm_arena_reset(cm_arena_t *a) {
     }
     a->head = NULL;
     a->inline_used = 0;
-}
-
-void cm_arena_free(cm_arena_t *a) {
-    cm_arena_reset(a);
 }

@@ -2,6 +2,7 @@
 #include "cm_log.h"
 #include "cm_err.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,22 +156,35 @@ int cm_trace_parse(cm_trace_t *t, const char *v, size_t len) {
     return 0;
 }
 
+/* Trace and span ids need to be unique, not secret: a per-thread xorshift generator seeded once
+ * from getrandom() keeps a syscall off every request. */
+static _Thread_local uint64_t cm__rng_state;
+
+static uint64_t cm__rng_next(void) {
+    if (!cm__rng_state) {
+        uint64_t seed = 0;
+        if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed || !seed) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            seed = ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^ (uint64_t)(uintptr_t)&seed;
+        }
+        cm__rng_state = seed | 1;
+    }
+    uint64_t x = cm__rng_state; /* xorshift64* */
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    cm__rng_state = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
 static void cm__random_hex(char *out, size_t nhex) {
     static const char hex[] = "0123456789abcdef";
-    unsigned char raw[16];
-    size_t nbytes = nhex / 2;
-    if (getrandom(raw, nbytes, 0) != (ssize_t)nbytes) {
-        /* getrandom on Linux does not fail for <= 256 bytes once the pool is initialised;
-         * fall back to a time-seeded value rather than an all-zero (invalid) id. */
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        for (size_t i = 0; i < nbytes; i++) raw[i] = (unsigned char)((ts.tv_nsec >> (i % 8)) ^ (i * 131));
+    for (size_t i = 0; i < nhex; i += 16) {
+        uint64_t v = cm__rng_next();
+        for (size_t j = 0; j < 16 && i + j < nhex; j++) out[i + j] = hex[(v >> (4 * j)) & 15];
     }
-    raw[0] |= 1; /* never all zero */
-    for (size_t i = 0; i < nbytes; i++) {
-        out[2 * i] = hex[raw[i] >> 4];
-        out[2 * i + 1] = hex[raw[i] & 15];
-    }
+    out[0] = out[0] == '0' ? '1' : out[0]; /* never all zero (invalid per W3C) */
     out[nhex] = '\0';
 }
 

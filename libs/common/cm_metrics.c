@@ -113,29 +113,31 @@ static void cm__render_rpc(cm_buf_t *b) {
         if (!srv) continue;
         cm__method_reg_t *m;
         size_t n = cm__server_methods(srv, &m);
-        cm__server_stats_lock(srv);
         if (!header) {
             cm_buf_puts(b, "# HELP grpc_server_handled_total Completed RPCs by method and status code.\n"
                            "# TYPE grpc_server_handled_total counter\n");
         }
         for (size_t i = 0; i < n; i++)
-            for (int c = 0; c < CM_STATUS_COUNT; c++)
-                if (m[i].stats.codes[c])
+            for (int c = 0; c < CM_STATUS_COUNT; c++) {
+                uint64_t v = atomic_load_explicit(&m[i].stats.codes[c], memory_order_relaxed);
+                if (v)
                     cm_buf_printf(b, "grpc_server_handled_total{grpc_service=\"%s\",grpc_method=\"%s\",grpc_code=\"%s\"} %llu\n",
-                                  m[i].svc_name, m[i].method_name, cm_status_name(c),
-                                  (unsigned long long)m[i].stats.codes[c]);
+                                  m[i].svc_name, m[i].method_name, cm_status_name(c), (unsigned long long)v);
+            }
         if (!header) {
             cm_buf_puts(b, "# HELP grpc_server_handling_seconds Time from call start to end, by method.\n"
                            "# TYPE grpc_server_handling_seconds histogram\n");
             header = 1;
         }
         for (size_t i = 0; i < n; i++) {
-            uint64_t total = 0;
-            for (int k = 0; k <= CM__LAT_BUCKETS; k++) total += m[i].stats.lat_buckets[k];
+            /* One snapshot so that the buckets, the count and the sum agree with each other. */
+            uint64_t bk[CM__LAT_BUCKETS + 1], total = 0;
+            for (int k = 0; k <= CM__LAT_BUCKETS; k++)
+                total += bk[k] = atomic_load_explicit(&m[i].stats.lat_buckets[k], memory_order_relaxed);
             if (!total) continue;
             uint64_t cum = 0;
             for (int k = 0; k <= CM__LAT_BUCKETS; k++) {
-                cum += m[i].stats.lat_buckets[k];
+                cum += bk[k];
                 if (k < CM__LAT_BUCKETS)
                     cm_buf_printf(b, "grpc_server_handling_seconds_bucket{grpc_service=\"%s\",grpc_method=\"%s\",le=\"%g\"} %llu\n",
                                   m[i].svc_name, m[i].method_name, cm__lat_bounds[k], (unsigned long long)cum);
@@ -144,11 +146,11 @@ static void cm__render_rpc(cm_buf_t *b) {
                                   m[i].svc_name, m[i].method_name, (unsigned long long)cum);
             }
             cm_buf_printf(b, "grpc_server_handling_seconds_sum{grpc_service=\"%s\",grpc_method=\"%s\"} %.6f\n",
-                          m[i].svc_name, m[i].method_name, m[i].stats.lat_sum);
+                          m[i].svc_name, m[i].method_name,
+                          (double)atomic_load_explicit(&m[i].stats.lat_sum_ns, memory_order_relaxed) / 1e9);
             cm_buf_printf(b, "grpc_server_handling_seconds_count{grpc_service=\"%s\",grpc_method=\"%s\"} %llu\n",
                           m[i].svc_name, m[i].method_name, (unsigned long long)total);
         }
-        cm__server_stats_unlock(srv);
     }
 }
 

@@ -82,6 +82,11 @@ typedef struct cm_method_s {
     int (*message)(cm_call_t *call, const ProtobufCMessage *msg);
     int (*half_close)(cm_call_t *call, ProtobufCMessage *resp);
     void (*done)(cm_call_t *call, int cancelled);
+    /* Unary only: learn about client cancellation while the handler runs (cm_call_cancelled()
+     * turns true). Costs one extra completion event per call, so it is opt-in, like grpc++'s
+     * AsyncNotifyWhenDone; without it cm_call_cancelled() still reports a passed deadline.
+     * Streaming calls always watch. */
+    int watch_cancel;
 } cm_method_t;
 
 typedef struct cm_service_s {

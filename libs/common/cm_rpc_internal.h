@@ -4,6 +4,7 @@
 #define CM_RPC_INTERNAL_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include <grpc/byte_buffer.h>
@@ -38,11 +39,11 @@ typedef struct cm__tag_s {
 #define CM__LAT_BUCKETS 12
 extern const double cm__lat_bounds[CM__LAT_BUCKETS];
 
+/* Updated with relaxed atomics on every call end; read by the metrics page. */
 typedef struct cm__method_stats_s {
-    uint64_t codes[CM_STATUS_COUNT];
-    uint64_t lat_buckets[CM__LAT_BUCKETS + 1]; /* last is +Inf */
-    double lat_sum;                            /* guarded by the server's stats lock */
-    uint64_t started;
+    _Atomic uint64_t codes[CM_STATUS_COUNT];
+    _Atomic uint64_t lat_buckets[CM__LAT_BUCKETS + 1]; /* last is +Inf */
+    _Atomic uint64_t lat_sum_ns;
 } cm__method_stats_t;
 
 typedef struct cm__method_reg_s {
@@ -78,8 +79,6 @@ typedef struct cm__health_s cm__health_t;
 cm__health_t *cm__server_health(cm_server_t *srv);
 /* All methods, for metrics exposition. */
 size_t cm__server_methods(cm_server_t *srv, cm__method_reg_t **out);
-void cm__server_stats_lock(cm_server_t *srv);
-void cm__server_stats_unlock(cm_server_t *srv);
 const char *cm__server_name(const cm_server_t *srv);
 
 #endif

@@ -13,6 +13,7 @@
 #include "cm_err.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -56,7 +57,7 @@ struct cm_call_s {
     int refs;                  /* framework's 1 + cm_call_ref()s */
     int ops;                   /* batches in flight + event being handled */
     unsigned initial_md_sent : 1, status_queued : 1, status_in_batch : 1, status_sent : 1,
-        send_in_flight : 1, closed : 1, finalised : 1, send_failed : 1;
+        send_in_flight : 1, closed : 1, finalised : 1, send_failed : 1, close_with_status : 1;
     cm__sendq_t *q_head, *q_tail;
     int q_len;
     grpc_byte_buffer *inflight_buf;
@@ -106,16 +107,17 @@ struct cm_server_s {
     size_t n_methods;
     int slots_per_method;
 
-    pthread_mutex_t mu; /* live/slot counters and shutdown state */
+    /* Counters are atomics so the per-call path takes no server-wide lock; mu/cv only carry
+     * wake-ups to cm_server_shutdown (see cm__wake_shutdown for why that cannot lose one). */
+    pthread_mutex_t mu;
     pthread_cond_t cv;
-    int live_calls;
-    int pending_slots;
-    int shutting_down;
-    int shutdown_notified;
+    atomic_int live_calls;
+    atomic_int pending_slots;
+    atomic_int shutting_down;
+    atomic_int shutdown_notified;
     int stopped;
     cm__tag_t tag_shutdown;
 
-    pthread_mutex_t stats_mu;
     cm__health_t *health;
     cm_service_t refl_svc;
 };
@@ -189,7 +191,9 @@ char *cm__read_file(const char *path, size_t *len) {
 /* ---- call objects ---------------------------------------------------------------------- */
 
 static cm_call_t *cm__call_new(cm_server_t *srv, cm__method_reg_t *reg) {
-    cm_call_t *c = cm_calloc(1, sizeof *c);
+    /* The inline arena needs no zeroing; everything before it does. */
+    cm_call_t *c = cm_malloc(sizeof *c);
+    memset(c, 0, offsetof(cm_call_t, arena_inline));
     c->srv = srv;
     c->reg = reg;
     c->refs = 1;
@@ -265,15 +269,23 @@ static int cm__call_final_code(cm_call_t *c) {
     return c->status_code;
 }
 
-static void cm__record_stats(cm_server_t *srv, cm__method_reg_t *reg, int code, double secs) {
+static void cm__record_stats(cm__method_reg_t *reg, int code, double secs) {
     if (code < 0 || code >= CM_STATUS_COUNT) code = CM_STATUS_UNKNOWN;
-    pthread_mutex_lock(&srv->stats_mu);
-    reg->stats.codes[code]++;
+    atomic_fetch_add_explicit(&reg->stats.codes[code], 1, memory_order_relaxed);
     int b = 0;
     while (b < CM__LAT_BUCKETS && secs > cm__lat_bounds[b]) b++;
-    reg->stats.lat_buckets[b]++;
-    reg->stats.lat_sum += secs;
-    pthread_mutex_unlock(&srv->stats_mu);
+    atomic_fetch_add_explicit(&reg->stats.lat_buckets[b], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&reg->stats.lat_sum_ns, (uint64_t)(secs * 1e9), memory_order_relaxed);
+}
+
+/* Called after a counter changed. The waiter checks the counters while holding mu and sleeps on cv
+ * atomically releasing it, so taking mu here before broadcasting means the waiter either has not
+ * checked yet (and will see the new value) or is already asleep (and gets the broadcast). */
+static void cm__wake_shutdown(cm_server_t *srv) {
+    if (!atomic_load(&srv->shutting_down)) return;
+    pthread_mutex_lock(&srv->mu);
+    pthread_cond_broadcast(&srv->cv);
+    pthread_mutex_unlock(&srv->mu);
 }
 
 /* ops reached zero: the call is over on the wire and no batch is in flight. */
@@ -285,10 +297,11 @@ static void cm__call_finalise(cm_call_t *c) {
         c->reg->m->done(c, cancelled);
         cm_trace_set_current(prev);
     }
-    cm__record_stats(srv, c->reg, cm__call_final_code(c), cm__elapsed_s(&c->started));
+    double secs = cm__elapsed_s(&c->started);
+    cm__record_stats(c->reg, cm__call_final_code(c), secs);
     if (cm__log_level <= CM_LOG_DEBUG) {
         char ms[32];
-        snprintf(ms, sizeof ms, "%.3f", cm__elapsed_s(&c->started) * 1000);
+        snprintf(ms, sizeof ms, "%.3f", secs * 1000);
         cm_trace_set_current(&c->trace);
         cm_log_kv(CM_LOG_DEBUG, "rpc finished", "method", c->reg->path, "code", cm_status_name(cm__call_final_code(c)),
                   "ms", ms, NULL);
@@ -300,11 +313,8 @@ static void cm__call_finalise(cm_call_t *c) {
     grpc_metadata_array_destroy(&c->req_md);
     grpc_metadata_array_init(&c->req_md);
     cm_call_unref(c);
-
-    pthread_mutex_lock(&srv->mu);
-    srv->live_calls--;
-    if (srv->shutting_down) pthread_cond_broadcast(&srv->cv);
-    pthread_mutex_unlock(&srv->mu);
+    atomic_fetch_sub(&srv->live_calls, 1);
+    cm__wake_shutdown(srv);
 }
 
 static void cm__call_op_done(cm_call_t *c) {
@@ -328,7 +338,7 @@ static void cm__start_batch_or_die(cm_call_t *c, const grpc_op *ops, size_t n, c
 static void cm__call_pump_locked(cm_call_t *c) {
     if (c->send_in_flight || c->finalised || c->status_sent) return;
     if (c->send_failed || (c->closed && c->close_cancelled)) return;
-    grpc_op ops[3];
+    grpc_op ops[4];
     size_t n = 0;
     memset(ops, 0, sizeof ops);
     int with_message = c->q_head != NULL;
@@ -362,6 +372,12 @@ static void cm__call_pump_locked(cm_call_t *c) {
         ops[n].data.send_status_from_server.trailing_metadata = c->trail_md.md;
         n++;
         c->status_in_batch = 1;
+        if (c->close_with_status) {
+            /* Unary call not watching for cancellation: learn how it ended in the same batch. */
+            ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+            ops[n].data.recv_close_on_server.cancelled = &c->close_cancelled;
+            n++;
+        }
     }
     c->send_in_flight = 1;
     c->ops++;
@@ -565,16 +581,17 @@ static void cm__set_trace(cm_call_t *c) {
 
 static void cm__on_request(cm_call_t *c, int ok) {
     cm_server_t *srv = c->srv;
-    pthread_mutex_lock(&srv->mu);
-    srv->pending_slots--;
     if (ok) {
-        srv->live_calls++;
+        /* live_calls goes up before the replacement slot is counted, and down only when this call
+         * is finalised, so a drained server (both zero) can never have a slot in flight. */
+        atomic_fetch_add(&srv->live_calls, 1);
         /* Replace the slot before running the handler so that a slow handler never leaves the
-         * method without a posted request. */
-        if (!srv->shutting_down) cm__post_slot(srv, c->reg);
+         * method without a posted request. A slot posted just after shutdown began is failed by
+         * the core at once (ok = 0 below). */
+        if (!atomic_load(&srv->shutting_down)) cm__post_slot(srv, c->reg);
     }
-    if (srv->shutting_down) pthread_cond_broadcast(&srv->cv);
-    pthread_mutex_unlock(&srv->mu);
+    atomic_fetch_sub(&srv->pending_slots, 1);
+    cm__wake_shutdown(srv);
     if (!ok) { /* server shutdown: the slot was never matched */
         cm_call_unref(c);
         return;
@@ -582,15 +599,19 @@ static void cm__on_request(cm_call_t *c, int ok) {
     clock_gettime(CLOCK_MONOTONIC, &c->started);
     cm__set_trace(c);
     const cm_trace_t *prev = cm_trace_set_current(&c->trace);
-    c->ops = 2; /* this event + the close op below */
-    {
+    const cm_method_t *m = c->reg->m;
+    if (m->kind == CM_RPC_UNARY && !m->watch_cancel) {
+        c->ops = 1; /* this event; the close op rides with the status (see cm__call_pump_locked) */
+        c->close_with_status = 1;
+    } else {
+        /* Posted up front so that cancellation is seen while the handler runs or the stream idles. */
+        c->ops = 2; /* this event + the close op */
         grpc_op op;
         memset(&op, 0, sizeof op);
         op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
         op.data.recv_close_on_server.cancelled = &c->close_cancelled;
         cm__start_batch_or_die(c, &op, 1, &c->tag_close);
     }
-    const cm_method_t *m = c->reg->m;
     int code = CM_PENDING;
     if (m->kind == CM_RPC_UNARY || m->kind == CM_RPC_SERVER_STREAM) {
         ProtobufCMessage *req = cm__decode(c->reg->in, &c->arena.pb, c->payload);
@@ -677,6 +698,7 @@ static void cm__on_send(cm_call_t *c, int ok) {
     }
     c->send_in_flight = 0;
     if (c->status_in_batch) c->status_sent = ok;
+    if (c->status_in_batch && c->close_with_status) c->closed = 1;
     if (!ok) {
         c->send_failed = 1;
         if (c->status_in_batch) c->status_sent = 0;
@@ -696,14 +718,12 @@ static void cm__on_close(cm_call_t *c) {
 
 static void cm__on_generic(cm__generic_t *g, int ok) {
     cm_server_t *srv = g->srv;
-    pthread_mutex_lock(&srv->mu);
-    srv->pending_slots--;
     if (ok) {
-        srv->live_calls++;
-        if (!srv->shutting_down) cm__post_generic(srv);
+        atomic_fetch_add(&srv->live_calls, 1);
+        if (!atomic_load(&srv->shutting_down)) cm__post_generic(srv);
     }
-    if (srv->shutting_down) pthread_cond_broadcast(&srv->cv);
-    pthread_mutex_unlock(&srv->mu);
+    atomic_fetch_sub(&srv->pending_slots, 1);
+    cm__wake_shutdown(srv);
     if (!ok) {
         grpc_call_details_destroy(&g->details);
         grpc_metadata_array_destroy(&g->md);
@@ -732,10 +752,8 @@ static void cm__on_generic_done(cm__generic_t *g) {
     grpc_call_details_destroy(&g->details);
     grpc_metadata_array_destroy(&g->md);
     cm_free(g);
-    pthread_mutex_lock(&srv->mu);
-    srv->live_calls--;
-    if (srv->shutting_down) pthread_cond_broadcast(&srv->cv);
-    pthread_mutex_unlock(&srv->mu);
+    atomic_fetch_sub(&srv->live_calls, 1);
+    cm__wake_shutdown(srv);
 }
 
 static void cm__dispatch(cm__tag_t *tag, int ok) {
@@ -748,10 +766,8 @@ static void cm__dispatch(cm__tag_t *tag, int ok) {
     case CM__TAG_GENERIC_DONE: cm__on_generic_done(tag->obj); break;
     case CM__TAG_SHUTDOWN: {
         cm_server_t *srv = tag->obj;
-        pthread_mutex_lock(&srv->mu);
-        srv->shutdown_notified = 1;
-        pthread_cond_broadcast(&srv->cv);
-        pthread_mutex_unlock(&srv->mu);
+        atomic_store(&srv->shutdown_notified, 1);
+        cm__wake_shutdown(srv);
         break;
     }
     }
@@ -769,7 +785,6 @@ static void *cm__worker(void *arg) {
 
 /* ---- slots ----------------------------------------------------------------------------- */
 
-/* Caller holds srv->mu. */
 static int cm__post_slot(cm_server_t *srv, cm__method_reg_t *reg) {
     cm_call_t *c = cm__call_new(srv, reg);
     int with_payload = reg->m->kind == CM_RPC_UNARY || reg->m->kind == CM_RPC_SERVER_STREAM;
@@ -781,11 +796,10 @@ static int cm__post_slot(cm_server_t *srv, cm__method_reg_t *reg) {
         cm_call_unref(c);
         return CM_ERPC;
     }
-    srv->pending_slots++;
+    atomic_fetch_add(&srv->pending_slots, 1);
     return 0;
 }
 
-/* Caller holds srv->mu. */
 static void cm__post_generic(cm_server_t *srv) {
     cm__generic_t *g = cm_calloc(1, sizeof *g);
     g->srv = srv;
@@ -801,7 +815,7 @@ static void cm__post_generic(cm_server_t *srv) {
         cm_free(g);
         return;
     }
-    srv->pending_slots++;
+    atomic_fetch_add(&srv->pending_slots, 1);
 }
 
 /* ---- server lifecycle ------------------------------------------------------------------ */
@@ -828,7 +842,6 @@ cm_server_t *cm_server_new(const cm_server_opts_t *o, int *err) {
     }
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cv, NULL);
-    pthread_mutex_init(&srv->stats_mu, NULL);
     srv->tag_shutdown = (cm__tag_t){CM__TAG_SHUTDOWN, srv};
     grpc_init();
     cm__health_init(srv);
@@ -949,11 +962,9 @@ int cm_server_start(cm_server_t *srv) {
     grpc_server_start(srv->server);
     srv->started = 1;
 
-    pthread_mutex_lock(&srv->mu);
     for (size_t i = 0; i < srv->n_methods; i++)
         for (int k = 0; k < srv->slots_per_method; k++) cm__post_slot(srv, &srv->methods[i]);
     for (int k = 0; k < CM__GENERIC_SLOTS; k++) cm__post_generic(srv);
-    pthread_mutex_unlock(&srv->mu);
 
     srv->workers = cm_calloc((size_t)srv->threads, sizeof *srv->workers);
     for (int i = 0; i < srv->threads; i++) pthread_create(&srv->workers[i], NULL, cm__worker, srv);
@@ -984,9 +995,7 @@ void cm_server_shutdown(cm_server_t *srv) {
     if (!srv->started || srv->stopped) return;
     /* Tell health watchers and load balancers first, so that new traffic goes elsewhere. */
     cm__health_shutdown(srv);
-    pthread_mutex_lock(&srv->mu);
-    srv->shutting_down = 1;
-    pthread_mutex_unlock(&srv->mu);
+    atomic_store(&srv->shutting_down, 1);
     grpc_server_shutdown_and_notify(srv->server, srv->cq, &srv->tag_shutdown);
 
     struct timespec until;
@@ -994,7 +1003,7 @@ void cm_server_shutdown(cm_server_t *srv) {
     pthread_mutex_lock(&srv->mu);
     int timed_out = 0;
     while (!cm__drained(srv) && !timed_out) timed_out = pthread_cond_timedwait(&srv->cv, &srv->mu, &until) == ETIMEDOUT;
-    int left = srv->live_calls;
+    int left = atomic_load(&srv->live_calls);
     pthread_mutex_unlock(&srv->mu);
     if (left > 0) {
         cm_log_kv(CM_LOG_WARN, "grace period over, cancelling in-flight calls", NULL);
@@ -1025,16 +1034,12 @@ void cm_server_free(cm_server_t *srv) {
     cm_free((char *)srv->tls.ca_file);
     pthread_mutex_destroy(&srv->mu);
     pthread_cond_destroy(&srv->cv);
-    pthread_mutex_destroy(&srv->stats_mu);
     cm_free(srv);
     grpc_shutdown();
 }
 
 int cm_server_live_calls(cm_server_t *srv) {
-    pthread_mutex_lock(&srv->mu);
-    int n = srv->live_calls;
-    pthread_mutex_unlock(&srv->mu);
-    return n;
+    return atomic_load(&srv->live_calls);
 }
 
 size_t cm__server_service_names(cm_server_t *srv, const char **out, size_t max) {
@@ -1048,8 +1053,6 @@ size_t cm__server_methods(cm_server_t *srv, cm__method_reg_t **out) {
     return srv->n_methods;
 }
 
-void cm__server_stats_lock(cm_server_t *srv) { pthread_mutex_lock(&srv->stats_mu); }
-void cm__server_stats_unlock(cm_server_t *srv) { pthread_mutex_unlock(&srv->stats_mu); }
 const char *cm__server_name(const cm_server_t *srv) { return srv->name; }
 cm__health_t *cm__server_health(cm_server_t *srv) { return srv->health; }
 

@@ -203,7 +203,7 @@ static const cm_method_t echo_methods[] = {
      .half_close = echo_cs_half_close, .done = echo_free_buf},
     {.name = "ServerStream", .kind = CM_RPC_SERVER_STREAM, .start = echo_ss_start, .done = echo_ss_done},
     {.name = "Bidi", .kind = CM_RPC_BIDI, .message = echo_bidi_message, .done = echo_ss_done},
-    {.name = "WaitForCancel", .kind = CM_RPC_UNARY, .unary = echo_wait_for_cancel},
+    {.name = "WaitForCancel", .kind = CM_RPC_UNARY, .unary = echo_wait_for_cancel, .watch_cancel = 1},
     {.name = "Stats", .kind = CM_RPC_UNARY, .unary = echo_stats},
     {.name = "Record", .kind = CM_RPC_CLIENT_STREAM, .message = echo_record_message,
      .half_close = echo_record_half_close, .done = echo_record_done},

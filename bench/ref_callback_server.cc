@@ -1,0 +1,77 @@
+// Reference: grpc++ callback (reactor) server, the API grpc recommends for new C++ servers.
+#include <grpcpp/grpcpp.h>
+
+#include <csignal>
+
+#include "iot/testing/v1/echo.grpc.pb.h"
+#include "ref_common.h"
+
+namespace pb = iot::testing::v1;
+
+class EchoImpl final : public pb::Echo::CallbackService {
+    grpc::ServerUnaryReactor *Unary(grpc::CallbackServerContext *ctx, const pb::EchoRequest *req,
+                                    pb::EchoResponse *resp) override {
+        resp->set_message(req->message());
+        resp->set_payload(req->payload());
+        auto *r = ctx->DefaultReactor();
+        r->Finish(grpc::Status::OK);
+        return r;
+    }
+
+    template <typename Msg>
+    class Reader : public grpc::ServerReadReactor<Msg> {
+      public:
+        explicit Reader(pb::StreamSummary *sum) : sum_(sum) { this->StartRead(&msg_); }
+        void OnReadDone(bool ok) override {
+            if (!ok) {
+                this->Finish(grpc::Status::OK);
+                return;
+            }
+            Count(msg_);
+            this->StartRead(&msg_);
+        }
+        void OnDone() override { delete this; }
+
+      private:
+        void Count(const pb::Point &p) {
+            sum_->set_messages(sum_->messages() + 1);
+            sum_->set_points(sum_->points() + 1);
+            sum_->set_value_sum(sum_->value_sum() + p.value());
+        }
+        void Count(const pb::PointBatch &b) {
+            sum_->set_messages(sum_->messages() + 1);
+            sum_->set_points(sum_->points() + b.points_size());
+            double s = 0;
+            for (const auto &p : b.points()) s += p.value();
+            sum_->set_value_sum(sum_->value_sum() + s);
+        }
+        pb::StreamSummary *sum_;
+        Msg msg_;
+    };
+
+    grpc::ServerReadReactor<pb::Point> *Record(grpc::CallbackServerContext *, pb::StreamSummary *sum) override {
+        return new Reader<pb::Point>(sum);
+    }
+    grpc::ServerReadReactor<pb::PointBatch> *RecordBatch(grpc::CallbackServerContext *, pb::StreamSummary *sum) override {
+        return new Reader<pb::PointBatch>(sum);
+    }
+};
+
+int main() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    EchoImpl svc;
+    grpc::ServerBuilder b;
+    int port = 0;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(&svc);
+    auto server = b.BuildAndStart();
+    ref_announce("ref_callback", port);
+    int sig;
+    sigwait(&set, &sig);
+    server->Shutdown();
+    return 0;
+}

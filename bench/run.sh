@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# make bench: the gRPC layer against grpc++ reference servers, driven by one load generator in the
+# same run. Servers: ours (tests/echo_server on libs/common), grpc++ async (CQ per thread) and
+# grpc++ callback. Each scenario runs ROUNDS times in the order ours, async, callback, ours, ...
+# (A B C A B C) and reports medians and ratios ours/reference. Then memory: idle RSS of a service
+# with default settings, and with 10,000 idle client streams open.
+#   BENCH_THREADS (2)  worker threads for ours and the async reference (callback: grpc's pool)
+#   ROUNDS (3), SECONDS_PER_RUN (2), IDLE_STREAMS (10000)
+set -uo pipefail
+B=${1:?usage: bench/run.sh BUILD_DIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+THREADS=${BENCH_THREADS:-2}
+ROUNDS=${ROUNDS:-3}
+SECS=${SECONDS_PER_RUN:-2}
+IDLE=${IDLE_STREAMS:-10000}
+LOADGEN=$B/bench/loadgen
+tmp=$(mktemp -d /tmp/iotsuite-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# start NAME CMD... : starts a server, waits for its "grpc=<port>" line, sets PORT and PID.
+start() {
+    local name=$1
+    shift
+    "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
+    PID=$!
+    pids+=("$PID")
+    for _ in $(seq 100); do
+        PORT=$(sed -n 's/.*grpc=\([0-9]*\).*/\1/p' "$tmp/$name.out" | head -n 1)
+        [ -n "$PORT" ] && return 0
+        sleep 0.1
+    done
+    echo "bench: $name did not start"; cat "$tmp/$name.err"; exit 1
+}
+
+start ours env IOT_LOG_LEVEL=warn IOT_GRPC_THREADS="$THREADS" IOT_ADMIN_LISTEN=127.0.0.1:0 "$B/tests/echo_server"
+P_OURS=$PORT
+start async env BENCH_THREADS="$THREADS" "$B/bench/ref_async_server"
+P_ASYNC=$PORT
+start callback "$B/bench/ref_callback_server"
+P_CB=$PORT
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+
+echo "iotsuite bench: $(nproc) cores, BENCH_THREADS=$THREADS, $ROUNDS rounds x ${SECS}s, order ours/async/callback"
+echo
+printf '%-26s %12s %12s %12s %10s %10s\n' scenario ours grpc++async grpc++cb ours/async ours/cb
+
+run_scenario() { # label mode extra-args...; fields
+    local label=$1 mode=$2
+    shift 2
+    local args=("$@")
+    for r in $(seq "$ROUNDS"); do
+        for s in ours async callback; do
+            case $s in ours) p=$P_OURS ;; async) p=$P_ASYNC ;; callback) p=$P_CB ;; esac
+            "$LOADGEN" --target "127.0.0.1:$p" --mode "$mode" --seconds "$SECS" "${args[@]}" >>"$tmp/$label.$s" 2>&1 ||
+                echo "bench: loadgen $label against $s reported errors: $(tail -n 1 "$tmp/$label.$s")" >&2
+        done
+    done
+}
+
+report() { # label key fmt-name [lower-is-better]
+    local label=$1 key=$2 name=$3
+    local o a c
+    o=$(field "$key" <"$tmp/$label.ours" | median)
+    a=$(field "$key" <"$tmp/$label.async" | median)
+    c=$(field "$key" <"$tmp/$label.callback" | median)
+    printf '%-26s %12.1f %12.1f %12.1f %10.2f %10.2f\n' "$label $name" "$o" "$a" "$c" \
+        "$(awk -v x="$o" -v y="$a" 'BEGIN{print (y>0)?x/y:0}')" "$(awk -v x="$o" -v y="$c" 'BEGIN{print (y>0)?x/y:0}')"
+}
+
+for c in 1 16 64; do
+    run_scenario "unary_c$c" unary --concurrency "$c"
+    report "unary_c$c" qps "QPS"
+    report "unary_c$c" p50_us "p50 us"
+    report "unary_c$c" p99_us "p99 us"
+done
+run_scenario stream_single record --streams 2
+report stream_single points_per_s "msgs/s"
+run_scenario stream_batch100 batch --streams 2
+report stream_batch100 points_per_s "points/s"
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+threads_of() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
+
+echo
+# Memory: a fresh server with default settings (no environment), idle, then holding idle streams.
+start idle env -u IOT_GRPC_THREADS IOT_LOG_LEVEL=warn "$B/tests/echo_server"
+P_IDLE=$PORT
+IDLE_PID=$PID
+sleep 1
+echo "idle RSS, default settings:        $(( $(rss_kb "$IDLE_PID") / 1024 )).$(( ($(rss_kb "$IDLE_PID") % 1024) * 10 / 1024 )) MB ($(threads_of "$IDLE_PID") threads)"
+mkfifo "$tmp/hold"
+"$LOADGEN" --target "127.0.0.1:$P_IDLE" --mode idle --streams "$IDLE" --channels 10 <"$tmp/hold" >"$tmp/idle.out" 2>&1 &
+LG=$!
+exec 3>"$tmp/hold"
+for _ in $(seq 600); do grep -q ready "$tmp/idle.out" && break; sleep 0.1; done
+sleep 1
+echo "RSS with $(sed -n 's/.*streams=\([0-9]*\).*/\1/p' "$tmp/idle.out") idle streams open: $(( $(rss_kb "$IDLE_PID") / 1024 )) MB ($(threads_of "$IDLE_PID") threads; loadgen: $(cat "$tmp/idle.out"))"
+exec 3>&-
+wait "$LG"
