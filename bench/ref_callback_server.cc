@@ -49,6 +49,32 @@ class EchoImpl final : public pb::Echo::CallbackService {
         Msg msg_;
     };
 
+    // Echoes each message; used for the idle-streams memory comparison.
+    class BidiEcho : public grpc::ServerBidiReactor<pb::EchoRequest, pb::EchoResponse> {
+      public:
+        BidiEcho() { StartRead(&req_); }
+        void OnReadDone(bool ok) override {
+            if (!ok) {
+                Finish(grpc::Status::OK);
+                return;
+            }
+            resp_.set_message(req_.message());
+            StartWrite(&resp_);
+        }
+        void OnWriteDone(bool ok) override {
+            if (ok) StartRead(&req_);
+        }
+        void OnDone() override { delete this; }
+
+      private:
+        pb::EchoRequest req_;
+        pb::EchoResponse resp_;
+    };
+
+    grpc::ServerBidiReactor<pb::EchoRequest, pb::EchoResponse> *Bidi(grpc::CallbackServerContext *) override {
+        return new BidiEcho();
+    }
+
     grpc::ServerReadReactor<pb::Point> *Record(grpc::CallbackServerContext *, pb::StreamSummary *sum) override {
         return new Reader<pb::Point>(sum);
     }

@@ -87,22 +87,36 @@ report stream_single points_per_s "msgs/s"
 run_scenario stream_batch100 batch --streams 2
 report stream_batch100 points_per_s "points/s"
 
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 threads_of() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 
 echo
-# Memory: a fresh server with default settings (no environment), idle, then holding idle streams.
+# Memory: a fresh server with default settings (no environment), idle, then holding idle streams;
+# the grpc++ callback reference holds the same streams for comparison.
+rss_mb() { awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+hold_idle() { # pid port label
+    local pid=$1 port=$2 label=$3
+    rm -f "$tmp/hold"
+    mkfifo "$tmp/hold"
+    "$LOADGEN" --target "127.0.0.1:$port" --mode idle --streams "$IDLE" --channels 10 <"$tmp/hold" >"$tmp/idle.out" 2>&1 &
+    local lg=$!
+    exec 3>"$tmp/hold"
+    for _ in $(seq 600); do grep -q ready "$tmp/idle.out" && break; sleep 0.1; done
+    sleep 1
+    printf '%-44s %8s MB  (%s threads; %s)\n' "$label with $IDLE idle streams:" "$(rss_mb "$pid")" "$(threads_of "$pid")" "$(cat "$tmp/idle.out")"
+    exec 3>&-
+    wait "$lg"
+}
 start idle env -u IOT_GRPC_THREADS IOT_LOG_LEVEL=warn "$B/tests/echo_server"
 P_IDLE=$PORT
 IDLE_PID=$PID
+start idle_ref "$B/bench/ref_callback_server"
+P_IDLE_REF=$PORT
+IDLE_REF_PID=$PID
 sleep 1
-echo "idle RSS, default settings:        $(( $(rss_kb "$IDLE_PID") / 1024 )).$(( ($(rss_kb "$IDLE_PID") % 1024) * 10 / 1024 )) MB ($(threads_of "$IDLE_PID") threads)"
-mkfifo "$tmp/hold"
-"$LOADGEN" --target "127.0.0.1:$P_IDLE" --mode idle --streams "$IDLE" --channels 10 <"$tmp/hold" >"$tmp/idle.out" 2>&1 &
-LG=$!
-exec 3>"$tmp/hold"
-for _ in $(seq 600); do grep -q ready "$tmp/idle.out" && break; sleep 0.1; done
-sleep 1
-echo "RSS with $(sed -n 's/.*streams=\([0-9]*\).*/\1/p' "$tmp/idle.out") idle streams open: $(( $(rss_kb "$IDLE_PID") / 1024 )) MB ($(threads_of "$IDLE_PID") threads; loadgen: $(cat "$tmp/idle.out"))"
-exec 3>&-
-wait "$LG"
+pss=$(awk '/^Pss:/ {printf "%.1f", $2 / 1024}' "/proc/$IDLE_PID/smaps_rollup")
+anon=$(awk '/^Private_Dirty:/ {printf "%.1f", $2 / 1024}' "/proc/$IDLE_PID/smaps_rollup")
+printf '%-44s %8s MB  (%s threads; PSS %s MB, private dirty %s MB; the rest is shared library pages)\n' \
+    "ours idle, default settings:" "$(rss_mb "$IDLE_PID")" "$(threads_of "$IDLE_PID")" "$pss" "$anon"
+printf '%-44s %8s MB  (%s threads)\n' "grpc++ callback idle:" "$(rss_mb "$IDLE_REF_PID")" "$(threads_of "$IDLE_REF_PID")"
+hold_idle "$IDLE_PID" "$P_IDLE" "ours"
+hold_idle "$IDLE_REF_PID" "$P_IDLE_REF" "grpc++ callback"

@@ -1,6 +1,7 @@
 /* Checked allocation wrappers and the bump arena used for protobuf-c messages. */
 #include "cm_alloc.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,6 +74,52 @@ static size_t cm__align(size_t n) {
     return (n + CM__ARENA_ALIGN - 1) & ~(CM__ARENA_ALIGN - 1);
 }
 
+/* Standard chunks are recycled through a tiny per-thread cache: a stream decoding message after
+ * message on a worker thread reuses the same chunk without malloc/free, yet memory held back is
+ * bounded by the number of threads, not by the number of open streams. */
+#define CM__CHUNK_CACHE 2
+typedef struct cm__chunk_cache_s {
+    cm_arena_chunk_t *c[CM__CHUNK_CACHE];
+    int n;
+} cm__chunk_cache_t;
+
+static _Thread_local cm__chunk_cache_t *cm__cache;
+static pthread_key_t cm__cache_key;
+static pthread_once_t cm__cache_once = PTHREAD_ONCE_INIT;
+
+static void cm__cache_destroy(void *p) {
+    cm__chunk_cache_t *cc = p;
+    for (int i = 0; i < cc->n; i++) free(cc->c[i]);
+    free(cc);
+}
+
+static void cm__cache_key_init(void) {
+    pthread_key_create(&cm__cache_key, cm__cache_destroy);
+}
+
+static cm_arena_chunk_t *cm__chunk_get(size_t sz) {
+    if (sz == CM__ARENA_CHUNK && cm__cache && cm__cache->n > 0) return cm__cache->c[--cm__cache->n];
+    cm_arena_chunk_t *c = cm_malloc(sizeof *c + sz);
+    c->size = sz;
+    return c;
+}
+
+static void cm__chunk_put(cm_arena_chunk_t *c) {
+    if (c->size == CM__ARENA_CHUNK) {
+        if (!cm__cache) {
+            pthread_once(&cm__cache_once, cm__cache_key_init);
+            cm__cache = cm_calloc(1, sizeof *cm__cache);
+            /* The destructor frees the cache when the thread exits. */
+            pthread_setspecific(cm__cache_key, cm__cache);
+        }
+        if (cm__cache->n < CM__CHUNK_CACHE) {
+            cm__cache->c[cm__cache->n++] = c;
+            return;
+        }
+    }
+    cm_free(c);
+}
+
 static void *cm__arena_pb_alloc(void *data, size_t n) {
     return cm_arena_alloc(data, n);
 }
@@ -110,8 +157,7 @@ void *cm_arena_alloc(cm_arena_t *a, size_t n) {
     cm_arena_chunk_t *c = a->head;
     if (!c || c->size - c->used < n) {
         size_t sz = n > CM__ARENA_CHUNK / 2 ? n : CM__ARENA_CHUNK;
-        c = cm_malloc(sizeof *c + sz);
-        c->size = sz;
+        c = cm__chunk_get(sz);
         c->used = 0;
         if (n > CM__ARENA_CHUNK / 2 && a->head) {
             /* A large one-off block goes behind the current chunk so its free space stays usable. */
@@ -139,33 +185,16 @@ char *cm_arena_strdup(cm_arena_t *a, const char *s) {
 }
 
 void cm_arena_reset(cm_arena_t *a) {
-    /* Keep the newest standard chunk for the next message of a stream, so that a steady stream
-     * decodes without malloc/free per message; release everything else. */
-    cm_arena_chunk_t *keep = NULL, *c = a->head;
-    while (c) {
-        cm_arena_chunk_t *n = c->next;
-        if (!keep && c->size == CM__ARENA_CHUNK) {
-            keep = c;
-        } else {
-            cm_free(c);
-        }
-        c = n;
-    }
-    if (keep) {
-        keep->next = NULL;
-        keep->used = 0;
-    }
-    a->head = keep;
-    a->inline_used = 0;
-}
-
-void cm_arena_free(cm_arena_t *a) {
     cm_arena_chunk_t *c = a->head;
     while (c) {
         cm_arena_chunk_t *n = c->next;
-        cm_free(c);
+        cm__chunk_put(c);
         c = n;
     }
     a->head = NULL;
     a->inline_used = 0;
+}
+
+void cm_arena_free(cm_arena_t *a) {
+    cm_arena_reset(a);
 }
