@@ -152,6 +152,18 @@ static grpc_metadata *cm__build_md(const cm_call_opts_t *o, size_t *count, grpc_
     return md;
 }
 
+/* Fills op as SEND_INITIAL_METADATA with the caller's metadata plus traceparent; returns the
+ * metadata array (cm_free after the batch completes) and the slices it owns. */
+static grpc_metadata *cm__md_op(grpc_op *op, const cm_call_opts_t *o, grpc_slice **slices, size_t *n_slices) {
+    size_t n_md;
+    grpc_metadata *md = cm__build_md(o, &n_md, slices, n_slices);
+    op->op = GRPC_OP_SEND_INITIAL_METADATA;
+    op->data.send_initial_metadata.count = n_md;
+    op->data.send_initial_metadata.metadata = md;
+    op->flags = o && o->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY : 0;
+    return md;
+}
+
 static void cm__free_slices(grpc_slice *s, size_t n) {
     for (size_t i = 0; i < n; i++) grpc_slice_unref(s[i]);
     cm_free(s);
@@ -214,16 +226,11 @@ static int cm__unary_once(cm_channel_t *c, grpc_slice method, grpc_byte_buffer *
     grpc_status_code status = GRPC_STATUS_UNKNOWN;
     grpc_slice details = grpc_empty_slice();
     const char *error_string = NULL;
-    size_t n_md, n_slices;
+    size_t n_slices;
     grpc_slice *slices;
-    grpc_metadata *md = cm__build_md(o, &n_md, &slices, &n_slices);
-
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = n_md;
-    ops[0].data.send_initial_metadata.metadata = md;
-    ops[0].flags = o && o->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY : 0;
+    grpc_metadata *md = cm__md_op(&ops[0], o, &slices, &n_slices);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = req;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -311,14 +318,9 @@ cm_stream_t *cm_stream_open(cm_channel_t *c, const char *method, const cm_call_o
     grpc_metadata_array_init(&s->initial_md);
     grpc_metadata_array_init(&s->trailing_md);
     s->details = grpc_empty_slice();
-    size_t n_md;
-    grpc_metadata *md = cm__build_md(o, &n_md, &s->md_slices, &s->n_md_slices);
-    grpc_op ops[2];
+    grpc_op ops[1];
     memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = n_md;
-    ops[0].data.send_initial_metadata.metadata = md;
-    ops[0].flags = o && o->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY : 0;
+    grpc_metadata *md = cm__md_op(&ops[0], o, &s->md_slices, &s->n_md_slices);
     if (grpc_call_start_batch(s->call, ops, 1, &s->tag_md, NULL) != GRPC_CALL_OK) abort();
     grpc_completion_queue_pluck(s->cq, &s->tag_md, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     cm_free(md);

@@ -10,21 +10,23 @@
 #include <string.h>
 #include <unistd.h>
 
-struct cm_counter_s {
+/* Counters and gauges share one registry entry; a gauge keeps its double's bits in `v`. */
+typedef struct cm__metric_s {
     char *name, *help, *labels;
+    int is_gauge;
     _Atomic uint64_t v;
-    cm_counter_t *next;
-};
+    struct cm__metric_s *next;
+} cm__metric_t;
 
+struct cm_counter_s {
+    cm__metric_t m;
+};
 struct cm_gauge_s {
-    char *name, *help, *labels;
-    _Atomic uint64_t bits; /* double stored as bits for atomic access */
-    cm_gauge_t *next;
+    cm__metric_t m;
 };
 
 static pthread_mutex_t cm__metrics_mu = PTHREAD_MUTEX_INITIALIZER;
-static cm_counter_t *cm__counters;
-static cm_gauge_t *cm__gauges;
+static cm__metric_t *cm__metrics;
 #define CM__MAX_SERVERS 8
 static cm_server_t *cm__servers[CM__MAX_SERVERS];
 
@@ -32,54 +34,47 @@ static int cm__same(const char *a, const char *b) {
     return strcmp(a ? a : "", b ? b : "") == 0;
 }
 
-cm_counter_t *cm_metrics_counter(const char *name, const char *help, const char *labels) {
+/* Finds or registers name{labels} of one kind. */
+static cm__metric_t *cm__metric(const char *name, const char *help, const char *labels, int is_gauge) {
     pthread_mutex_lock(&cm__metrics_mu);
-    cm_counter_t *c;
-    for (c = cm__counters; c; c = c->next)
-        if (cm__same(c->name, name) && cm__same(c->labels, labels)) break;
-    if (!c) {
-        c = cm_calloc(1, sizeof *c);
-        c->name = cm_strdup(name);
-        c->help = cm_strdup(help ? help : "");
-        c->labels = cm_strdup(labels ? labels : "");
+    cm__metric_t *m;
+    for (m = cm__metrics; m; m = m->next)
+        if (m->is_gauge == is_gauge && cm__same(m->name, name) && cm__same(m->labels, labels)) break;
+    if (!m) {
+        /* Both wrappers are exactly a cm__metric_t, so one allocation size fits either. */
+        m = cm_calloc(1, sizeof *m);
+        m->name = cm_strdup(name);
+        m->help = cm_strdup(help ? help : "");
+        m->labels = cm_strdup(labels ? labels : "");
+        m->is_gauge = is_gauge;
         /* Keep same-name entries adjacent so HELP/TYPE are printed once per family. */
-        cm_counter_t **pp = &cm__counters;
+        cm__metric_t **pp = &cm__metrics;
         while (*pp && !cm__same((*pp)->name, name)) pp = &(*pp)->next;
         while (*pp && cm__same((*pp)->name, name)) pp = &(*pp)->next;
-        c->next = *pp;
-        *pp = c;
+        m->next = *pp;
+        *pp = m;
     }
     pthread_mutex_unlock(&cm__metrics_mu);
-    return c;
+    return m;
 }
 
-void cm_counter_add(cm_counter_t *c, uint64_t n) { atomic_fetch_add_explicit(&c->v, n, memory_order_relaxed); }
-uint64_t cm_counter_get(const cm_counter_t *c) { return atomic_load_explicit(&((cm_counter_t *)c)->v, memory_order_relaxed); }
+cm_counter_t *cm_metrics_counter(const char *name, const char *help, const char *labels) {
+    return (cm_counter_t *)cm__metric(name, help, labels, 0);
+}
+
+void cm_counter_add(cm_counter_t *c, uint64_t n) { atomic_fetch_add_explicit(&c->m.v, n, memory_order_relaxed); }
+uint64_t cm_counter_get(const cm_counter_t *c) {
+    return atomic_load_explicit(&((cm_counter_t *)c)->m.v, memory_order_relaxed);
+}
 
 cm_gauge_t *cm_metrics_gauge(const char *name, const char *help, const char *labels) {
-    pthread_mutex_lock(&cm__metrics_mu);
-    cm_gauge_t *g;
-    for (g = cm__gauges; g; g = g->next)
-        if (cm__same(g->name, name) && cm__same(g->labels, labels)) break;
-    if (!g) {
-        g = cm_calloc(1, sizeof *g);
-        g->name = cm_strdup(name);
-        g->help = cm_strdup(help ? help : "");
-        g->labels = cm_strdup(labels ? labels : "");
-        cm_gauge_t **pp = &cm__gauges;
-        while (*pp && !cm__same((*pp)->name, name)) pp = &(*pp)->next;
-        while (*pp && cm__same((*pp)->name, name)) pp = &(*pp)->next;
-        g->next = *pp;
-        *pp = g;
-    }
-    pthread_mutex_unlock(&cm__metrics_mu);
-    return g;
+    return (cm_gauge_t *)cm__metric(name, help, labels, 1);
 }
 
 void cm_gauge_set(cm_gauge_t *g, double v) {
     uint64_t bits;
     memcpy(&bits, &v, sizeof bits);
-    atomic_store_explicit(&g->bits, bits, memory_order_relaxed);
+    atomic_store_explicit(&g->m.v, bits, memory_order_relaxed);
 }
 
 void cm_metrics_add_server(cm_server_t *srv) {
@@ -195,24 +190,20 @@ static void cm__render_process(cm_buf_t *b) {
 
 void cm_metrics_render(cm_buf_t *b) {
     pthread_mutex_lock(&cm__metrics_mu);
-    const char *last = NULL;
-    for (cm_counter_t *c = cm__counters; c; c = c->next) {
-        if (!last || strcmp(last, c->name) != 0)
-            cm_buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", c->name, c->help, c->name);
-        last = c->name;
-        cm__render_name(b, c->name, c->labels);
-        cm_buf_printf(b, " %llu\n", (unsigned long long)cm_counter_get(c));
-    }
-    last = NULL;
-    for (cm_gauge_t *g = cm__gauges; g; g = g->next) {
-        if (!last || strcmp(last, g->name) != 0)
-            cm_buf_printf(b, "# HELP %s %s\n# TYPE %s gauge\n", g->name, g->help, g->name);
-        last = g->name;
-        uint64_t bits = atomic_load_explicit(&g->bits, memory_order_relaxed);
-        double v;
-        memcpy(&v, &bits, sizeof v);
-        cm__render_name(b, g->name, g->labels);
-        cm_buf_printf(b, " %.17g\n", v);
+    const cm__metric_t *prev = NULL;
+    for (const cm__metric_t *m = cm__metrics; m; m = m->next) {
+        if (!prev || strcmp(prev->name, m->name) != 0)
+            cm_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", m->name, m->help, m->name, m->is_gauge ? "gauge" : "counter");
+        prev = m;
+        cm__render_name(b, m->name, m->labels);
+        uint64_t v = atomic_load_explicit(&((cm__metric_t *)m)->v, memory_order_relaxed);
+        if (m->is_gauge) {
+            double d;
+            memcpy(&d, &v, sizeof d);
+            cm_buf_printf(b, " %.17g\n", d);
+        } else {
+            cm_buf_printf(b, " %llu\n", (unsigned long long)v);
+        }
     }
     cm__render_rpc(b);
     pthread_mutex_unlock(&cm__metrics_mu);

@@ -4,6 +4,7 @@
 #include "cm_buf.h"
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_time.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -70,6 +71,16 @@ void cm_pg_free(cm_pg_t *pg) {
 
 const char *cm_pg_last_error(cm_pg_t *pg) { return pg->last_error; }
 
+/* Runs a fixed statement of ours (no parameters) with the simple-query protocol. */
+static int cm__pg_simple(cm_pg_conn_t *c, const char *sql) {
+    PGresult *r = PQexec(c->conn, sql);
+    ExecStatusType st = PQresultStatus(r);
+    int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+    if (!ok) cm__pg_set_err(c, PQresultErrorMessage(r), PQresultErrorField(r, PG_DIAG_SQLSTATE));
+    PQclear(r);
+    return ok ? 0 : CM_EPG;
+}
+
 /* Makes sure c is connected, with the pool's search_path. */
 static int cm__pg_connect(cm_pg_t *pg, cm_pg_conn_t *c) {
     if (c->conn && PQstatus(c->conn) == CONNECTION_OK && PQtransactionStatus(c->conn) == PQTRANS_IDLE) return 0;
@@ -86,16 +97,20 @@ static int cm__pg_connect(cm_pg_t *pg, cm_pg_conn_t *c) {
         return CM_EPG;
     }
     if (pg->schema) {
+        /* Identifiers cannot be parameters; the schema name comes from the service's own
+         * configuration and is quoted by libpq. */
         char *ident = PQescapeIdentifier(c->conn, pg->schema, strlen(pg->schema));
-        cm_buf_t sql = CM_BUF_INIT;
-        cm_buf_printf(&sql, "CREATE SCHEMA IF NOT EXISTS %s; SET search_path TO %s", ident, ident);
+        cm_buf_t create = CM_BUF_INIT, set = CM_BUF_INIT;
+        cm_buf_printf(&create, "CREATE SCHEMA IF NOT EXISTS %s", ident);
+        cm_buf_printf(&set, "SET search_path TO %s", ident);
         PQfreemem(ident);
-        PGresult *r = PQexec(c->conn, sql.data);
-        cm_buf_free(&sql);
-        int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-        if (!ok) cm__pg_set_err(c, PQresultErrorMessage(r), PQresultErrorField(r, PG_DIAG_SQLSTATE));
-        PQclear(r);
-        if (!ok) {
+        int rc = cm__pg_simple(c, create.data);
+        /* IF NOT EXISTS still races with another session creating it: that one won, fine. */
+        if (rc && (strcmp(c->sqlstate, "23505") == 0 || strcmp(c->sqlstate, "42P06") == 0)) rc = 0;
+        if (rc == 0) rc = cm__pg_simple(c, set.data);
+        cm_buf_free(&create);
+        cm_buf_free(&set);
+        if (rc) {
             PQfinish(c->conn);
             c->conn = NULL;
             return CM_EPG;
@@ -107,13 +122,7 @@ static int cm__pg_connect(cm_pg_t *pg, cm_pg_conn_t *c) {
 
 cm_pg_conn_t *cm_pg_acquire(cm_pg_t *pg, int timeout_ms) {
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    cm_abstime_in(&until, timeout_ms);
     pthread_mutex_lock(&pg->mu);
     cm_pg_conn_t *c = NULL;
     for (;;) {
@@ -308,14 +317,9 @@ static int cm__migrate_one(cm_pg_conn_t *c, const char *lock_key, const cm__migr
     }
     /* A migration file is several statements of our own, so it goes through the simple-query
      * protocol; it never contains request data. */
-    r = PQexec(c->conn, sql);
+    int bad = cm__pg_simple(c, sql);
     cm_free(sql);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
-        cm__pg_set_err(c, PQresultErrorMessage(r), PQresultErrorField(r, PG_DIAG_SQLSTATE));
-        PQclear(r);
-        goto fail;
-    }
-    PQclear(r);
+    if (bad) goto fail;
     if (cm_pg_exec(c, NULL, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", 2, ver_params)) goto fail;
     if (cm_pg_commit(c)) goto fail;
     (*applied)++;
@@ -323,8 +327,7 @@ static int cm__migrate_one(cm_pg_conn_t *c, const char *lock_key, const cm__migr
     return 0;
 fail:
     CM_LOG(CM_LOG_ERROR, "migration %s failed: %s", m->name, cm_pg_error(c));
-    PGresult *rb = PQexec(c->conn, "ROLLBACK");
-    PQclear(rb);
+    cm__pg_simple(c, "ROLLBACK");
     return CM_EPG;
 }
 
@@ -346,12 +349,21 @@ int cm_pg_migrate(cm_pg_t *pg, const char *dir, int *applied) {
         return CM_EPG;
     }
     const char *lock_key = pg->schema ? pg->schema : "public";
-    rc = cm_pg_exec(c, NULL,
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version bigint PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-                    0, NULL);
-    if (rc && strcmp(cm_pg_sqlstate(c), "23505") == 0) rc = 0; /* created concurrently by a replica */
-    if (rc) CM_LOG(CM_LOG_ERROR, "migrations: cannot create schema_migrations: %s", cm_pg_error(c));
+    const char *lock_params[] = {lock_key};
+    /* Under the same advisory lock as the migrations: concurrent CREATE TABLE IF NOT EXISTS can
+     * otherwise fail on the catalog's unique index when replicas start together. */
+    rc = cm_pg_begin(c);
+    if (!rc) rc = cm_pg_exec(c, NULL, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, lock_params);
+    if (!rc)
+        rc = cm_pg_exec(c, NULL,
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version bigint PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+                        0, NULL);
+    if (!rc) rc = cm_pg_commit(c);
+    if (rc) {
+        CM_LOG(CM_LOG_ERROR, "migrations: cannot create schema_migrations: %s", cm_pg_error(c));
+        cm__pg_simple(c, "ROLLBACK");
+    }
     for (size_t i = 0; i < n && rc == 0; i++) rc = cm__migrate_one(c, lock_key, &m[i], applied);
     cm_pg_release(pg, c);
     cm__migrations_free(m, n);

@@ -3,6 +3,7 @@
 #include "cm_alloc.h"
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_time.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -171,13 +172,7 @@ void cm_redis_pool_free(cm_redis_pool_t *p) {
 
 cm_redis_t *cm_redis_pool_acquire(cm_redis_pool_t *p, int timeout_ms) {
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    cm_abstime_in(&until, timeout_ms);
     pthread_mutex_lock(&p->mu);
     for (;;) {
         for (int i = 0; i < p->size; i++)

@@ -11,6 +11,7 @@
  * dead queue (which aborts the process in the core). */
 #include "cm_rpc_internal.h"
 #include "cm_err.h"
+#include "cm_time.h"
 
 #include <errno.h>
 #include <stddef.h>
@@ -531,26 +532,25 @@ static void cm__md_list_add(cm__md_list_t *l, const char *key, const char *val, 
 }
 
 static int cm__md_key_ok(const char *key) {
-    if (!grpc_header_key_is_legal(grpc_slice_from_static_string(key))) return 0;
-    return 1;
+    return grpc_header_key_is_legal(grpc_slice_from_static_string(key));
+}
+
+/* Adds to the initial or trailing list unless that metadata already went out. */
+static int cm__call_add_md(cm_call_t *c, int trailing, const char *key, const char *val, size_t vlen) {
+    if (!cm__md_key_ok(key)) return CM_EINVAL;
+    pthread_mutex_lock(&c->mu);
+    int rc = (trailing ? c->status_in_batch : c->initial_md_sent) ? CM_ESTATE : 0;
+    if (rc == 0) cm__md_list_add(trailing ? &c->trail_md : &c->init_md, key, val, vlen);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
 }
 
 int cm_call_add_initial_metadata(cm_call_t *c, const char *key, const char *val, size_t vlen) {
-    if (!cm__md_key_ok(key)) return CM_EINVAL;
-    pthread_mutex_lock(&c->mu);
-    int rc = c->initial_md_sent ? CM_ESTATE : 0;
-    if (rc == 0) cm__md_list_add(&c->init_md, key, val, vlen);
-    pthread_mutex_unlock(&c->mu);
-    return rc;
+    return cm__call_add_md(c, 0, key, val, vlen);
 }
 
 int cm_call_add_trailing_metadata(cm_call_t *c, const char *key, const char *val, size_t vlen) {
-    if (!cm__md_key_ok(key)) return CM_EINVAL;
-    pthread_mutex_lock(&c->mu);
-    int rc = c->status_in_batch ? CM_ESTATE : 0;
-    if (rc == 0) cm__md_list_add(&c->trail_md, key, val, vlen);
-    pthread_mutex_unlock(&c->mu);
-    return rc;
+    return cm__call_add_md(c, 1, key, val, vlen);
 }
 
 /* ---- event handlers -------------------------------------------------------------------- */
@@ -977,16 +977,6 @@ int cm_server_start(cm_server_t *srv) {
 
 int cm_server_port(const cm_server_t *srv) { return srv->port; }
 
-static void cm__deadline_in(struct timespec *ts, int ms) {
-    clock_gettime(CLOCK_REALTIME, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 static int cm__drained(cm_server_t *srv) {
     return srv->live_calls == 0 && srv->pending_slots == 0 && srv->shutdown_notified;
 }
@@ -999,7 +989,7 @@ void cm_server_shutdown(cm_server_t *srv) {
     grpc_server_shutdown_and_notify(srv->server, srv->cq, &srv->tag_shutdown);
 
     struct timespec until;
-    cm__deadline_in(&until, srv->grace_ms);
+    cm_abstime_in(&until, srv->grace_ms);
     pthread_mutex_lock(&srv->mu);
     int timed_out = 0;
     while (!cm__drained(srv) && !timed_out) timed_out = pthread_cond_timedwait(&srv->cv, &srv->mu, &until) == ETIMEDOUT;

@@ -107,13 +107,13 @@ static void write_file(const char *dir, const char *name, const char *text) {
 }
 
 typedef struct mig_arg_s {
-    const char *dir;
+    const char *dir, *schema;
     int rc, applied;
 } mig_arg_t;
 
 static void *migrate_thread(void *arg) {
     mig_arg_t *m = arg;
-    cm_pg_t *pg = cm_pg_new(getenv("IOT_TEST_PG"), "t_mig_race", 1, NULL);
+    cm_pg_t *pg = cm_pg_new(getenv("IOT_TEST_PG"), m->schema, 1, NULL);
     m->rc = cm_pg_migrate(pg, m->dir, &m->applied);
     cm_pg_free(pg);
     return NULL;
@@ -152,20 +152,35 @@ static void test_pg_migrations(void) {
     snprintf(path, sizeof path, "%s/011_broken.sql", dir);
     unlink(path);
 
-    /* Replicas starting at once: each migration is applied exactly once in total. */
-    mig_arg_t a[4];
-    pthread_t th[4];
-    for (int i = 0; i < 4; i++) {
-        a[i] = (mig_arg_t){dir, -1, 0};
-        pthread_create(&th[i], NULL, migrate_thread, &a[i]);
+}
+
+/* Regression: replicas starting at once on a fresh schema raced in CREATE SCHEMA / CREATE TABLE
+ * IF NOT EXISTS and one of them failed to start. Each migration must apply exactly once. */
+static void test_pg_migrations_concurrent_replicas(void) {
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/migrations-race", test_tmpdir());
+    mkdir(dir, 0755);
+    write_file(dir, "001_a.sql", "CREATE TABLE a (i int);");
+    write_file(dir, "002_b.sql", "CREATE TABLE b (i int);");
+    write_file(dir, "003_c.sql", "INSERT INTO a VALUES (1);");
+    for (int round = 0; round < 3; round++) {
+        char schema[32];
+        snprintf(schema, sizeof schema, "t_mig_race_%d", round);
+        enum { N = 8 };
+        mig_arg_t a[N];
+        pthread_t th[N];
+        for (int i = 0; i < N; i++) {
+            a[i] = (mig_arg_t){dir, schema, -1, 0};
+            pthread_create(&th[i], NULL, migrate_thread, &a[i]);
+        }
+        int total = 0;
+        for (int i = 0; i < N; i++) {
+            pthread_join(th[i], NULL);
+            ASSERT_INT_EQ(a[i].rc, 0);
+            total += a[i].applied;
+        }
+        ASSERT_INT_EQ(total, 3);
     }
-    int total = 0;
-    for (int i = 0; i < 4; i++) {
-        pthread_join(th[i], NULL);
-        ASSERT_INT_EQ(a[i].rc, 0);
-        total += a[i].applied;
-    }
-    ASSERT_INT_EQ(total, 3);
 }
 
 static void test_pg_pool_bounds(void) {
@@ -307,7 +322,8 @@ static void test_redis_bad_address(void) {
 }
 
 TEST_MAIN(TEST_ENTRY(test_pg_params_are_data), TEST_ENTRY(test_pg_transactions), TEST_ENTRY(test_pg_copy),
-          TEST_ENTRY(test_pg_migrations), TEST_ENTRY(test_pg_pool_bounds),
+          TEST_ENTRY(test_pg_migrations), TEST_ENTRY(test_pg_migrations_concurrent_replicas),
+          TEST_ENTRY(test_pg_pool_bounds),
           TEST_ENTRY(test_pg_reconnects_after_backend_killed), TEST_ENTRY(test_pg_unreachable),
           TEST_ENTRY(test_redis_argv_is_binary_safe), TEST_ENTRY(test_redis_pipelining),
           TEST_ENTRY(test_redis_reconnects), TEST_ENTRY(test_redis_pool_drops_unread_pipeline),

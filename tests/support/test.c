@@ -1,6 +1,8 @@
 /* Test runner behind test.h. */
 #include "test.h"
 
+#include "cm_log.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -20,6 +22,10 @@ int test_main(const char *prog, const test_case_t *tests, size_t n, int argc, ch
     base = base ? base + 1 : prog;
     int passed = 0, failed = 0;
     setvbuf(stdout, NULL, _IOLBF, 0);
+    /* Library logs from in-process servers are noise in test output unless asked for. */
+    const char *lvl = getenv("IOT_TEST_LOG_LEVEL");
+    int level = lvl ? cm_log_level_parse(lvl) : CM_LOG_OFF;
+    cm_log_init("test", level < 0 ? CM_LOG_OFF : (cm_log_level_t)level);
     for (size_t i = 0; i < n; i++) {
         if (argc > 1 && !strstr(tests[i].name, argv[1])) continue;
         struct timespec t0, t1;

@@ -14,6 +14,7 @@
 #include "cm_config.h"
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_metrics.h"
 #include "cm_rpc.h"
 #include "iot/testing/v1/echo.pb-c.h"
 #include "test.h"
@@ -250,8 +251,28 @@ static void test_hostport_parse(void) {
     ASSERT(cm_parse_hostport("example.com:80", &ss, &len) != 0);
 }
 
+static void test_metrics_registry_renders(void) {
+    cm_counter_t *a = cm_metrics_counter("iot_test_points_total", "Points stored.", "shard=\"1\"");
+    cm_counter_t *b = cm_metrics_counter("iot_test_points_total", "Points stored.", "shard=\"2\"");
+    ASSERT(a != b);
+    ASSERT(cm_metrics_counter("iot_test_points_total", "Points stored.", "shard=\"1\"") == a);
+    cm_counter_add(a, 5);
+    cm_counter_add(b, 7);
+    cm_counter_add(a, 1);
+    ASSERT_INT_EQ(cm_counter_get(a), 6);
+    cm_gauge_set(cm_metrics_gauge("iot_test_queue_depth", "Queued batches.", NULL), 2.5);
+    cm_buf_t out = CM_BUF_INIT;
+    cm_metrics_render(&out);
+    ASSERT(strstr(out.data, "# HELP iot_test_points_total Points stored.\n# TYPE iot_test_points_total counter\n"
+                            "iot_test_points_total{shard=\"1\"} 6\niot_test_points_total{shard=\"2\"} 7\n"));
+    ASSERT(strstr(out.data, "# TYPE iot_test_queue_depth gauge\niot_test_queue_depth 2.5\n"));
+    ASSERT(strstr(out.data, "process_resident_memory_bytes "));
+    cm_buf_free(&out);
+}
+
 TEST_MAIN(TEST_ENTRY(test_arena_alignment_and_growth), TEST_ENTRY(test_arena_as_protobuf_allocator),
           TEST_ENTRY(test_arena_chunks_recycled),
           TEST_ENTRY(test_buf_printf_grows), TEST_ENTRY(test_errors_have_messages),
           TEST_ENTRY(test_config_defaults_and_env), TEST_ENTRY(test_config_errors_name_the_variable),
-          TEST_ENTRY(test_log_lines_are_json), TEST_ENTRY(test_trace_parse_and_child), TEST_ENTRY(test_hostport_parse))
+          TEST_ENTRY(test_log_lines_are_json), TEST_ENTRY(test_trace_parse_and_child), TEST_ENTRY(test_hostport_parse),
+          TEST_ENTRY(test_metrics_registry_renders))
