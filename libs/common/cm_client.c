@@ -58,7 +58,7 @@ cm_channel_t *cm_channel_new(const char *target, const cm_channel_opts_t *o, int
     } else {
         creds = grpc_insecure_credentials_create();
     }
-    grpc_arg args[4];
+    grpc_arg args[6];
     size_t n = 0;
     args[n].type = GRPC_ARG_INTEGER;
     args[n].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -75,6 +75,14 @@ cm_channel_t *cm_channel_new(const char *target, const cm_channel_opts_t *o, int
         args[n].type = GRPC_ARG_INTEGER;
         args[n].key = (char *)GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL;
         args[n++].value.integer = 1;
+    }
+    if (o->flow_window_bytes > 0) {
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = (char *)GRPC_ARG_HTTP2_BDP_PROBE;
+        args[n++].value.integer = 0;
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = (char *)GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES;
+        args[n++].value.integer = o->flow_window_bytes;
     }
     grpc_channel_args cargs = {n, args};
     cm_channel_t *c = cm_calloc(1, sizeof *c);
@@ -213,6 +221,15 @@ static void cm__fill_status(cm_rpc_status_t *st, int code, grpc_slice details, c
         snprintf(st->message, sizeof st->message, "%s", error_string);
 }
 
+/* Name of the first request header gRPC would refuse, or NULL when all are legal. */
+static const char *cm__bad_md(const cm_call_opts_t *o) {
+    for (size_t i = 0; o && i < o->n_md; i++) {
+        size_t vl = o->md[i].vlen ? o->md[i].vlen : strlen(o->md[i].val);
+        if (!cm__md_ok(o->md[i].key, o->md[i].val, vl)) return o->md[i].key;
+    }
+    return NULL;
+}
+
 /* One attempt of a unary call. */
 static int cm__unary_once(cm_channel_t *c, grpc_slice method, grpc_byte_buffer *req, gpr_timespec deadline,
                           const cm_call_opts_t *o, const ProtobufCMessageDescriptor *resp_desc,
@@ -279,6 +296,15 @@ int cm_channel_unary(cm_channel_t *c, const char *method, const ProtobufCMessage
     cm_rpc_status_t local = {0};
     cm_rpc_status_t *st = st_out ? st_out : &local;
     *resp = NULL;
+    const char *bad = cm__bad_md(o);
+    if (bad) {
+        cm_rpc_status_clear(st);
+        st->code = CM_STATUS_INVALID_ARGUMENT;
+        st->attempts = 0;
+        snprintf(st->message, sizeof st->message,
+                 "request metadata \"%s\": key must be lowercase and the value printable ASCII (or use a -bin key)", bad);
+        return st->code;
+    }
     int64_t timeout = o && o->timeout_ms > 0 ? o->timeout_ms : CM__DEFAULT_TIMEOUT_MS;
     int attempts = o && o->idempotent ? (o->max_attempts > 0 ? o->max_attempts : CM__DEFAULT_ATTEMPTS) : 1;
     gpr_timespec deadline = cm__deadline_after(timeout);
@@ -309,6 +335,11 @@ int cm_channel_unary(cm_channel_t *c, const char *method, const ProtobufCMessage
 /* ---- streams --------------------------------------------------------------------------- */
 
 cm_stream_t *cm_stream_open(cm_channel_t *c, const char *method, const cm_call_opts_t *o) {
+    const char *bad = cm__bad_md(o);
+    if (bad) {
+        CM_LOG(CM_LOG_ERROR, "stream %s not opened: request metadata \"%s\" is not a legal header", method, bad);
+        return NULL;
+    }
     cm_stream_t *s = cm_calloc(1, sizeof *s);
     int64_t timeout = o && o->timeout_ms > 0 ? o->timeout_ms : CM__DEFAULT_TIMEOUT_MS;
     s->cq = grpc_completion_queue_create_for_pluck(NULL);

@@ -41,14 +41,15 @@ static int cm__health_lookup(cm__health_t *h, const char *service) {
     return -1;
 }
 
-static void cm__health_send(cm__health_t *h, size_t wi, int status) {
+static int cm__health_send(cm__health_t *h, size_t wi, int status) {
     (void)h;
     Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
     resp.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)status;
     int rc = cm_call_send(h->watchers[wi].call, &resp.base);
     if (rc == CM_EFULL)
-        cm_call_finish(h->watchers[wi].call, CM_STATUS_RESOURCE_EXHAUSTED,
-                       "health watcher is not reading its stream; reconnect to resume");
+        cm_call_abort(h->watchers[wi].call, CM_STATUS_RESOURCE_EXHAUSTED,
+                      "health watcher is not reading its stream; reconnect to resume");
+    return rc;
 }
 
 void cm_server_set_health(cm_server_t *srv, const char *service, int status) {
@@ -164,8 +165,10 @@ void cm__health_shutdown(cm_server_t *srv) {
     h->shutting_down = 1;
     for (size_t i = 0; i < h->n; i++) h->entries[i].status = CM_HEALTH_NOT_SERVING;
     for (size_t i = 0; i < h->nw; i++) {
-        cm__health_send(h, i, CM_HEALTH_NOT_SERVING);
-        cm_call_finish(h->watchers[i].call, CM_STATUS_UNAVAILABLE, "server is shutting down");
+        /* A watcher that does not read was just aborted by the send; the others get the
+         * update and then the end of the stream. */
+        if (cm__health_send(h, i, CM_HEALTH_NOT_SERVING) == 0)
+            cm_call_finish(h->watchers[i].call, CM_STATUS_UNAVAILABLE, "server is shutting down");
     }
     pthread_mutex_unlock(&h->mu);
 }

@@ -52,7 +52,7 @@ cm_pg_t *cm_pg_new(const char *conninfo, const char *schema, int size, int *err)
     pg->size = size;
     pg->conns = cm_calloc((size_t)size, sizeof *pg->conns);
     pthread_mutex_init(&pg->mu, NULL);
-    pthread_cond_init(&pg->cv, NULL);
+    cm_cond_init_monotonic(&pg->cv);
     if (err) *err = 0;
     return pg;
 }

@@ -157,7 +157,7 @@ cm_redis_pool_t *cm_redis_pool_new(const char *addr, int size, int timeout_ms, i
         }
     }
     pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
+    cm_cond_init_monotonic(&p->cv);
     return p;
 }
 

@@ -218,9 +218,8 @@ static int cm__refl_message(cm_call_t *call, const ProtobufCMessage *msg) {
     default:
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reflection request has no message_request set");
     }
-    int rc = cm_call_send(call, &resp.base);
-    if (rc == CM_EFULL)
-        return cm_call_fail(call, CM_STATUS_RESOURCE_EXHAUSTED, "reflection client is not reading its responses");
+    if (cm_call_send(call, &resp.base) == CM_EFULL)
+        cm_call_abort(call, CM_STATUS_RESOURCE_EXHAUSTED, "reflection client is not reading its responses");
     return CM_PENDING;
 }
 

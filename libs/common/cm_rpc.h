@@ -154,7 +154,9 @@ const char *cm_call_metadata(cm_call_t *call, const char *key, size_t *len);
 /* Iterates all request metadata: i from 0 while it returns 0. */
 int cm_call_metadata_at(cm_call_t *call, size_t i, const char **key, const char **val, size_t *vlen);
 /* Response metadata, sent with the first message (initial) or with the status (trailing).
- * Copies key and value. Initial metadata added after the first send is refused (CM_ESTATE). */
+ * Copies key and value (vlen 0: strlen). Returns CM_EINVAL for a header gRPC would refuse
+ * (uppercase key; value outside printable ASCII unless the key ends in "-bin"), CM_ESTATE when
+ * that metadata already went out. */
 int cm_call_add_initial_metadata(cm_call_t *call, const char *key, const char *val, size_t vlen);
 int cm_call_add_trailing_metadata(cm_call_t *call, const char *key, const char *val, size_t vlen);
 
@@ -177,6 +179,12 @@ int cm_call_send(cm_call_t *call, const ProtobufCMessage *msg);
 /* Finishes a call that a callback left CM_PENDING. msg may be NULL. Returns CM_ECLOSED if the call
  * already ended or was finished. */
 int cm_call_finish(cm_call_t *call, int code, const char *msg);
+
+/* Ends the call at once with code and msg, dropping messages still queued. For a client that
+ * stopped reading (cm_call_send said CM_EFULL): cm_call_finish would queue the status behind
+ * messages that flow control never lets out. No callbacks but `done` follow. Returns CM_ECLOSED
+ * if the call already ended or its status is on the wire. */
+int cm_call_abort(cm_call_t *call, int code, const char *msg);
 
 /* Per-call handler state: set in a callback, read in later ones, release it in `done`. */
 void cm_call_set_user(cm_call_t *call, void *user);
@@ -226,6 +234,8 @@ typedef struct cm_channel_opts_s {
     const char *authority;          /* TLS: name to verify instead of the target host */
     int max_recv_bytes;             /* 0 = 4 MiB */
     int own_connection;             /* do not share the TCP connection with other channels */
+    int flow_window_bytes;          /* fixed HTTP/2 receive window per stream (constrained clients);
+                                       0 = grpc's default, grown automatically (BDP probing) */
 } cm_channel_opts_t;
 
 /* target: "127.0.0.1:50051", "dns:///svc.ns:50051", "unix:/path". Channels are thread safe and
@@ -235,14 +245,16 @@ void cm_channel_free(cm_channel_t *ch);
 /* Waits until the channel is connected or timeout_ms passes; 0 when ready. */
 int cm_channel_wait_ready(cm_channel_t *ch, int64_t timeout_ms);
 
-/* A unary call. *resp is set on OK (free with protobuf_c_message_free_unpacked(resp, NULL)).
+/* A unary call. Illegal request metadata (uppercase key, non-ASCII value without a -bin key) is
+ * refused locally with INVALID_ARGUMENT. *resp is set on OK (free with protobuf_c_message_free_unpacked(resp, NULL)).
  * Returns the gRPC status code (also in st->code when st is given). The calling thread's trace
  * (cm_trace_current) is propagated as traceparent, or a new trace is started. */
 int cm_channel_unary(cm_channel_t *ch, const char *method, const ProtobufCMessage *req,
                      const ProtobufCMessageDescriptor *resp_desc, ProtobufCMessage **resp,
                      const cm_call_opts_t *opts, cm_rpc_status_t *st);
 
-/* Streaming calls, blocking. One thread may send while another receives. */
+/* Streaming calls, blocking. One thread may send while another receives.
+ * Returns NULL (and logs) only when opts carries metadata gRPC would refuse. */
 cm_stream_t *cm_stream_open(cm_channel_t *ch, const char *method, const cm_call_opts_t *opts);
 /* 0, or CM_ECLOSED when the call already ended (read the status with cm_stream_finish). */
 int cm_stream_send(cm_stream_t *s, const ProtobufCMessage *msg);

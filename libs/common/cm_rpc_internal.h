@@ -62,6 +62,9 @@ ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAl
                              grpc_byte_buffer *buf);
 /* Serialises msg into a new byte buffer (destroy with grpc_byte_buffer_destroy). */
 grpc_byte_buffer *cm__encode(const ProtobufCMessage *msg);
+/* 1 when key/value form a header gRPC accepts (lowercase key; printable ASCII value unless the
+ * key ends in "-bin"). */
+int cm__md_ok(const char *key, const char *val, size_t vlen);
 /* Reads a whole file into a NUL-terminated buffer (cm_free); NULL on error. */
 char *cm__read_file(const char *path, size_t *len);
 

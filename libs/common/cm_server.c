@@ -58,7 +58,7 @@ struct cm_call_s {
     int refs;                  /* framework's 1 + cm_call_ref()s */
     int ops;                   /* batches in flight + event being handled */
     unsigned initial_md_sent : 1, status_queued : 1, status_in_batch : 1, status_sent : 1,
-        send_in_flight : 1, closed : 1, finalised : 1, send_failed : 1, close_with_status : 1;
+        send_in_flight : 1, closed : 1, finalised : 1, send_failed : 1, close_with_status : 1, aborted : 1;
     cm__sendq_t *q_head, *q_tail;
     int q_len;
     grpc_byte_buffer *inflight_buf;
@@ -260,7 +260,7 @@ static double cm__elapsed_s(const struct timespec *start) {
 
 /* The status the client saw, for metrics. */
 static int cm__call_final_code(cm_call_t *c) {
-    if (c->status_sent) return c->status_code;
+    if (c->status_sent || c->aborted) return c->status_code;
     if (c->close_cancelled) {
         gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
         if (gpr_time_cmp(c->deadline, gpr_inf_future(GPR_CLOCK_MONOTONIC)) != 0 && gpr_time_cmp(now, c->deadline) >= 0)
@@ -409,7 +409,7 @@ int cm_call_send(cm_call_t *c, const ProtobufCMessage *msg) {
 }
 
 static int cm__call_finish_locked(cm_call_t *c, int code, const char *msg) {
-    if (c->finalised || c->status_queued) return CM_ECLOSED;
+    if (c->finalised || c->status_queued || c->send_failed || (c->closed && c->close_cancelled)) return CM_ECLOSED;
     if (code < 0 || code >= CM_STATUS_COUNT) code = CM_STATUS_UNKNOWN;
     if (code != CM_STATUS_OK && gpr_time_cmp(c->deadline, gpr_inf_future(c->deadline.clock_type)) != 0 &&
         gpr_time_cmp(gpr_now(c->deadline.clock_type), c->deadline) >= 0) {
@@ -437,6 +437,32 @@ int cm_call_finish(cm_call_t *c, int code, const char *msg) {
     return rc;
 }
 
+int cm_call_abort(cm_call_t *c, int code, const char *msg) {
+    pthread_mutex_lock(&c->mu);
+    if (c->finalised || c->closed || c->status_in_batch || c->aborted) {
+        pthread_mutex_unlock(&c->mu);
+        return CM_ECLOSED;
+    }
+    while (c->q_head) {
+        cm__sendq_t *q = c->q_head;
+        c->q_head = q->next;
+        grpc_byte_buffer_destroy(q->buf);
+        cm_free(q);
+    }
+    c->q_tail = NULL;
+    c->q_len = 0;
+    c->aborted = 1;
+    c->status_queued = 1; /* no more sends, finishes or callbacks */
+    c->status_code = code >= 0 && code < CM_STATUS_COUNT ? code : CM_STATUS_UNKNOWN;
+    cm_free(c->status_msg);
+    c->status_msg = cm_strdup(msg ? msg : cm_status_name(c->status_code));
+    /* Starts no batch: in-flight batches fail and the close op reports the end, which finalises
+     * the call through the usual ops count. */
+    grpc_call_cancel_with_status(c->call, (grpc_status_code)c->status_code, c->status_msg, NULL);
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
 /* Finishes with the code a callback returned, keeping a message it set through cm_call_fail. */
 static void cm__call_finish_from_callback(cm_call_t *c, int code, const ProtobufCMessage *resp) {
     pthread_mutex_lock(&c->mu);
@@ -453,8 +479,11 @@ int cm_call_fail(cm_call_t *c, int code, const char *fmt, ...) {
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     pthread_mutex_lock(&c->mu);
-    cm_free(c->status_msg);
-    c->status_msg = cm_strdup(buf);
+    /* Once a status is queued its message is final: a late cm_call_fail must not relabel it. */
+    if (!c->status_queued) {
+        cm_free(c->status_msg);
+        c->status_msg = cm_strdup(buf);
+    }
     pthread_mutex_unlock(&c->mu);
     return code;
 }
@@ -531,13 +560,20 @@ static void cm__md_list_add(cm__md_list_t *l, const char *key, const char *val, 
     l->n++;
 }
 
-static int cm__md_key_ok(const char *key) {
-    return grpc_header_key_is_legal(grpc_slice_from_static_string(key));
+/* gRPC refuses a batch with an illegal header, and cm__start_batch_or_die would abort the
+ * process: reject it here, where the caller can still handle the error. */
+int cm__md_ok(const char *key, const char *val, size_t vlen) {
+    grpc_slice k = grpc_slice_from_static_string(key);
+    if (!grpc_header_key_is_legal(k)) return 0;
+    if (grpc_is_binary_header(k)) return 1;
+    grpc_slice v = grpc_slice_from_static_buffer(val, vlen);
+    return grpc_header_nonbin_value_is_legal(v);
 }
 
 /* Adds to the initial or trailing list unless that metadata already went out. */
 static int cm__call_add_md(cm_call_t *c, int trailing, const char *key, const char *val, size_t vlen) {
-    if (!cm__md_key_ok(key)) return CM_EINVAL;
+    if (!vlen) vlen = strlen(val);
+    if (!cm__md_ok(key, val, vlen)) return CM_EINVAL;
     pthread_mutex_lock(&c->mu);
     int rc = (trailing ? c->status_in_batch : c->initial_md_sent) ? CM_ESTATE : 0;
     if (rc == 0) cm__md_list_add(trailing ? &c->trail_md : &c->init_md, key, val, vlen);
@@ -554,6 +590,20 @@ int cm_call_add_trailing_metadata(cm_call_t *c, const char *key, const char *val
 }
 
 /* ---- event handlers -------------------------------------------------------------------- */
+
+/* Before a callback runs: forget a message an earlier callback left with cm_call_fail (it belongs
+ * to no status), and say whether the call is still open for callbacks. A call another thread
+ * finished or aborted gets no more callbacks but `done`. */
+static int cm__callback_begin(cm_call_t *c) {
+    pthread_mutex_lock(&c->mu);
+    int open = !c->status_queued;
+    if (open) {
+        cm_free(c->status_msg);
+        c->status_msg = NULL;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return open;
+}
 
 static void cm__post_recv(cm_call_t *c) {
     pthread_mutex_lock(&c->mu);
@@ -632,10 +682,12 @@ static void cm__on_request(cm_call_t *c, int ok) {
         }
     } else {
         if (m->start) code = m->start(c, NULL);
-        if (code == CM_PENDING) cm__post_recv(c);
     }
     if (code != CM_PENDING) cm__call_finish_from_callback(c, code, NULL);
+    /* Reset before the first receive is posted: its completion may run on another worker at once
+     * and decode into this arena. */
     cm_arena_reset(&c->arena);
+    if (code == CM_PENDING && (m->kind == CM_RPC_CLIENT_STREAM || m->kind == CM_RPC_BIDI)) cm__post_recv(c);
     cm_trace_set_current(prev);
     cm__call_op_done(c);
 }
@@ -644,6 +696,11 @@ static void cm__on_recv(cm_call_t *c, int ok) {
     grpc_byte_buffer *buf = c->payload;
     c->payload = NULL;
     const cm_method_t *m = c->reg->m;
+    if (!cm__callback_begin(c)) { /* finished or aborted from another thread meanwhile */
+        if (buf) grpc_byte_buffer_destroy(buf);
+        cm__call_op_done(c);
+        return;
+    }
     const cm_trace_t *prev = cm_trace_set_current(&c->trace);
     if (!ok || !buf) {
         if (buf) grpc_byte_buffer_destroy(buf);
@@ -841,7 +898,7 @@ cm_server_t *cm_server_new(const cm_server_opts_t *o, int *err) {
         srv->tls.require_client_cert = o->tls->require_client_cert;
     }
     pthread_mutex_init(&srv->mu, NULL);
-    pthread_cond_init(&srv->cv, NULL);
+    cm_cond_init_monotonic(&srv->cv);
     srv->tag_shutdown = (cm__tag_t){CM__TAG_SHUTDOWN, srv};
     grpc_init();
     cm__health_init(srv);
@@ -977,8 +1034,9 @@ int cm_server_start(cm_server_t *srv) {
 
 int cm_server_port(const cm_server_t *srv) { return srv->port; }
 
-static int cm__drained(cm_server_t *srv) {
-    return srv->live_calls == 0 && srv->pending_slots == 0 && srv->shutdown_notified;
+/* No call in flight and no request slot posted. */
+static int cm__calls_drained(cm_server_t *srv) {
+    return atomic_load(&srv->live_calls) == 0 && atomic_load(&srv->pending_slots) == 0;
 }
 
 void cm_server_shutdown(cm_server_t *srv) {
@@ -988,19 +1046,22 @@ void cm_server_shutdown(cm_server_t *srv) {
     atomic_store(&srv->shutting_down, 1);
     grpc_server_shutdown_and_notify(srv->server, srv->cq, &srv->tag_shutdown);
 
+    /* Phase 1: in-flight calls get the grace period. */
     struct timespec until;
     cm_abstime_in(&until, srv->grace_ms);
     pthread_mutex_lock(&srv->mu);
     int timed_out = 0;
-    while (!cm__drained(srv) && !timed_out) timed_out = pthread_cond_timedwait(&srv->cv, &srv->mu, &until) == ETIMEDOUT;
+    while (!cm__calls_drained(srv) && !timed_out)
+        timed_out = pthread_cond_timedwait(&srv->cv, &srv->mu, &until) == ETIMEDOUT;
     int left = atomic_load(&srv->live_calls);
     pthread_mutex_unlock(&srv->mu);
-    if (left > 0) {
-        cm_log_kv(CM_LOG_WARN, "grace period over, cancelling in-flight calls", NULL);
-        grpc_server_cancel_all_calls(srv->server);
-    }
+    /* Phase 2: cancel what is left and close every connection. Also when no call is left: the
+     * core reports shutdown only once all connections are closed, and a peer that stopped
+     * reading never lets its connection close gracefully. */
+    if (left > 0) cm_log_kv(CM_LOG_WARN, "grace period over, cancelling in-flight calls", NULL);
+    grpc_server_cancel_all_calls(srv->server);
     pthread_mutex_lock(&srv->mu);
-    while (!cm__drained(srv)) pthread_cond_wait(&srv->cv, &srv->mu);
+    while (!cm__calls_drained(srv) || !atomic_load(&srv->shutdown_notified)) pthread_cond_wait(&srv->cv, &srv->mu);
     pthread_mutex_unlock(&srv->mu);
 
     grpc_completion_queue_shutdown(srv->cq);

@@ -5,9 +5,21 @@
 #include <stdint.h>
 #include <time.h>
 
-/* *ts = now (CLOCK_REALTIME, the clock pthread_cond_timedwait uses) + ms. */
+#include <pthread.h>
+
+/* Condition variables that wait on CLOCK_MONOTONIC, so a wall-clock jump cannot stretch or cut a
+ * timeout; pair with cm_abstime_in(). */
+static inline void cm_cond_init_monotonic(pthread_cond_t *cv) {
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+/* *ts = now (CLOCK_MONOTONIC) + ms, for pthread_cond_timedwait on a cm_cond_init_monotonic cv. */
 static inline void cm_abstime_in(struct timespec *ts, int64_t ms) {
-    clock_gettime(CLOCK_REALTIME, ts);
+    clock_gettime(CLOCK_MONOTONIC, ts);
     ts->tv_sec += (time_t)(ms / 1000);
     ts->tv_nsec += (long)(ms % 1000) * 1000000L;
     if (ts->tv_nsec >= 1000000000L) {

@@ -3,6 +3,7 @@
  * many idle streams on few threads. The server runs in this process so the tests can see what the
  * handlers observed. */
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,11 +12,13 @@
 
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_metrics.h"
 #include "cm_rpc.h"
 #include "echo_service.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "grpc/reflection/v1alpha/reflection.pb-c.h"
 #include "iot/testing/v1/echo.pb-c.h"
+#include "proc.h"
 #include "test.h"
 
 typedef struct fixture_s {
@@ -474,6 +477,131 @@ static void *slow_call_thread(void *arg) {
     return NULL;
 }
 
+static void test_blocking_handler_does_not_stall_others(void) {
+    /* Two workers; one handler sleeps (as a slow Postgres query would). Other calls are served
+     * while it is still in flight: the blocked worker holds only its own call. */
+    fixture_t f;
+    cm_server_opts_t o = {.threads = 2};
+    fx_start_opts(&f, o);
+    slow_call_t sc = {&f, -1};
+    pthread_t th;
+    pthread_create(&th, NULL, slow_call_thread, &sc);
+    for (int i = 0; i < 200 && cm_server_live_calls(f.srv) == 0; i++) usleep(5000);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    for (int i = 0; i < 50; i++) {
+        Iot__Testing__V1__EchoResponse *resp = NULL;
+        ASSERT_INT_EQ(echo_call(&f, &req, NULL, &resp, NULL), CM_STATUS_OK);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    }
+    ASSERT_INT_EQ(sc.code, -1); /* the slow call is still running */
+    pthread_join(th, NULL);
+    ASSERT_INT_EQ(sc.code, CM_STATUS_OK);
+    fx_stop(&f);
+}
+
+/* Regression: the arena was reset after the first receive was posted, so a first message already
+ * in flight could be decoded on another worker into an arena being reset. Many streams, each
+ * sending at once a payload large enough to need an arena chunk, must all echo intact. */
+static void test_bidi_first_message_not_corrupted(void) {
+    fixture_t f;
+    cm_server_opts_t o = {.threads = 4};
+    fx_start_opts(&f, o);
+    enum { N = 200, LEN = 6000 };
+    uint8_t *payload = malloc(LEN);
+    for (int k = 0; k < LEN; k++) payload[k] = (uint8_t)(k * 7 + 3);
+    for (int i = 0; i < N; i++) {
+        cm_stream_t *s = cm_stream_open(f.ch, "/iot.testing.v1.Echo/Bidi", NULL);
+        Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+        req.message = (char *)"first";
+        req.payload.data = payload;
+        req.payload.len = LEN;
+        ASSERT_INT_EQ(cm_stream_send(s, &req.base), 0);
+        cm_stream_close_send(s);
+        Iot__Testing__V1__EchoResponse *r;
+        ASSERT_INT_EQ(cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&r), 1);
+        ASSERT_STR_EQ(r->message, "first");
+        ASSERT_INT_EQ(r->payload.len, LEN);
+        ASSERT(memcmp(r->payload.data, payload, LEN) == 0);
+        protobuf_c_message_free_unpacked(&r->base, NULL);
+        ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_OK);
+    }
+    free(payload);
+    fx_stop(&f);
+}
+
+/* Regression: an illegal header value made grpc_call_start_batch fail and the server abort. */
+static void test_illegal_metadata_is_refused_not_fatal(void) {
+    fixture_t f;
+    fx_start(&f);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"add-illegal-metadata";
+    Iot__Testing__V1__EchoResponse *resp = NULL;
+    cm_rpc_status_t st = {0};
+    ASSERT_INT_EQ(echo_call(&f, &req, NULL, &resp, &st), CM_STATUS_OK);
+    ASSERT_INT_EQ(resp->index, CM_EINVAL);
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
+    /* Client side: refused before anything is sent. */
+    cm_md_t md[] = {{"x-name", "line\nbreak", 0}};
+    cm_call_opts_t o = {.md = md, .n_md = 1};
+    ASSERT_INT_EQ(echo_call(&f, &req, &o, &resp, &st), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(st.message, "x-name"));
+    cm_md_t upper[] = {{"X-Name", "v", 0}};
+    o.md = upper;
+    ASSERT_INT_EQ(echo_call(&f, &req, &o, &resp, &st), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(cm_stream_open(f.ch, "/iot.testing.v1.Echo/Bidi", &o) == NULL);
+    cm_md_t bin[] = {{"x-raw-bin", "\x01\x02\n", 3}};
+    o.md = bin;
+    ASSERT_INT_EQ(echo_call(&f, &req, &o, &resp, &st), CM_STATUS_OK);
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
+    cm_rpc_status_clear(&st);
+    fx_stop(&f);
+}
+
+/* Regression: a watcher that stopped reading was "finished" behind messages flow control never
+ * let out, so it stayed open and held the shutdown drain for the whole grace period. The watcher
+ * is a grpc-js client that pauses its stream after the first message (real HTTP/2 backpressure). */
+static void test_stalled_watcher_is_aborted(void) {
+    fixture_t f;
+    cm_server_opts_t o = {.threads = 2, .grace_ms = 20000};
+    fx_start_opts(&f, o);
+    cm_server_set_health(f.srv, "flappy", CM_HEALTH_SERVING);
+    cm_metrics_add_server(f.srv);
+    char *argv[] = {(char *)"/usr/bin/env", (char *)"node", (char *)"tests/interop/stalled_watcher.js", f.target,
+                    (char *)"flappy", NULL};
+    test_proc_t node;
+    ASSERT_INT_EQ(test_proc_start(&node, argv, NULL, 0), 0);
+    char line[256];
+    ASSERT(test_proc_read_line(&node, line, sizeof line, 20000) == 0);
+    ASSERT_STR_EQ(line, "paused");
+    /* A stopped process reads nothing: socket buffers and the HTTP/2 window fill for real. */
+    test_proc_kill(&node, SIGSTOP);
+    /* The status flips far beyond what the window and the send queue bound can hold, paced so
+     * that the window fills (the transport really blocks) before the queue does. */
+    for (int i = 0; i < 2000000; i++) {
+        cm_server_set_health(f.srv, "flappy", i % 2 ? CM_HEALTH_SERVING : CM_HEALTH_NOT_SERVING);
+        if (i % 256 == 0) usleep(200);
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    cm_server_shutdown(f.srv);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ASSERT(t1.tv_sec - t0.tv_sec < 10); /* not the 20 s grace period */
+    /* The server ended the call as RESOURCE_EXHAUSTED; a stopped peer cannot hear it, so when it
+     * wakes up it finds its connection closed. */
+    cm_buf_t m = CM_BUF_INIT;
+    cm_metrics_render(&m);
+    cm_metrics_remove_server(f.srv);
+    int recorded = strstr(m.data, "grpc_method=\"Watch\",grpc_code=\"RESOURCE_EXHAUSTED\"} 1\n") != NULL;
+    cm_buf_free(&m);
+    ASSERT(recorded);
+    test_proc_kill(&node, SIGCONT);
+    test_proc_kill(&node, SIGUSR2);
+    ASSERT(test_proc_read_line(&node, line, sizeof line, 20000) == 0);
+    if (strncmp(line, "status ", 7) != 0 || strcmp(line, "status 0") == 0) TEST__FAIL("watcher ended with: %s", line);
+    ASSERT_INT_EQ(test_proc_wait(&node, 10000), 0);
+    fx_stop(&f);
+}
+
 static void test_graceful_drain(void) {
     fixture_t f;
     cm_server_opts_t o = {.threads = 2, .grace_ms = 5000};
@@ -651,6 +779,8 @@ TEST_MAIN(TEST_ENTRY(test_unary_roundtrip), TEST_ENTRY(test_status_code_and_mess
           TEST_ENTRY(test_client_stream_error_midway), TEST_ENTRY(test_server_stream), TEST_ENTRY(test_bidi),
           TEST_ENTRY(test_deadline_exceeded), TEST_ENTRY(test_cancel_seen_by_handler), TEST_ENTRY(test_malformed_message),
           TEST_ENTRY(test_oversize_message), TEST_ENTRY(test_unknown_method), TEST_ENTRY(test_health_check_and_watch),
-          TEST_ENTRY(test_reflection), TEST_ENTRY(test_graceful_drain), TEST_ENTRY(test_grace_period_cancels_stragglers),
+          TEST_ENTRY(test_reflection), TEST_ENTRY(test_blocking_handler_does_not_stall_others),
+          TEST_ENTRY(test_bidi_first_message_not_corrupted), TEST_ENTRY(test_illegal_metadata_is_refused_not_fatal),
+          TEST_ENTRY(test_stalled_watcher_is_aborted), TEST_ENTRY(test_graceful_drain), TEST_ENTRY(test_grace_period_cancels_stragglers),
           TEST_ENTRY(test_tls_roundtrip), TEST_ENTRY(test_many_idle_streams_few_threads),
           TEST_ENTRY(test_idempotent_retry), TEST_ENTRY(test_busy_port_fails))

@@ -60,6 +60,8 @@ static int echo_unary(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
     if (req->delay_ms > 0 && sleep_unless_cancelled(call, req->delay_ms))
         return cm_call_fail(call, CM_STATUS_CANCELLED, "cancelled while sleeping");
     fill_common(call, req, resp);
+    if (strcmp(req->message, "add-illegal-metadata") == 0) /* reports the framework's answer */
+        resp->index = cm_call_add_trailing_metadata(call, "x-device-name", "K\303\274che\n", 0);
     if (req->status_code) return cm_call_fail(call, req->status_code, "%s", req->status_message);
     return CM_STATUS_OK;
 }
@@ -128,7 +130,7 @@ static int echo_bidi_message(cm_call_t *call, const ProtobufCMessage *msg) {
     resp.index = (int32_t)n;
     cm_call_set_user(call, (void *)(n + 1));
     if (cm_call_send(call, &resp.base) == CM_EFULL)
-        return cm_call_fail(call, CM_STATUS_RESOURCE_EXHAUSTED, "client is not reading responses");
+        cm_call_abort(call, CM_STATUS_RESOURCE_EXHAUSTED, "client is not reading responses");
     return CM_PENDING;
 }
 

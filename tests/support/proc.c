@@ -69,6 +69,23 @@ int test_proc_start(test_proc_t *p, char *const argv[], const char *const env[],
     return -1;
 }
 
+int test_proc_read_line(test_proc_t *p, char *buf, size_t cap, int timeout_ms) {
+    size_t n = 0;
+    int64_t until = now_ms() + timeout_ms;
+    while (now_ms() < until && n + 1 < cap) {
+        struct pollfd pf = {p->out_fd, POLLIN, 0};
+        if (poll(&pf, 1, 100) <= 0) continue;
+        if (read(p->out_fd, buf + n, 1) != 1) break;
+        if (buf[n] == '\n') {
+            buf[n] = 0;
+            return 0;
+        }
+        n++;
+    }
+    buf[n] = 0;
+    return -1;
+}
+
 int test_proc_wait(test_proc_t *p, int timeout_ms) {
     int64_t until = now_ms() + timeout_ms;
     for (;;) {
