@@ -126,7 +126,7 @@ run: deps
 bench: deps
 	$(MAKE) --no-print-directory all
 	$(MAKE) --no-print-directory -C bench B=../$(B)
-	sh bench/run.sh $(B)
+	bash bench/run.sh $(B)
 
 clean:
 	rm -rf build
