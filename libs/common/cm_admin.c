@@ -60,6 +60,10 @@ int cm_parse_hostport(const char *s, struct sockaddr_storage *out, unsigned *len
 
 static enum MHD_Result cm__reply(struct MHD_Connection *conn, unsigned code, const char *type, char *body, size_t n) {
     struct MHD_Response *r = MHD_create_response_from_buffer(n, body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        cm_free(body);
+        return MHD_NO; /* libmicrohttpd closes the connection */
+    }
     MHD_add_response_header(r, "Content-Type", type);
     enum MHD_Result ret = MHD_queue_response(conn, code, r);
     MHD_destroy_response(r);

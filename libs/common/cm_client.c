@@ -314,7 +314,10 @@ int cm_channel_unary(cm_channel_t *c, const char *method, const ProtobufCMessage
     int64_t backoff_ms = 25;
     for (int i = 1; i <= attempts; i++) {
         st->attempts = i;
-        code = cm__unary_once(c, m, buf, deadline, o, resp_desc, resp, st);
+        /* The core consumes a sent byte buffer; each attempt sends its own copy. */
+        grpc_byte_buffer *attempt = grpc_byte_buffer_copy(buf);
+        code = cm__unary_once(c, m, attempt, deadline, o, resp_desc, resp, st);
+        grpc_byte_buffer_destroy(attempt);
         /* Only UNAVAILABLE means the request never reached a handler or the server went away;
          * even then only an idempotent call may be sent again. */
         if (code != CM_STATUS_UNAVAILABLE || i == attempts) break;
@@ -425,16 +428,25 @@ void cm_stream_cancel(cm_stream_t *s) {
 }
 
 int cm_stream_finish(cm_stream_t *s, cm_rpc_status_t *st) {
-    if (!s->got_initial_md) {
-        /* The core delivers the status only after initial metadata was asked for (a server that
-         * fails before sending anything answers trailers-only); ask now if nobody read. */
-        grpc_op op;
-        memset(&op, 0, sizeof op);
-        op.op = GRPC_OP_RECV_INITIAL_METADATA;
-        op.data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
-        s->got_initial_md = 1;
-        if (grpc_call_start_batch(s->call, &op, 1, &s->tag_read, NULL) != GRPC_CALL_OK) abort();
-        grpc_completion_queue_pluck(s->cq, &s->tag_read, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    /* The core hands over the status only after initial metadata was asked for and every message
+     * was read: drain what the caller left (cm_stream_cancel first to abandon an endless stream). */
+    for (;;) {
+        grpc_byte_buffer *buf = NULL;
+        grpc_op ops[2];
+        size_t n = 0;
+        memset(ops, 0, sizeof ops);
+        if (!s->got_initial_md) {
+            ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+            ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
+            s->got_initial_md = 1;
+        }
+        ops[n].op = GRPC_OP_RECV_MESSAGE;
+        ops[n++].data.recv_message.recv_message = &buf;
+        if (grpc_call_start_batch(s->call, ops, n, &s->tag_read, NULL) != GRPC_CALL_OK) abort();
+        grpc_event ev = grpc_completion_queue_pluck(s->cq, &s->tag_read, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (!buf) break;
+        grpc_byte_buffer_destroy(buf);
+        if (!ev.success) break;
     }
     grpc_completion_queue_pluck(s->cq, &s->tag_status, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     int code = (int)s->status;

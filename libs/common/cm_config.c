@@ -32,7 +32,7 @@ static int cm__parse_duration(const char *s, int64_t *out) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || v < 0) return -1;
+    if (errno || end == s || !(v >= 0) || v > 1e15) return -1; /* also NaN, inf and overflow */
     double mult;
     if (!*end || strcmp(end, "ms") == 0) mult = 1;
     else if (strcmp(end, "s") == 0) mult = 1000;

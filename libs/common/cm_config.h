@@ -25,7 +25,7 @@ typedef struct cm_config_var_s {
     void *dest;
 } cm_config_var_t;
 
-/* Parses argv (--help/-h, --version) and the environment into the table's destinations.
+/* Parses argv (--help/-h) and the environment into the table's destinations.
  * Returns 0 to run, 1 when help was printed (exit 0), or CM_ECONFIG after printing to stderr one
  * line per bad variable naming the variable, the value and what is allowed (exit 2). */
 int cm_config_load(const cm_config_var_t *vars, size_t n, int argc, char **argv, const char *summary);

@@ -89,7 +89,11 @@ static int cm__pg_connect(cm_pg_t *pg, cm_pg_conn_t *c) {
         PQfinish(c->conn);
         c->conn = NULL;
     }
-    c->conn = PQconnectdb(pg->conninfo);
+    /* Defaults first, the configured string after: its own settings win. Without a connect
+     * timeout an unreachable host would hold a handler (or readiness) for minutes. */
+    const char *const keys[] = {"connect_timeout", "keepalives", "keepalives_idle", "dbname", NULL};
+    const char *const vals[] = {"5", "1", "30", pg->conninfo, NULL};
+    c->conn = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(c->conn) != CONNECTION_OK) {
         cm__pg_set_err(c, PQerrorMessage(c->conn), "08001");
         PQfinish(c->conn);
@@ -125,19 +129,22 @@ cm_pg_conn_t *cm_pg_acquire(cm_pg_t *pg, int timeout_ms) {
     cm_abstime_in(&until, timeout_ms);
     pthread_mutex_lock(&pg->mu);
     cm_pg_conn_t *c = NULL;
-    for (;;) {
+    for (int timed_out = 0;;) {
         /* Prefer a connection that is already open. */
         for (int i = 0; i < pg->size && !c; i++)
             if (!pg->conns[i].in_use && pg->conns[i].conn) c = &pg->conns[i];
         for (int i = 0; i < pg->size && !c; i++)
             if (!pg->conns[i].in_use) c = &pg->conns[i];
         if (c) break;
-        if (pthread_cond_timedwait(&pg->cv, &pg->mu, &until) == ETIMEDOUT) {
-            snprintf(pg->last_error, sizeof pg->last_error, "all %d postgres connections busy for %d ms", pg->size,
-                     timeout_ms);
-            pthread_mutex_unlock(&pg->mu);
-            return NULL;
+        /* Scan once more after a timeout: a release may have landed at the deadline. */
+        if (!timed_out) {
+            timed_out = pthread_cond_timedwait(&pg->cv, &pg->mu, &until) == ETIMEDOUT;
+            continue;
         }
+        snprintf(pg->last_error, sizeof pg->last_error, "all %d postgres connections busy for %d ms", pg->size,
+                 timeout_ms);
+        pthread_mutex_unlock(&pg->mu);
+        return NULL;
     }
     c->in_use = 1;
     pthread_mutex_unlock(&pg->mu);
@@ -203,9 +210,15 @@ int cm_pg_copy_begin(cm_pg_conn_t *c, const char *copy_sql) {
 }
 
 int cm_pg_copy_put(cm_pg_conn_t *c, const char *buf, size_t len) {
-    if (PQputCopyData(c->conn, buf, (int)len) != 1) {
-        cm__pg_set_err(c, PQerrorMessage(c->conn), NULL);
-        return CM_EPG;
+    /* PQputCopyData takes an int length: feed large buffers in pieces. */
+    while (len > 0) {
+        int n = len > (1u << 20) ? (1 << 20) : (int)len;
+        if (PQputCopyData(c->conn, buf, n) != 1) {
+            cm__pg_set_err(c, PQerrorMessage(c->conn), NULL);
+            return CM_EPG;
+        }
+        buf += n;
+        len -= (size_t)n;
     }
     return 0;
 }

@@ -83,19 +83,41 @@ static void cm__redis_io_error(cm_redis_t *r) {
     snprintf(r->err, sizeof r->err, "redis: %s", r->ctx ? r->ctx->errstr : "not connected");
 }
 
+/* Drops the connection after an I/O error or timeout: hiredis cannot resume a stream that broke
+ * mid-reply, and unread replies would otherwise be taken as answers to later commands. */
+static void cm__redis_drop(cm_redis_t *r) {
+    if (r->ctx) redisFree(r->ctx);
+    r->ctx = NULL;
+    r->pending = 0;
+}
+
 redisReply *cm_redis_cmd(cm_redis_t *r, int argc, const char **argv, const size_t *argvlen) {
+    if (r->pending) {
+        snprintf(r->err, sizeof r->err, "redis: %d pipelined replies not read yet", r->pending);
+        return NULL;
+    }
     if (cm__redis_connect(r)) return NULL;
     redisReply *reply = redisCommandArgv(r->ctx, argc, argv, argvlen);
-    if (!reply) cm__redis_io_error(r);
+    if (!reply) {
+        cm__redis_io_error(r);
+        cm__redis_drop(r);
+    }
     return reply;
 }
 
 redisReply *cm_redis_cmdv(cm_redis_t *r, const char *first, ...) {
-    const char *argv[32];
+    const char *argv[64];
     int argc = 0;
     va_list ap;
     va_start(ap, first);
-    for (const char *a = first; a && argc < 32; a = va_arg(ap, const char *)) argv[argc++] = a;
+    for (const char *a = first; a; a = va_arg(ap, const char *)) {
+        if (argc == 64) { /* never send a silently shortened command */
+            va_end(ap);
+            snprintf(r->err, sizeof r->err, "redis: more than 64 arguments; use cm_redis_cmd");
+            return NULL;
+        }
+        argv[argc++] = a;
+    }
     va_end(ap);
     return cm_redis_cmd(r, argc, argv, NULL);
 }
@@ -104,6 +126,7 @@ int cm_redis_append(cm_redis_t *r, int argc, const char **argv, const size_t *ar
     if (r->pending == 0 && cm__redis_connect(r)) return CM_EREDIS;
     if (!r->ctx || redisAppendCommandArgv(r->ctx, argc, argv, argvlen) != REDIS_OK) {
         cm__redis_io_error(r);
+        cm__redis_drop(r);
         return CM_EREDIS;
     }
     r->pending++;
@@ -116,6 +139,7 @@ int cm_redis_get_reply(cm_redis_t *r, redisReply **reply) {
     void *rep = NULL;
     if (redisGetReply(r->ctx, &rep) != REDIS_OK) {
         cm__redis_io_error(r);
+        cm__redis_drop(r);
         return CM_EREDIS;
     }
     if (r->pending > 0) r->pending--;
@@ -149,6 +173,8 @@ cm_redis_pool_t *cm_redis_pool_new(const char *addr, int size, int timeout_ms, i
     cm_redis_pool_t *p = cm_calloc(1, sizeof *p);
     p->conns = cm_calloc((size_t)size, sizeof *p->conns);
     p->size = size;
+    pthread_mutex_init(&p->mu, NULL);
+    cm_cond_init_monotonic(&p->cv);
     for (int i = 0; i < size; i++) {
         p->conns[i] = cm_redis_new(addr, timeout_ms, err);
         if (!p->conns[i]) {
@@ -156,8 +182,6 @@ cm_redis_pool_t *cm_redis_pool_new(const char *addr, int size, int timeout_ms, i
             return NULL;
         }
     }
-    pthread_mutex_init(&p->mu, NULL);
-    cm_cond_init_monotonic(&p->cv);
     return p;
 }
 
@@ -174,14 +198,16 @@ cm_redis_t *cm_redis_pool_acquire(cm_redis_pool_t *p, int timeout_ms) {
     struct timespec until;
     cm_abstime_in(&until, timeout_ms);
     pthread_mutex_lock(&p->mu);
-    for (;;) {
+    for (int timed_out = 0;; ) {
+        /* Scan once more after a timeout: a release may have landed at the deadline. */
         for (int i = 0; i < p->size; i++)
             if (!p->conns[i]->in_use) {
                 p->conns[i]->in_use = 1;
                 pthread_mutex_unlock(&p->mu);
                 return p->conns[i];
             }
-        if (pthread_cond_timedwait(&p->cv, &p->mu, &until) == ETIMEDOUT) break;
+        if (timed_out) break;
+        timed_out = pthread_cond_timedwait(&p->cv, &p->mu, &until) == ETIMEDOUT;
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -189,12 +215,8 @@ cm_redis_t *cm_redis_pool_acquire(cm_redis_pool_t *p, int timeout_ms) {
 
 void cm_redis_pool_release(cm_redis_pool_t *p, cm_redis_t *r) {
     if (!r) return;
-    if (r->pending && r->ctx) {
-        /* Unread pipelined replies would be read by the next user as its own: drop the connection. */
-        redisFree(r->ctx);
-        r->ctx = NULL;
-        r->pending = 0;
-    }
+    /* Unread pipelined replies would be read by the next user as its own: drop the connection. */
+    if (r->pending) cm__redis_drop(r);
     pthread_mutex_lock(&p->mu);
     r->in_use = 0;
     pthread_cond_signal(&p->cv);

@@ -258,7 +258,8 @@ int cm_channel_unary(cm_channel_t *ch, const char *method, const ProtobufCMessag
 cm_stream_t *cm_stream_open(cm_channel_t *ch, const char *method, const cm_call_opts_t *opts);
 /* 0, or CM_ECLOSED when the call already ended (read the status with cm_stream_finish). */
 int cm_stream_send(cm_stream_t *s, const ProtobufCMessage *msg);
-/* Like cm_stream_send, but lets the transport coalesce this write with the next ones. */
+/* Like cm_stream_send, but lets the transport coalesce this write with the next ones: it may not
+ * leave until a later cm_stream_send or cm_stream_close_send, so never end a burst with it. */
 int cm_stream_send_buffered(cm_stream_t *s, const ProtobufCMessage *msg);
 int cm_stream_close_send(cm_stream_t *s);
 /* 1 with *out set (free with protobuf_c_message_free_unpacked(out, NULL)), 0 at end of stream,
@@ -266,7 +267,8 @@ int cm_stream_close_send(cm_stream_t *s);
 int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out);
 /* Cancels the call (the server sees cancellation). Then call cm_stream_finish to release it. */
 void cm_stream_cancel(cm_stream_t *s);
-/* Waits for the status, releases the stream, returns the code. */
+/* Reads and drops messages the caller left unread, waits for the status, releases the stream and
+ * returns the code. To abandon a stream that would not end by itself, cm_stream_cancel first. */
 int cm_stream_finish(cm_stream_t *s, cm_rpc_status_t *st);
 
 /* ---- process helpers ------------------------------------------------------------------- */

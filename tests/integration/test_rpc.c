@@ -67,6 +67,7 @@ static void test_unary_roundtrip(void) {
     fx_start(&f);
     Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
     req.message = (char *)"hello";
+    req.echo_metadata = 1;
     uint8_t bytes[3] = {0, 1, 255};
     req.payload.data = bytes;
     req.payload.len = 3;
@@ -128,6 +129,7 @@ static void test_traceparent_propagated(void) {
     ASSERT_INT_EQ(cm_trace_parse(&t, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", 55), 0);
     const cm_trace_t *prev = cm_trace_set_current(&t);
     Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.echo_metadata = 1;
     Iot__Testing__V1__EchoResponse *resp = NULL;
     ASSERT_INT_EQ(echo_call(&f, &req, NULL, &resp, NULL), CM_STATUS_OK);
     cm_trace_set_current(prev);
@@ -762,6 +764,59 @@ static void test_idempotent_retry(void) {
     cm_channel_free(ch);
 }
 
+/* Regression: the request buffer was encoded once and the core consumed it on the first attempt,
+ * so a retried idempotent call reached the handler as an empty message. */
+static void test_retry_resends_the_request(void) {
+    fixture_t f;
+    fx_start(&f);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"flaky";
+    uint8_t bytes[] = {1, 2, 3};
+    req.payload.data = bytes;
+    req.payload.len = 3;
+    cm_call_opts_t o = {.timeout_ms = 5000, .idempotent = 1};
+    Iot__Testing__V1__EchoResponse *resp = NULL;
+    cm_rpc_status_t st = {0};
+    ASSERT_INT_EQ(echo_call(&f, &req, &o, &resp, &st), CM_STATUS_OK);
+    ASSERT_INT_EQ(st.attempts, 2);
+    ASSERT_STR_EQ(resp->message, "flaky");
+    ASSERT_INT_EQ(resp->payload.len, 3);
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
+    /* Not idempotent: one attempt, the UNAVAILABLE is the answer. */
+    o.idempotent = 0;
+    ASSERT_INT_EQ(echo_call(&f, &req, &o, &resp, &st), CM_STATUS_UNAVAILABLE);
+    ASSERT_INT_EQ(st.attempts, 1);
+    cm_rpc_status_clear(&st);
+    fx_stop(&f);
+}
+
+/* Regression: finishing a stream with messages left unread waited for the deadline and then
+ * reported DEADLINE_EXCEEDED instead of the server's status. */
+static void test_finish_with_unread_messages(void) {
+    fixture_t f;
+    fx_start(&f);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"tick";
+    req.repeat = 50;
+    cm_call_opts_t o = {.timeout_ms = 20000};
+    for (int read = 0; read <= 3; read += 3) {
+        cm_stream_t *s = cm_stream_open(f.ch, "/iot.testing.v1.Echo/ServerStream", &o);
+        cm_stream_send(s, &req.base);
+        cm_stream_close_send(s);
+        for (int i = 0; i < read; i++) {
+            Iot__Testing__V1__EchoResponse *r;
+            ASSERT_INT_EQ(cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&r), 1);
+            protobuf_c_message_free_unpacked(&r->base, NULL);
+        }
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_OK);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        ASSERT(t1.tv_sec - t0.tv_sec < 10); /* not the 20 s deadline */
+    }
+    fx_stop(&f);
+}
+
 static void test_busy_port_fails(void) {
     fixture_t f;
     fx_start(&f);
@@ -783,4 +838,5 @@ TEST_MAIN(TEST_ENTRY(test_unary_roundtrip), TEST_ENTRY(test_status_code_and_mess
           TEST_ENTRY(test_bidi_first_message_not_corrupted), TEST_ENTRY(test_illegal_metadata_is_refused_not_fatal),
           TEST_ENTRY(test_stalled_watcher_is_aborted), TEST_ENTRY(test_graceful_drain), TEST_ENTRY(test_grace_period_cancels_stragglers),
           TEST_ENTRY(test_tls_roundtrip), TEST_ENTRY(test_many_idle_streams_few_threads),
-          TEST_ENTRY(test_idempotent_retry), TEST_ENTRY(test_busy_port_fails))
+          TEST_ENTRY(test_idempotent_retry), TEST_ENTRY(test_retry_resends_the_request),
+          TEST_ENTRY(test_finish_with_unread_messages), TEST_ENTRY(test_busy_port_fails))

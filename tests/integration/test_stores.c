@@ -5,6 +5,10 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #include "cm_buf.h"
 #include "cm_err.h"
@@ -224,6 +228,58 @@ static void test_pg_reconnects_after_backend_killed(void) {
     cm_pg_free(admin);
 }
 
+/* A COPY larger than libpq's per-call chunk still arrives whole. */
+static void test_pg_copy_large_buffer(void) {
+    cm_pg_t *pg = pg_pool("t_copy_big", 1);
+    cm_pg_conn_t *c = cm_pg_acquire(pg, 5000);
+    ASSERT_INT_EQ(cm_pg_exec(c, NULL, "CREATE TABLE IF NOT EXISTS big (line text)", 0, NULL), 0);
+    cm_buf_t b = CM_BUF_INIT;
+    for (int i = 0; i < 60000; i++) cm_buf_printf(&b, "line-%08d-padding-padding-padding\n", i);
+    ASSERT(b.len > (2u << 20)); /* more than two 1 MiB chunks */
+    ASSERT_INT_EQ(cm_pg_copy_begin(c, "COPY big (line) FROM STDIN"), 0);
+    ASSERT_INT_EQ(cm_pg_copy_put(c, b.data, b.len), 0);
+    ASSERT_INT_EQ(cm_pg_copy_end(c), 0);
+    cm_buf_free(&b);
+    PGresult *r;
+    ASSERT_INT_EQ(cm_pg_exec(c, &r, "SELECT count(*), max(line) FROM big", 0, NULL), 0);
+    ASSERT_STR_EQ(PQgetvalue(r, 0, 0), "60000");
+    ASSERT_STR_EQ(PQgetvalue(r, 0, 1), "line-00059999-padding-padding-padding");
+    PQclear(r);
+    cm_pg_release(pg, c);
+    cm_pg_free(pg);
+}
+
+/* Regression: connecting had no time limit, so a server that accepts but never answers held the
+ * caller for minutes. A default connect_timeout applies; the configured one still wins. */
+static void test_pg_connect_timeout(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    ASSERT(listen(fd, 8) == 0);
+    socklen_t sl = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &sl);
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d dbname=x user=postgres connect_timeout=1", ntohs(sa.sin_port));
+    struct timespec t0, t1;
+    cm_pg_t *pg = cm_pg_new(ci, NULL, 1, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    ASSERT(cm_pg_acquire(pg, 30000) == NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ASSERT(t1.tv_sec - t0.tv_sec <= 3);
+    ASSERT(strstr(cm_pg_last_error(pg), "timeout"));
+    cm_pg_free(pg);
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d dbname=x user=postgres", ntohs(sa.sin_port));
+    pg = cm_pg_new(ci, NULL, 1, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    ASSERT(cm_pg_acquire(pg, 30000) == NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ASSERT(t1.tv_sec - t0.tv_sec <= 8); /* the 5 s default */
+    cm_pg_free(pg);
+    close(fd);
+}
+
 static void test_pg_unreachable(void) {
     char ci[600];
     snprintf(ci, sizeof ci, "host=%s/nonexistent dbname=x user=postgres connect_timeout=2", test_tmpdir());
@@ -276,6 +332,30 @@ static void test_redis_pipelining(void) {
     cm_redis_free(r);
 }
 
+/* Regression: after one failed pipelined read the connection was never re-established, so every
+ * later pipeline failed too. */
+static void test_redis_pipeline_recovers_after_error(void) {
+    cm_redis_t *r = cm_redis_new(test_env("IOT_TEST_REDIS"), 200, NULL);
+    const char *blpop[] = {"BLPOP", "t:nothing-here", "2"};
+    ASSERT_INT_EQ(cm_redis_append(r, 3, blpop, NULL), 0);
+    redisReply *rep = NULL;
+    ASSERT_INT_EQ(cm_redis_get_reply(r, &rep), CM_EREDIS); /* 200 ms timeout < 2 s block */
+    ASSERT(rep == NULL);
+    const char *echo[] = {"ECHO", "again"};
+    ASSERT_INT_EQ(cm_redis_append(r, 2, echo, NULL), 0);
+    ASSERT_INT_EQ(cm_redis_get_reply(r, &rep), 0);
+    ASSERT_STR_EQ(rep->str, "again");
+    freeReplyObject(rep);
+    /* A plain command while pipelined replies are unread is refused, not answered with them. */
+    ASSERT_INT_EQ(cm_redis_append(r, 2, echo, NULL), 0);
+    ASSERT(cm_redis_cmdv(r, "PING", NULL) == NULL);
+    ASSERT(strstr(cm_redis_error(r), "pipelined"));
+    ASSERT_INT_EQ(cm_redis_get_reply(r, &rep), 0);
+    freeReplyObject(rep);
+    ASSERT_INT_EQ(cm_redis_ping(r), 0);
+    cm_redis_free(r);
+}
+
 static void test_redis_reconnects(void) {
     cm_redis_t *r = redis_conn(), *admin = redis_conn();
     ASSERT_INT_EQ(cm_redis_ping(r), 0);
@@ -324,7 +404,8 @@ static void test_redis_bad_address(void) {
 TEST_MAIN(TEST_ENTRY(test_pg_params_are_data), TEST_ENTRY(test_pg_transactions), TEST_ENTRY(test_pg_copy),
           TEST_ENTRY(test_pg_migrations), TEST_ENTRY(test_pg_migrations_concurrent_replicas),
           TEST_ENTRY(test_pg_pool_bounds),
-          TEST_ENTRY(test_pg_reconnects_after_backend_killed), TEST_ENTRY(test_pg_unreachable),
+          TEST_ENTRY(test_pg_reconnects_after_backend_killed), TEST_ENTRY(test_pg_copy_large_buffer),
+          TEST_ENTRY(test_pg_connect_timeout), TEST_ENTRY(test_pg_unreachable),
           TEST_ENTRY(test_redis_argv_is_binary_safe), TEST_ENTRY(test_redis_pipelining),
-          TEST_ENTRY(test_redis_reconnects), TEST_ENTRY(test_redis_pool_drops_unread_pipeline),
+          TEST_ENTRY(test_redis_pipeline_recovers_after_error), TEST_ENTRY(test_redis_reconnects), TEST_ENTRY(test_redis_pool_drops_unread_pipeline),
           TEST_ENTRY(test_redis_bad_address))

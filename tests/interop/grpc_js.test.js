@@ -49,7 +49,7 @@ async function main() {
   const test = (name, fn) => tests.push({ name, fn });
 
   test('unary', async () => {
-    const { err, resp } = await call((cb) => echo.Unary({ message: 'héllo', payload: Buffer.from([0, 1, 255]) }, { deadline: deadline() }, cb));
+    const { err, resp } = await call((cb) => echo.Unary({ message: 'héllo', payload: Buffer.from([0, 1, 255]), echo_metadata: true }, { deadline: deadline() }, cb));
     assert(!err, err && err.message);
     eq(resp.message, 'héllo', 'message');
     eq(Buffer.compare(resp.payload, Buffer.from([0, 1, 255])), 0, 'payload');

@@ -132,6 +132,10 @@ static void test_config_defaults_and_env(void) {
     ASSERT_INT_EQ(c.port, 9000);
     ASSERT_INT_EQ(c.timeout, 250);
     ASSERT_INT_EQ(c.flag, 1);
+    setenv("T_TIMEOUT", "nan", 1);
+    ASSERT_INT_EQ(load_cfg(&c, 1, argv), CM_ECONFIG);
+    setenv("T_TIMEOUT", "1e300s", 1);
+    ASSERT_INT_EQ(load_cfg(&c, 1, argv), CM_ECONFIG);
     setenv("T_TIMEOUT", "1.5m", 1);
     setenv("T_PORT", "1", 1);
     ASSERT_INT_EQ(load_cfg(&c, 1, argv), CM_ECONFIG); /* 90000 ms is above the 60000 bound */
