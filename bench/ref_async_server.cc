@@ -69,7 +69,7 @@ class RecordCall : public Tagged {
             break;
         case 1:
             if (ok) {
-                Count(msg_);
+                ref_count(&sum_, msg_);
                 reader_.Read(&msg_, this);
             } else {
                 state_ = 2;
@@ -82,18 +82,6 @@ class RecordCall : public Tagged {
     }
 
   private:
-    void Count(const pb::Point &p) {
-        sum_.set_messages(sum_.messages() + 1);
-        sum_.set_points(sum_.points() + 1);
-        sum_.set_value_sum(sum_.value_sum() + p.value());
-    }
-    void Count(const pb::PointBatch &b) {
-        sum_.set_messages(sum_.messages() + 1);
-        sum_.set_points(sum_.points() + b.points_size());
-        double s = 0;
-        for (const auto &p : b.points()) s += p.value();
-        sum_.set_value_sum(sum_.value_sum() + s);
-    }
     pb::Echo::AsyncService *svc_;
     ServerCompletionQueue *cq_;
     ServerContext ctx_;

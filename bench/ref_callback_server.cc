@@ -27,24 +27,12 @@ class EchoImpl final : public pb::Echo::CallbackService {
                 this->Finish(grpc::Status::OK);
                 return;
             }
-            Count(msg_);
+            ref_count(sum_, msg_);
             this->StartRead(&msg_);
         }
         void OnDone() override { delete this; }
 
       private:
-        void Count(const pb::Point &p) {
-            sum_->set_messages(sum_->messages() + 1);
-            sum_->set_points(sum_->points() + 1);
-            sum_->set_value_sum(sum_->value_sum() + p.value());
-        }
-        void Count(const pb::PointBatch &b) {
-            sum_->set_messages(sum_->messages() + 1);
-            sum_->set_points(sum_->points() + b.points_size());
-            double s = 0;
-            for (const auto &p : b.points()) s += p.value();
-            sum_->set_value_sum(sum_->value_sum() + s);
-        }
         pb::StreamSummary *sum_;
         Msg msg_;
     };

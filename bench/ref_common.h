@@ -7,9 +7,26 @@
 #include <cstdlib>
 #include <string>
 
+#include "iot/testing/v1/echo.pb.h"
+
 inline int ref_threads() {
     const char *t = std::getenv("BENCH_THREADS");
     return t ? std::atoi(t) : 2;
+}
+
+// The per-message work of Record / RecordBatch, as in tests/support/echo_service.c.
+inline void ref_count(iot::testing::v1::StreamSummary *sum, const iot::testing::v1::Point &p) {
+    sum->set_messages(sum->messages() + 1);
+    sum->set_points(sum->points() + 1);
+    sum->set_value_sum(sum->value_sum() + p.value());
+}
+
+inline void ref_count(iot::testing::v1::StreamSummary *sum, const iot::testing::v1::PointBatch &b) {
+    sum->set_messages(sum->messages() + 1);
+    sum->set_points(sum->points() + b.points_size());
+    double s = 0;
+    for (const auto &p : b.points()) s += p.value();
+    sum->set_value_sum(sum->value_sum() + s);
 }
 
 // Prints the same "<name> grpc=<port> admin=0" line as cm_app so bench/run.sh reads ports alike.

@@ -15,7 +15,7 @@ ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_RUN:-2}
 IDLE=${IDLE_STREAMS:-10000}
 LOADGEN=$B/bench/loadgen
-tmp=$(mktemp -d /tmp/iotsuite-bench.XXXXXX)
+tmp=$(mktemp -d)
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done

@@ -11,7 +11,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 . tests/support/harness.sh
 
-tmp=$(mktemp -d /tmp/iotsuite-test.XXXXXX)
+tmp=$(mktemp -d)
 harness_init "$tmp"
 trap 'harness_cleanup' EXIT
 trap 'exit 130' INT TERM

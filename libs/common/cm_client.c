@@ -399,22 +399,29 @@ int cm_stream_close_send(cm_stream_t *s) {
     return ev.success ? 0 : CM_ECLOSED;
 }
 
-int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out) {
-    grpc_byte_buffer *buf = NULL;
+/* Receives the next message (and, the first time, the initial metadata). *buf is NULL at the end
+ * of the stream; returns the batch's success flag. */
+static int cm__stream_read(cm_stream_t *s, grpc_byte_buffer **buf) {
     grpc_op ops[2];
     size_t n = 0;
     memset(ops, 0, sizeof ops);
+    *buf = NULL;
     if (!s->got_initial_md) {
         ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
         ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
         s->got_initial_md = 1;
     }
     ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = &buf;
+    ops[n++].data.recv_message.recv_message = buf;
     if (grpc_call_start_batch(s->call, ops, n, &s->tag_read, NULL) != GRPC_CALL_OK) abort();
-    grpc_event ev = grpc_completion_queue_pluck(s->cq, &s->tag_read, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    return grpc_completion_queue_pluck(s->cq, &s->tag_read, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).success;
+}
+
+int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out) {
+    grpc_byte_buffer *buf;
+    int ok = cm__stream_read(s, &buf);
     *out = NULL;
-    if (!ev.success || !buf) {
+    if (!ok || !buf) {
         if (buf) grpc_byte_buffer_destroy(buf);
         return 0;
     }
@@ -431,22 +438,11 @@ int cm_stream_finish(cm_stream_t *s, cm_rpc_status_t *st) {
     /* The core hands over the status only after initial metadata was asked for and every message
      * was read: drain what the caller left (cm_stream_cancel first to abandon an endless stream). */
     for (;;) {
-        grpc_byte_buffer *buf = NULL;
-        grpc_op ops[2];
-        size_t n = 0;
-        memset(ops, 0, sizeof ops);
-        if (!s->got_initial_md) {
-            ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
-            ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
-            s->got_initial_md = 1;
-        }
-        ops[n].op = GRPC_OP_RECV_MESSAGE;
-        ops[n++].data.recv_message.recv_message = &buf;
-        if (grpc_call_start_batch(s->call, ops, n, &s->tag_read, NULL) != GRPC_CALL_OK) abort();
-        grpc_event ev = grpc_completion_queue_pluck(s->cq, &s->tag_read, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        grpc_byte_buffer *buf;
+        int ok = cm__stream_read(s, &buf);
         if (!buf) break;
         grpc_byte_buffer_destroy(buf);
-        if (!ev.success) break;
+        if (!ok) break;
     }
     grpc_completion_queue_pluck(s->cq, &s->tag_status, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     int code = (int)s->status;
