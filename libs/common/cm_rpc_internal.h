@@ -60,6 +60,9 @@ typedef struct cm__method_reg_s {
 /* Decodes a received byte buffer into a message allocated from `alloc`; NULL if it does not parse. */
 ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAllocator *alloc,
                              grpc_byte_buffer *buf);
+/* Decodes into arena memory with the fast decoder (cm_pbdec.c), or protobuf-c when the message is
+ * outside its scope; NULL if it does not parse. */
+ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf);
 /* Serialises msg into a new byte buffer (destroy with grpc_byte_buffer_destroy). */
 grpc_byte_buffer *cm__encode(const ProtobufCMessage *msg);
 /* 1 when key/value form a header gRPC accepts (lowercase key; printable ASCII value unless the

@@ -11,6 +11,7 @@
  * dead queue (which aborts the process in the core). */
 #include "cm_rpc_internal.h"
 #include "cm_err.h"
+#include "cm_pbdec.h"
 #include "cm_time.h"
 
 #include <errno.h>
@@ -154,6 +155,31 @@ ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAl
     grpc_slice all = grpc_byte_buffer_reader_readall(&r);
     grpc_byte_buffer_reader_destroy(&r);
     ProtobufCMessage *m = protobuf_c_message_unpack(desc, alloc, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+    grpc_slice_unref(all);
+    return m;
+}
+
+ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf) {
+    if (!buf) return NULL;
+    grpc_slice all = grpc_empty_slice();
+    const uint8_t *p;
+    size_t n;
+    if (buf->type == GRPC_BB_RAW && buf->data.raw.compression == GRPC_COMPRESS_NONE &&
+        buf->data.raw.slice_buffer.count == 1) {
+        p = GRPC_SLICE_START_PTR(buf->data.raw.slice_buffer.slices[0]);
+        n = GRPC_SLICE_LENGTH(buf->data.raw.slice_buffer.slices[0]);
+    } else {
+        grpc_byte_buffer_reader r;
+        if (!grpc_byte_buffer_reader_init(&r, buf)) return NULL;
+        all = grpc_byte_buffer_reader_readall(&r);
+        grpc_byte_buffer_reader_destroy(&r);
+        p = GRPC_SLICE_START_PTR(all);
+        n = GRPC_SLICE_LENGTH(all);
+    }
+    ProtobufCMessage *m;
+    int rc = cm__pb_decode(desc, a, p, n, &m);
+    if (rc == CM__PB_FALLBACK) m = protobuf_c_message_unpack(desc, &a->pb, n, p);
+    else if (rc) m = NULL;
     grpc_slice_unref(all);
     return m;
 }
@@ -664,7 +690,7 @@ static void cm__on_request(cm_call_t *c, int ok) {
     }
     int code = CM_PENDING;
     if (m->kind == CM_RPC_UNARY || m->kind == CM_RPC_SERVER_STREAM) {
-        ProtobufCMessage *req = cm__decode(c->reg->in, &c->arena.pb, c->payload);
+        ProtobufCMessage *req = cm__decode_arena(c->reg->in, &c->arena, c->payload);
         if (c->payload) grpc_byte_buffer_destroy(c->payload);
         c->payload = NULL;
         if (!req) {
@@ -721,7 +747,7 @@ static void cm__on_recv(cm_call_t *c, int ok) {
         cm__call_op_done(c);
         return;
     }
-    ProtobufCMessage *msg = cm__decode(c->reg->in, &c->arena.pb, buf);
+    ProtobufCMessage *msg = cm__decode_arena(c->reg->in, &c->arena, buf);
     grpc_byte_buffer_destroy(buf);
     int code;
     if (!msg)

@@ -1,0 +1,325 @@
+/* A fast protobuf decoder that fills protobuf-c's generated structs from their descriptors.
+ *
+ * Why: protobuf_c_message_unpack() is general (scanned-member slabs, required-field bitmaps, merge
+ * logic) and was half of a server's CPU on telemetry batches. Requests are decoded into a call
+ * arena anyway, so this decoder makes two tight passes per message — count repeated elements, then
+ * fill — with every allocation from the arena.
+ *
+ * Scope: proto3 as the suite writes it. Anything else — proto2 required fields, groups, a singular
+ * sub-message that appears twice (which protobuf merges) — returns CM__PB_FALLBACK and the caller
+ * uses protobuf-c, so semantics never differ silently. Unknown fields are skipped (protobuf-c keeps
+ * them; servers never re-serialise a request). Malformed input returns CM__PB_BAD. Nesting deeper
+ * than CM__PB_MAX_DEPTH is malformed (protects the stack from hostile input).
+ *
+ * Memory: everything comes from the arena; nothing is freed individually. */
+#include "cm_pbdec.h"
+
+#include <string.h>
+
+#define CM__PB_MAX_DEPTH 64
+
+typedef struct cm__pbin_s {
+    const uint8_t *p, *end;
+} cm__pbin_t;
+
+#define CM__PB_HOT static inline __attribute__((always_inline))
+
+CM__PB_HOT int cm__pb_varint(cm__pbin_t *in, uint64_t *out) {
+    const uint8_t *p = in->p;
+    if (p < in->end && *p < 0x80) { /* tags and small values: one byte */
+        *out = *p;
+        in->p = p + 1;
+        return 0;
+    }
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (p == in->end) return -1;
+        uint8_t b = *p++;
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            in->p = p;
+            *out = v;
+            return 0;
+        }
+    }
+    return -1; /* more than 10 bytes */
+}
+
+/* Skips one field's payload of the given wire type. */
+CM__PB_HOT int cm__pb_skip(cm__pbin_t *in, unsigned wt) {
+    uint64_t v;
+    switch (wt) {
+    case 0: return cm__pb_varint(in, &v);
+    case 1:
+        if (in->end - in->p < 8) return -1;
+        in->p += 8;
+        return 0;
+    case 2:
+        if (cm__pb_varint(in, &v) || v > (uint64_t)(in->end - in->p)) return -1;
+        in->p += v;
+        return 0;
+    case 5:
+        if (in->end - in->p < 4) return -1;
+        in->p += 4;
+        return 0;
+    default: return -2; /* groups (3, 4) and invalid types */
+    }
+}
+
+CM__PB_HOT const ProtobufCFieldDescriptor *cm__pb_field(const ProtobufCMessageDescriptor *d, uint32_t id) {
+    /* Generated descriptors list fields in tag order; most messages number them 1..n. */
+    if (id - 1 < d->n_fields && d->fields[id - 1].id == id) return &d->fields[id - 1];
+    unsigned lo = 0, hi = d->n_fields;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (d->fields[mid].id < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < d->n_fields && d->fields[lo].id == id ? &d->fields[lo] : NULL;
+}
+
+CM__PB_HOT int cm__pb_wire_type(ProtobufCType t) {
+    switch (t) {
+    case PROTOBUF_C_TYPE_SFIXED64:
+    case PROTOBUF_C_TYPE_FIXED64:
+    case PROTOBUF_C_TYPE_DOUBLE: return 1;
+    case PROTOBUF_C_TYPE_SFIXED32:
+    case PROTOBUF_C_TYPE_FIXED32:
+    case PROTOBUF_C_TYPE_FLOAT: return 5;
+    case PROTOBUF_C_TYPE_STRING:
+    case PROTOBUF_C_TYPE_BYTES:
+    case PROTOBUF_C_TYPE_MESSAGE: return 2;
+    default: return 0;
+    }
+}
+
+CM__PB_HOT size_t cm__pb_elem_size(ProtobufCType t) {
+    switch (t) {
+    case PROTOBUF_C_TYPE_SINT64:
+    case PROTOBUF_C_TYPE_INT64:
+    case PROTOBUF_C_TYPE_UINT64:
+    case PROTOBUF_C_TYPE_SFIXED64:
+    case PROTOBUF_C_TYPE_FIXED64:
+    case PROTOBUF_C_TYPE_DOUBLE: return 8;
+    case PROTOBUF_C_TYPE_STRING:
+    case PROTOBUF_C_TYPE_MESSAGE: return sizeof(void *);
+    case PROTOBUF_C_TYPE_BYTES: return sizeof(ProtobufCBinaryData);
+    case PROTOBUF_C_TYPE_BOOL: return sizeof(protobuf_c_boolean);
+    default: return 4; /* int32 kinds, enums */
+    }
+}
+
+/* Decodes one scalar of type t from in into dst (which has cm__pb_elem_size(t) bytes). */
+CM__PB_HOT int cm__pb_scalar(cm__pbin_t *in, ProtobufCType t, void *dst) {
+    uint64_t v;
+    switch (cm__pb_wire_type(t)) {
+    case 1:
+        if (in->end - in->p < 8) return -1;
+        memcpy(dst, in->p, 8); /* little-endian host, as protobuf-c itself assumes on x86/arm */
+        in->p += 8;
+        return 0;
+    case 5:
+        if (in->end - in->p < 4) return -1;
+        memcpy(dst, in->p, 4);
+        in->p += 4;
+        return 0;
+    default:
+        break;
+    }
+    if (cm__pb_varint(in, &v)) return -1;
+    switch (t) {
+    case PROTOBUF_C_TYPE_INT32:
+    case PROTOBUF_C_TYPE_UINT32:
+    case PROTOBUF_C_TYPE_ENUM: {
+        uint32_t u = (uint32_t)v;
+        memcpy(dst, &u, 4);
+        break;
+    }
+    case PROTOBUF_C_TYPE_SINT32: {
+        uint32_t u = (uint32_t)v;
+        int32_t s = (int32_t)((u >> 1) ^ (~(u & 1) + 1));
+        memcpy(dst, &s, 4);
+        break;
+    }
+    case PROTOBUF_C_TYPE_SINT64: {
+        int64_t s = (int64_t)((v >> 1) ^ (~(v & 1) + 1));
+        memcpy(dst, &s, 8);
+        break;
+    }
+    case PROTOBUF_C_TYPE_BOOL: {
+        protobuf_c_boolean b = v != 0;
+        memcpy(dst, &b, sizeof b);
+        break;
+    }
+    default: /* INT64, UINT64 */
+        memcpy(dst, &v, 8);
+    }
+    return 0;
+}
+
+static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
+                          ProtobufCMessage **out);
+
+/* Decodes a length-delimited value (string, bytes, message) of field f into dst. */
+static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm__pbin_t *in, void *dst, int depth) {
+    uint64_t len;
+    if (cm__pb_varint(in, &len) || len > (uint64_t)(in->end - in->p)) return CM__PB_BAD;
+    const uint8_t *v = in->p;
+    in->p += len;
+    switch (f->type) {
+    case PROTOBUF_C_TYPE_STRING: {
+        char *s = cm_arena_strndup(a, (const char *)v, (size_t)len);
+        memcpy(dst, &s, sizeof s);
+        return 0;
+    }
+    case PROTOBUF_C_TYPE_BYTES: {
+        ProtobufCBinaryData b = {(size_t)len, NULL};
+        if (len) {
+            b.data = cm_arena_alloc(a, (size_t)len);
+            memcpy(b.data, v, (size_t)len);
+        }
+        memcpy(dst, &b, sizeof b);
+        return 0;
+    }
+    default: { /* MESSAGE */
+        ProtobufCMessage *m;
+        int rc = cm__pb_message(f->descriptor, a, v, (size_t)len, depth + 1, &m);
+        if (rc) return rc;
+        memcpy(dst, &m, sizeof m);
+        return 0;
+    }
+    }
+}
+
+/* Number of scalars in a packed payload of type t; -1 if it does not divide evenly. */
+static long cm__pb_packed_count(ProtobufCType t, const uint8_t *p, size_t len) {
+    int wt = cm__pb_wire_type(t);
+    if (wt == 1) return len % 8 ? -1 : (long)(len / 8);
+    if (wt == 5) return len % 4 ? -1 : (long)(len / 4);
+    long n = 0;
+    for (size_t i = 0; i < len; i++) n += !(p[i] & 0x80);
+    return len && (p[len - 1] & 0x80) ? -1 : n;
+}
+
+static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
+                          ProtobufCMessage **out) {
+    if (depth > CM__PB_MAX_DEPTH) return CM__PB_BAD;
+    ProtobufCMessage *m = cm_arena_alloc(a, d->sizeof_message);
+    d->message_init(m);
+    char *base = (char *)m;
+
+    /* Pass 1: count the elements of repeated fields, so that each array is allocated once. */
+    size_t counts_small[32];
+    size_t *counts = d->n_fields <= 32 ? counts_small : cm_arena_alloc(a, d->n_fields * sizeof *counts);
+    memset(counts, 0, d->n_fields * sizeof *counts);
+    int any_repeated = 0;
+    for (unsigned i = 0; i < d->n_fields; i++) {
+        if (d->fields[i].label == PROTOBUF_C_LABEL_REQUIRED) return CM__PB_FALLBACK;
+        any_repeated |= d->fields[i].label == PROTOBUF_C_LABEL_REPEATED;
+    }
+    cm__pbin_t in = {p, p + n};
+    if (any_repeated) {
+        while (in.p < in.end) {
+            uint64_t key;
+            if (cm__pb_varint(&in, &key)) return CM__PB_BAD;
+            unsigned wt = (unsigned)(key & 7);
+            uint64_t id = key >> 3;
+            const ProtobufCFieldDescriptor *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+            const uint8_t *payload = in.p;
+            int rc = cm__pb_skip(&in, wt); /* CM__PB_BAD, or CM__PB_FALLBACK for groups */
+            if (rc) return rc;
+            if (!f || f->label != PROTOBUF_C_LABEL_REPEATED) continue;
+            size_t idx = (size_t)(f - d->fields);
+            if (wt == 2 && cm__pb_wire_type(f->type) != 2) { /* packed scalars */
+                cm__pbin_t pl = {payload, in.p};
+                uint64_t len = 0;
+                cm__pb_varint(&pl, &len); /* cannot fail: cm__pb_skip read it already */
+                long c = cm__pb_packed_count(f->type, pl.p, (size_t)len);
+                if (c < 0) return CM__PB_BAD;
+                counts[idx] += (size_t)c;
+            } else if ((int)wt == cm__pb_wire_type(f->type)) {
+                counts[idx]++;
+            } else {
+                return CM__PB_BAD;
+            }
+        }
+        for (unsigned i = 0; i < d->n_fields; i++) {
+            if (!counts[i]) continue;
+            void *arr = cm_arena_alloc(a, counts[i] * cm__pb_elem_size(d->fields[i].type));
+            memcpy(base + d->fields[i].offset, &arr, sizeof arr);
+        }
+    }
+
+    /* Pass 2: decode. `counts` now tracks how many elements each repeated field has so far. */
+    size_t filled_small[32];
+    size_t *filled = d->n_fields <= 32 ? filled_small : cm_arena_alloc(a, d->n_fields * sizeof *filled);
+    memset(filled, 0, d->n_fields * sizeof *filled);
+    in.p = p;
+    while (in.p < in.end) {
+        uint64_t key;
+        if (cm__pb_varint(&in, &key)) return CM__PB_BAD;
+        unsigned wt = (unsigned)(key & 7);
+        uint64_t id = key >> 3;
+        const ProtobufCFieldDescriptor *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+        if (!f) { /* unknown field: skipped */
+            int rc = cm__pb_skip(&in, wt);
+            if (rc) return rc;
+            continue;
+        }
+        size_t idx = (size_t)(f - d->fields);
+        int expect = cm__pb_wire_type(f->type);
+        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+            char *arr;
+            memcpy(&arr, base + f->offset, sizeof arr);
+            size_t es = cm__pb_elem_size(f->type);
+            if (wt == 2 && expect != 2) { /* packed */
+                uint64_t len;
+                if (cm__pb_varint(&in, &len) || len > (uint64_t)(in.end - in.p)) return CM__PB_BAD;
+                cm__pbin_t pl = {in.p, in.p + len};
+                in.p += len;
+                while (pl.p < pl.end) {
+                    if (filled[idx] >= counts[idx] || cm__pb_scalar(&pl, f->type, arr + filled[idx] * es)) return CM__PB_BAD;
+                    filled[idx]++;
+                }
+            } else {
+                if ((int)wt != expect || filled[idx] >= counts[idx]) return CM__PB_BAD;
+                int rc = expect == 2 ? cm__pb_delimited(f, a, &in, arr + filled[idx] * es, depth)
+                                     : cm__pb_scalar(&in, f->type, arr + filled[idx] * es);
+                if (rc) return rc;
+                filled[idx]++;
+            }
+            memcpy(base + f->quantifier_offset, &filled[idx], sizeof(size_t));
+            continue;
+        }
+        if ((int)wt != expect) return CM__PB_BAD;
+        if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
+            void *prev;
+            memcpy(&prev, base + f->offset, sizeof prev);
+            /* A second occurrence must be merged into the first: protobuf-c knows how. */
+            uint32_t which = 0;
+            if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) memcpy(&which, base + f->quantifier_offset, sizeof which);
+            if (prev && (!(f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) || which == f->id)) return CM__PB_FALLBACK;
+        }
+        if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) {
+            /* The last member seen wins; members share the union's storage. */
+            uint32_t which = f->id;
+            memcpy(base + f->quantifier_offset, &which, sizeof which);
+        } else if (f->label == PROTOBUF_C_LABEL_OPTIONAL && f->type != PROTOBUF_C_TYPE_STRING &&
+                   f->type != PROTOBUF_C_TYPE_MESSAGE) {
+            protobuf_c_boolean has = 1;
+            memcpy(base + f->quantifier_offset, &has, sizeof has);
+        }
+        int rc = expect == 2 ? cm__pb_delimited(f, a, &in, base + f->offset, depth)
+                             : cm__pb_scalar(&in, f->type, base + f->offset);
+        if (rc) return rc;
+    }
+    *out = m;
+    return 0;
+}
+
+int cm__pb_decode(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, ProtobufCMessage **out) {
+    *out = NULL;
+    return cm__pb_message(d, a, p, n, 0, out);
+}

@@ -1,0 +1,311 @@
+/* The fast decoder (cm_pbdec.c) against protobuf-c itself: random valid messages of every shape
+ * the suite uses must decode to the same content (compared by re-packing both results), malformed
+ * input must be refused, and mutated input must never crash (this also runs under ASan/UBSan). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cm_alloc.h"
+#include "cm_pbdec.h"
+#include "google/protobuf/descriptor.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
+#include "grpc/reflection/v1alpha/reflection.pb-c.h"
+#include "iot/testing/v1/echo.pb-c.h"
+#include "test.h"
+
+extern const unsigned char cm__descriptor_set[];
+extern const size_t cm__descriptor_set_len;
+
+static uint64_t rng = 88172645463325252ULL;
+static uint64_t rnd(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static char *rstr(cm_arena_t *a) {
+    size_t n = rnd() % 4 == 0 ? 0 : rnd() % 40;
+    char *s = cm_arena_alloc(a, n + 1);
+    for (size_t i = 0; i < n; i++) s[i] = (char)(32 + rnd() % 95);
+    s[n] = 0;
+    return s;
+}
+
+static ProtobufCBinaryData rbytes(cm_arena_t *a) {
+    ProtobufCBinaryData b = {rnd() % 3 == 0 ? 0 : rnd() % 64, NULL};
+    b.data = cm_arena_alloc(a, b.len + 1);
+    for (size_t i = 0; i < b.len; i++) b.data[i] = (uint8_t)rnd();
+    return b;
+}
+
+static int64_t rint64(void) {
+    switch (rnd() % 4) {
+    case 0: return 0;
+    case 1: return (int64_t)(rnd() % 300);
+    case 2: return -(int64_t)(rnd() % 100000);
+    default: return (int64_t)rnd();
+    }
+}
+
+/* Packs m, decodes the bytes with both decoders, re-packs both and compares. */
+static void roundtrip(const ProtobufCMessage *m) {
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n + 1);
+    protobuf_c_message_pack(m, buf);
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    ProtobufCMessage *fast = NULL;
+    int rc = cm__pb_decode(m->descriptor, &a, buf, n, &fast);
+    if (rc == CM__PB_FALLBACK) fast = protobuf_c_message_unpack(m->descriptor, &a.pb, n, buf);
+    else ASSERT_INT_EQ(rc, 0);
+    ASSERT(fast);
+    ProtobufCMessage *ref = protobuf_c_message_unpack(m->descriptor, NULL, n, buf);
+    ASSERT(ref);
+    size_t n1 = protobuf_c_message_get_packed_size(fast), n2 = protobuf_c_message_get_packed_size(ref);
+    ASSERT_INT_EQ(n1, n2);
+    uint8_t *b1 = malloc(n1 + 1), *b2 = malloc(n2 + 1);
+    protobuf_c_message_pack(fast, b1);
+    protobuf_c_message_pack(ref, b2);
+    int same = memcmp(b1, b2, n1) == 0 && n1 == n;
+    free(b1);
+    free(b2);
+    protobuf_c_message_free_unpacked(ref, NULL);
+    cm_arena_free(&a);
+    free(buf);
+    if (!same) TEST__FAIL("%s decoded differently from protobuf-c", m->descriptor->name);
+}
+
+static void test_echo_messages_match_protobuf_c(void) {
+    for (int it = 0; it < 2000; it++) {
+        cm_arena_t a;
+        cm_arena_init(&a, NULL, 0);
+        Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+        req.message = rstr(&a);
+        req.delay_ms = (int32_t)rint64();
+        req.status_code = (int32_t)(rnd() % 17);
+        req.status_message = rstr(&a);
+        req.payload = rbytes(&a);
+        req.repeat = (int32_t)(rnd() % 1000);
+        req.echo_metadata = (protobuf_c_boolean)(rnd() % 2);
+        roundtrip(&req.base);
+
+        Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
+        resp.message = rstr(&a);
+        resp.payload = rbytes(&a);
+        resp.index = (int32_t)rint64();
+        resp.deadline_ms = rint64();
+        resp.n_metadata = rnd() % 5;
+        resp.metadata = cm_arena_alloc(&a, (resp.n_metadata + 1) * sizeof *resp.metadata);
+        for (size_t i = 0; i < resp.n_metadata; i++) {
+            resp.metadata[i] = cm_arena_alloc(&a, sizeof **resp.metadata);
+            iot__testing__v1__echo_response__metadata_entry__init(resp.metadata[i]);
+            resp.metadata[i]->key = rstr(&a);
+            resp.metadata[i]->value = rstr(&a);
+        }
+        resp.peer = rstr(&a);
+        roundtrip(&resp.base);
+
+        Iot__Testing__V1__PointBatch b = IOT__TESTING__V1__POINT_BATCH__INIT;
+        b.device_id = rstr(&a);
+        b.n_points = rnd() % 120;
+        b.points = cm_arena_alloc(&a, (b.n_points + 1) * sizeof *b.points);
+        for (size_t i = 0; i < b.n_points; i++) {
+            b.points[i] = cm_arena_alloc(&a, sizeof **b.points);
+            iot__testing__v1__point__init(b.points[i]);
+            b.points[i]->metric = rstr(&a);
+            b.points[i]->ts_ms = rint64();
+            b.points[i]->value = (double)rint64() / 7.0;
+        }
+        roundtrip(&b.base);
+
+        Iot__Testing__V1__StreamSummary sum = IOT__TESTING__V1__STREAM_SUMMARY__INIT;
+        sum.messages = rint64();
+        sum.points = rint64();
+        sum.value_sum = (double)rint64() * 0.5;
+        roundtrip(&sum.base);
+        cm_arena_free(&a);
+    }
+}
+
+static void test_oneof_and_enum_match_protobuf_c(void) {
+    for (int it = 0; it < 1000; it++) {
+        cm_arena_t a;
+        cm_arena_init(&a, NULL, 0);
+        Grpc__Reflection__V1alpha__ServerReflectionRequest r = GRPC__REFLECTION__V1ALPHA__SERVER_REFLECTION_REQUEST__INIT;
+        r.host = rstr(&a);
+        Grpc__Reflection__V1alpha__ExtensionRequest ext = GRPC__REFLECTION__V1ALPHA__EXTENSION_REQUEST__INIT;
+        switch (rnd() % 6) {
+        case 0: break;
+        case 1:
+            r.message_request_case = GRPC__REFLECTION__V1ALPHA__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_BY_FILENAME;
+            r.file_by_filename = rstr(&a);
+            break;
+        case 2:
+            r.message_request_case = GRPC__REFLECTION__V1ALPHA__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES;
+            r.list_services = rstr(&a);
+            break;
+        default:
+            ext.containing_type = rstr(&a);
+            ext.extension_number = (int32_t)rint64();
+            r.message_request_case = GRPC__REFLECTION__V1ALPHA__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_EXTENSION;
+            r.file_containing_extension = &ext;
+        }
+        roundtrip(&r.base);
+        Grpc__Health__V1__HealthCheckResponse h = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+        h.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)(rnd() % 4);
+        roundtrip(&h.base);
+        cm_arena_free(&a);
+    }
+}
+
+static void test_proto2_optional_and_packed_match_protobuf_c(void) {
+    /* descriptor.proto is proto2: has_ flags, packed and unpacked repeated int32, deep nesting. */
+    for (int it = 0; it < 500; it++) {
+        cm_arena_t a;
+        cm_arena_init(&a, NULL, 0);
+        Google__Protobuf__FileDescriptorProto fd = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT;
+        fd.name = rstr(&a);
+        if (rnd() % 2) fd.package = rstr(&a);
+        fd.n_public_dependency = rnd() % 6;
+        fd.public_dependency = cm_arena_alloc(&a, (fd.n_public_dependency + 1) * sizeof(int32_t));
+        for (size_t i = 0; i < fd.n_public_dependency; i++) fd.public_dependency[i] = (int32_t)rint64();
+        Google__Protobuf__SourceCodeInfo sci = GOOGLE__PROTOBUF__SOURCE_CODE_INFO__INIT;
+        Google__Protobuf__SourceCodeInfo__Location loc = GOOGLE__PROTOBUF__SOURCE_CODE_INFO__LOCATION__INIT;
+        Google__Protobuf__SourceCodeInfo__Location *locs[1] = {&loc};
+        loc.n_path = rnd() % 8;
+        loc.path = cm_arena_alloc(&a, (loc.n_path + 1) * sizeof(int32_t));
+        for (size_t i = 0; i < loc.n_path; i++) loc.path[i] = (int32_t)rint64();
+        loc.n_span = 3;
+        int32_t span[3] = {(int32_t)(rnd() % 1000), 5, 9};
+        loc.span = span;
+        if (rnd() % 2) loc.leading_comments = rstr(&a);
+        sci.n_location = 1;
+        sci.location = locs;
+        if (rnd() % 2) fd.source_code_info = &sci;
+        Google__Protobuf__FileOptions opts = GOOGLE__PROTOBUF__FILE_OPTIONS__INIT;
+        opts.has_java_multiple_files = rnd() % 2;
+        opts.java_multiple_files = (protobuf_c_boolean)(rnd() % 2);
+        opts.has_optimize_for = rnd() % 2;
+        opts.optimize_for = GOOGLE__PROTOBUF__FILE_OPTIONS__OPTIMIZE_MODE__CODE_SIZE;
+        if (rnd() % 2) fd.options = &opts;
+        roundtrip(&fd.base);
+        cm_arena_free(&a);
+    }
+}
+
+static void test_real_descriptor_set_matches_protobuf_c(void) {
+    /* The embedded set: every .proto the suite serves, as protoc wrote it. */
+    const uint8_t *p = cm__descriptor_set;
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    ProtobufCMessage *fast = NULL;
+    int rc = cm__pb_decode(&google__protobuf__file_descriptor_set__descriptor, &a, p, cm__descriptor_set_len, &fast);
+    ASSERT(rc == 0 || rc == CM__PB_FALLBACK);
+    if (rc == 0) {
+        ProtobufCMessage *ref = protobuf_c_message_unpack(&google__protobuf__file_descriptor_set__descriptor, NULL,
+                                                          cm__descriptor_set_len, p);
+        size_t n = protobuf_c_message_get_packed_size(fast);
+        ASSERT_INT_EQ(n, protobuf_c_message_get_packed_size(ref));
+        uint8_t *b1 = malloc(n), *b2 = malloc(n);
+        protobuf_c_message_pack(fast, b1);
+        protobuf_c_message_pack(ref, b2);
+        int same = memcmp(b1, b2, n) == 0;
+        free(b1);
+        free(b2);
+        protobuf_c_message_free_unpacked(ref, NULL);
+        ASSERT(same);
+    }
+    cm_arena_free(&a);
+}
+
+static int decode(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n) {
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    ProtobufCMessage *m;
+    int rc = cm__pb_decode(d, &a, p, n, &m);
+    cm_arena_free(&a);
+    return rc;
+}
+
+static void test_malformed_input_is_refused(void) {
+    const ProtobufCMessageDescriptor *d = &iot__testing__v1__echo_request__descriptor;
+    const uint8_t truncated_varint[] = {0x10, 0xff};
+    const uint8_t long_length[] = {0x0a, 0x05, 'a', 'b'};
+    const uint8_t wrong_wire_type[] = {0x08, 0x01}; /* field 1 (string) as a varint */
+    const uint8_t eleven_byte_varint[] = {0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    const uint8_t bad_wire_type[] = {0x0f};
+    ASSERT_INT_EQ(decode(d, truncated_varint, sizeof truncated_varint), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, long_length, sizeof long_length), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, wrong_wire_type, sizeof wrong_wire_type), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, eleven_byte_varint, sizeof eleven_byte_varint), CM__PB_BAD);
+    ASSERT(decode(d, bad_wire_type, sizeof bad_wire_type) != 0);
+    /* Groups are legal protobuf but outside the fast decoder: protobuf-c decides. */
+    const uint8_t group[] = {0x4b, 0x4c}; /* start and end group, field 9 */
+    ASSERT_INT_EQ(decode(d, group, sizeof group), CM__PB_FALLBACK);
+    /* Unknown fields are skipped; empty input is an empty message. */
+    const uint8_t unknown[] = {0xf8, 0x01, 0x05, 0x0a, 0x01, 'x'};
+    ASSERT_INT_EQ(decode(d, unknown, sizeof unknown), 0);
+    ASSERT_INT_EQ(decode(d, NULL, 0), 0);
+    /* Nesting beyond the depth limit is refused instead of exhausting the stack. */
+    size_t depth = 200;
+    /* Built from the inside out: DescriptorProto { nested_type: DescriptorProto { ... } } */
+    uint8_t *cur = malloc(1), *next;
+    size_t cur_len = 0;
+    for (size_t i = 0; i < depth; i++) {
+        next = malloc(cur_len + 12);
+        size_t k = 0;
+        next[k++] = 0x1a; /* field 3, wire type 2 */
+        size_t l = cur_len;
+        do {
+            next[k++] = (uint8_t)((l & 0x7f) | (l > 0x7f ? 0x80 : 0));
+            l >>= 7;
+        } while (l);
+        memcpy(next + k, cur, cur_len);
+        free(cur);
+        cur = next;
+        cur_len += k;
+    }
+    ASSERT_INT_EQ(decode(&google__protobuf__descriptor_proto__descriptor, cur, cur_len), CM__PB_BAD);
+    free(cur);
+}
+
+static void test_mutated_input_never_crashes(void) {
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    Iot__Testing__V1__PointBatch b = IOT__TESTING__V1__POINT_BATCH__INIT;
+    b.device_id = (char *)"device-1";
+    Iot__Testing__V1__Point pts[20], *pp[20];
+    for (int i = 0; i < 20; i++) {
+        iot__testing__v1__point__init(&pts[i]);
+        pts[i].metric = (char *)"temperature";
+        pts[i].ts_ms = 1700000000000 + i;
+        pts[i].value = i * 0.25;
+        pp[i] = &pts[i];
+    }
+    b.points = pp;
+    b.n_points = 20;
+    size_t n = protobuf_c_message_get_packed_size(&b.base);
+    uint8_t *orig = malloc(n), *buf = malloc(n);
+    protobuf_c_message_pack(&b.base, orig);
+    const ProtobufCMessageDescriptor *targets[] = {
+        &iot__testing__v1__point_batch__descriptor, &iot__testing__v1__echo_request__descriptor,
+        &grpc__reflection__v1alpha__server_reflection_request__descriptor, &google__protobuf__file_descriptor_proto__descriptor};
+    for (int it = 0; it < 20000; it++) {
+        memcpy(buf, orig, n);
+        int flips = 1 + (int)(rnd() % 4);
+        for (int k = 0; k < flips; k++) buf[rnd() % n] = (uint8_t)rnd();
+        size_t len = rnd() % 8 == 0 ? rnd() % n : n;
+        ProtobufCMessage *m;
+        cm__pb_decode(targets[rnd() % 4], &a, buf, len, &m);
+        cm_arena_reset(&a);
+    }
+    cm_arena_free(&a);
+    free(orig);
+    free(buf);
+}
+
+TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
+          TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
+          TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
+          TEST_ENTRY(test_mutated_input_never_crashes))
