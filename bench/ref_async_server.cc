@@ -92,11 +92,7 @@ class RecordCall : public Tagged {
 };
 
 int main() {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    sigset_t set = ref_block_signals();
     pb::Echo::AsyncService svc;
     grpc::ServerBuilder b;
     int port = 0;

@@ -72,11 +72,7 @@ class EchoImpl final : public pb::Echo::CallbackService {
 };
 
 int main() {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    sigset_t set = ref_block_signals();
     EchoImpl svc;
     grpc::ServerBuilder b;
     int port = 0;

@@ -3,6 +3,9 @@
 // work per message as tests/support/echo_service.c, so that the comparison is of the RPC layers.
 #pragma once
 
+#include <pthread.h>
+
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -27,6 +30,16 @@ inline void ref_count(iot::testing::v1::StreamSummary *sum, const iot::testing::
     double s = 0;
     for (const auto &p : b.points()) s += p.value();
     sum->set_value_sum(sum->value_sum() + s);
+}
+
+// Blocks SIGTERM/SIGINT before grpc starts threads; main then sigwait()s on the returned set.
+inline sigset_t ref_block_signals() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    return set;
 }
 
 // Prints the same "<name> grpc=<port> admin=0" line as cm_app so bench/run.sh reads ports alike.

@@ -162,6 +162,17 @@ CM__PB_HOT int cm__pb_scalar(cm__pbin_t *in, ProtobufCType t, void *dst) {
 static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
                           ProtobufCMessage **out);
 
+/* Reads the next key: its wire type, and the field it names in d (NULL for an unknown field). */
+CM__PB_HOT int cm__pb_key(cm__pbin_t *in, const ProtobufCMessageDescriptor *d, unsigned *wt,
+                          const ProtobufCFieldDescriptor **f) {
+    uint64_t key;
+    if (cm__pb_varint(in, &key)) return CM__PB_BAD;
+    *wt = (unsigned)(key & 7);
+    uint64_t id = key >> 3;
+    *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+    return 0;
+}
+
 /* Decodes a length-delimited value (string, bytes, message) of field f into dst. */
 static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm__pbin_t *in, void *dst, int depth) {
     uint64_t len;
@@ -222,11 +233,9 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
     cm__pbin_t in = {p, p + n};
     if (any_repeated) {
         while (in.p < in.end) {
-            uint64_t key;
-            if (cm__pb_varint(&in, &key)) return CM__PB_BAD;
-            unsigned wt = (unsigned)(key & 7);
-            uint64_t id = key >> 3;
-            const ProtobufCFieldDescriptor *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+            unsigned wt;
+            const ProtobufCFieldDescriptor *f;
+            if (cm__pb_key(&in, d, &wt, &f)) return CM__PB_BAD;
             const uint8_t *payload = in.p;
             int rc = cm__pb_skip(&in, wt); /* CM__PB_BAD, or CM__PB_FALLBACK for groups */
             if (rc) return rc;
@@ -258,11 +267,9 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
     memset(filled, 0, d->n_fields * sizeof *filled);
     in.p = p;
     while (in.p < in.end) {
-        uint64_t key;
-        if (cm__pb_varint(&in, &key)) return CM__PB_BAD;
-        unsigned wt = (unsigned)(key & 7);
-        uint64_t id = key >> 3;
-        const ProtobufCFieldDescriptor *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+        unsigned wt;
+        const ProtobufCFieldDescriptor *f;
+        if (cm__pb_key(&in, d, &wt, &f)) return CM__PB_BAD;
         if (!f) { /* unknown field: skipped */
             int rc = cm__pb_skip(&in, wt);
             if (rc) return rc;

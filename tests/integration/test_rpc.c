@@ -465,6 +465,7 @@ static void test_reflection(void) {
 
 typedef struct slow_call_s {
     fixture_t *f;
+    int delay_ms;
     int code;
 } slow_call_t;
 
@@ -472,7 +473,7 @@ static void *slow_call_thread(void *arg) {
     slow_call_t *sc = arg;
     Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
     req.message = (char *)"slow";
-    req.delay_ms = 600;
+    req.delay_ms = sc->delay_ms;
     Iot__Testing__V1__EchoResponse *resp = NULL;
     sc->code = echo_call(sc->f, &req, NULL, &resp, NULL);
     if (resp) protobuf_c_message_free_unpacked(&resp->base, NULL);
@@ -485,7 +486,8 @@ static void test_blocking_handler_does_not_stall_others(void) {
     fixture_t f;
     cm_server_opts_t o = {.threads = 2};
     fx_start_opts(&f, o);
-    slow_call_t sc = {&f, -1};
+    /* Long enough that a loaded machine still serves the quick calls well inside it. */
+    slow_call_t sc = {&f, 2000, -1};
     pthread_t th;
     pthread_create(&th, NULL, slow_call_thread, &sc);
     for (int i = 0; i < 200 && cm_server_live_calls(f.srv) == 0; i++) usleep(5000);
@@ -608,7 +610,7 @@ static void test_graceful_drain(void) {
     fixture_t f;
     cm_server_opts_t o = {.threads = 2, .grace_ms = 5000};
     fx_start_opts(&f, o);
-    slow_call_t sc = {&f, -1};
+    slow_call_t sc = {&f, 600, -1};
     pthread_t th;
     pthread_create(&th, NULL, slow_call_thread, &sc);
     for (int i = 0; i < 200 && cm_server_live_calls(f.srv) == 0; i++) usleep(5000);
