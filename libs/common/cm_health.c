@@ -32,8 +32,6 @@ struct cm__health_s {
     cm_service_t svc;
 };
 
-void cm__server_set_health_state(cm_server_t *srv, cm__health_t *h);
-
 /* Caller holds h->mu. Returns the status, or -1 for an unknown service. */
 static int cm__health_lookup(cm__health_t *h, const char *service) {
     for (size_t i = 0; i < h->n; i++)

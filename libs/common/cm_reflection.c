@@ -3,7 +3,7 @@
  *
  * The set is parsed once, on first use, into a table of files (raw FileDescriptorProto bytes as
  * they appear in the set, plus the decoded form for symbol lookups). It is process-wide, immutable
- * after parsing and never freed before exit except by cm_reflection_release() (tests under ASan). */
+ * after parsing and lives until exit (reachable from a static, so leak checkers do not count it). */
 #include "cm_rpc_internal.h"
 #include "cm_err.h"
 
@@ -59,14 +59,6 @@ static void cm__refl_parse(void) {
         }
         p += len;
     }
-}
-
-void cm_reflection_release(void) {
-    for (size_t i = 0; i < cm__refl_n; i++)
-        google__protobuf__file_descriptor_proto__free_unpacked(cm__refl_files[i].fd, &cm_pb_allocator);
-    cm_free(cm__refl_files);
-    cm__refl_files = NULL;
-    cm__refl_n = 0;
 }
 
 static const cm__refl_file_t *cm__refl_by_name(const char *name) {

@@ -77,12 +77,12 @@ void cm__health_shutdown(cm_server_t *srv); /* everything NOT_SERVING, watchers 
 void cm__health_free(cm_server_t *srv);
 const cm_service_t *cm__health_service(cm_server_t *srv);
 void cm__reflection_fill(cm_service_t *s, cm_server_t *srv);
-void cm_reflection_release(void); /* frees the parsed descriptor set (tests) */
 /* Names of the services registered on srv (for reflection's list_services). */
 size_t cm__server_service_names(cm_server_t *srv, const char **out, size_t max);
 /* The health state lives on the server; these give cm_health.c access to it. */
 typedef struct cm__health_s cm__health_t;
 cm__health_t *cm__server_health(cm_server_t *srv);
+void cm__server_set_health_state(cm_server_t *srv, cm__health_t *h);
 /* All methods, for metrics exposition. */
 size_t cm__server_methods(cm_server_t *srv, cm__method_reg_t **out);
 const char *cm__server_name(const cm_server_t *srv);

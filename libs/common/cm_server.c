@@ -1134,7 +1134,6 @@ const char *cm__server_name(const cm_server_t *srv) { return srv->name; }
 cm__health_t *cm__server_health(cm_server_t *srv) { return srv->health; }
 
 /* cm_health.c stores its state through this. */
-void cm__server_set_health_state(cm_server_t *srv, cm__health_t *h);
 void cm__server_set_health_state(cm_server_t *srv, cm__health_t *h) { srv->health = h; }
 
 /* ---- signals --------------------------------------------------------------------------- */

@@ -819,6 +819,42 @@ static void test_finish_with_unread_messages(void) {
     fx_stop(&f);
 }
 
+static void test_channel_wait_ready(void) {
+    fixture_t f;
+    fx_start(&f);
+    ASSERT_INT_EQ(cm_channel_wait_ready(f.ch, 5000), 0);
+    cm_channel_t *nowhere = cm_channel_new("127.0.0.1:1", NULL, NULL);
+    ASSERT_INT_EQ(cm_channel_wait_ready(nowhere, 300), CM_ETIMEOUT);
+    cm_channel_free(nowhere);
+    ASSERT_INT_EQ(cm_server_get_health(f.srv, "iot.testing.v1.Echo"), CM_HEALTH_SERVING);
+    ASSERT_INT_EQ(cm_server_get_health(f.srv, "never.Set"), 0);
+    fx_stop(&f);
+}
+
+static void test_buffered_stream_sends_arrive(void) {
+    fixture_t f;
+    fx_start(&f);
+    cm_stream_t *s = cm_stream_open(f.ch, "/iot.testing.v1.Echo/RecordBatch", NULL);
+    Iot__Testing__V1__Point p = IOT__TESTING__V1__POINT__INIT, *pp[10];
+    p.metric = (char *)"t";
+    p.value = 1.5;
+    for (int i = 0; i < 10; i++) pp[i] = &p;
+    Iot__Testing__V1__PointBatch b = IOT__TESTING__V1__POINT_BATCH__INIT;
+    b.points = pp;
+    b.n_points = 10;
+    for (int i = 0; i < 99; i++) ASSERT_INT_EQ(cm_stream_send_buffered(s, &b.base), 0);
+    ASSERT_INT_EQ(cm_stream_send(s, &b.base), 0); /* a burst ends with a flushing send */
+    cm_stream_close_send(s);
+    Iot__Testing__V1__StreamSummary *sum;
+    ASSERT_INT_EQ(cm_stream_recv(s, &iot__testing__v1__stream_summary__descriptor, (ProtobufCMessage **)&sum), 1);
+    ASSERT_INT_EQ(sum->messages, 100);
+    ASSERT_INT_EQ(sum->points, 1000);
+    ASSERT(sum->value_sum == 1500.0);
+    protobuf_c_message_free_unpacked(&sum->base, NULL);
+    ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_OK);
+    fx_stop(&f);
+}
+
 static void test_busy_port_fails(void) {
     fixture_t f;
     fx_start(&f);
@@ -841,4 +877,5 @@ TEST_MAIN(TEST_ENTRY(test_unary_roundtrip), TEST_ENTRY(test_status_code_and_mess
           TEST_ENTRY(test_stalled_watcher_is_aborted), TEST_ENTRY(test_graceful_drain), TEST_ENTRY(test_grace_period_cancels_stragglers),
           TEST_ENTRY(test_tls_roundtrip), TEST_ENTRY(test_many_idle_streams_few_threads),
           TEST_ENTRY(test_idempotent_retry), TEST_ENTRY(test_retry_resends_the_request),
-          TEST_ENTRY(test_finish_with_unread_messages), TEST_ENTRY(test_busy_port_fails))
+          TEST_ENTRY(test_finish_with_unread_messages), TEST_ENTRY(test_channel_wait_ready),
+          TEST_ENTRY(test_buffered_stream_sends_arrive), TEST_ENTRY(test_busy_port_fails))
