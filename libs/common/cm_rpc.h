@@ -147,6 +147,9 @@ const char *cm_call_method(const cm_call_t *call);   /* "/pkg.Service/Method" */
 void *cm_call_alloc(cm_call_t *call, size_t n);
 char *cm_call_strdup(cm_call_t *call, const char *s);
 char *cm_call_strndup(cm_call_t *call, const char *s, size_t n);
+/* The same memory as a protobuf-c allocator (free is a no-op), e.g. to unpack stored messages
+ * straight into a response. */
+ProtobufCAllocator *cm_call_pb_allocator(cm_call_t *call);
 
 /* Request metadata: the first value for key (lowercase), NUL-terminated copy in the call arena;
  * NULL when absent. Binary headers ("-bin") are returned raw with *len set. */

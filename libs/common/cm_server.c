@@ -521,6 +521,7 @@ const char *cm_call_method(const cm_call_t *c) { return c->reg->path; }
 void *cm_call_alloc(cm_call_t *c, size_t n) { return cm_arena_alloc(&c->arena, n); }
 char *cm_call_strdup(cm_call_t *c, const char *s) { return cm_arena_strdup(&c->arena, s); }
 char *cm_call_strndup(cm_call_t *c, const char *s, size_t n) { return cm_arena_strndup(&c->arena, s, n); }
+ProtobufCAllocator *cm_call_pb_allocator(cm_call_t *c) { return &c->arena.pb; }
 void cm_call_set_user(cm_call_t *c, void *user) { c->user = user; }
 void *cm_call_user(const cm_call_t *c) { return c->user; }
 const char *cm_call_trace_id(const cm_call_t *c) { return c->trace.trace_id; }

@@ -1,0 +1,285 @@
+/* Redis-backed registry state: one Lua script per operation (see reg_store.h for the keys). */
+#include "reg_store.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "cm_alloc.h"
+#include "cm_err.h"
+
+/* Shared by every script: `now` from Redis's clock, and removal of one instance. */
+#define REG__LUA_PRELUDE                                                                      \
+    "local P = ARGV[1]\n"                                                                     \
+    "local t = redis.call('TIME')\n"                                                          \
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"                 \
+    "local function remove(member)\n"                                                         \
+    "  local ik = P .. 'i:' .. member\n"                                                      \
+    "  local lease = redis.call('HGET', ik, 'lease')\n"                                       \
+    "  redis.call('ZREM', P .. 'exp', member)\n"                                              \
+    "  if not lease then return 0 end\n"                                                      \
+    "  local svc, id = string.match(member, '^([^/]+)/(.+)$')\n"                             \
+    "  redis.call('DEL', ik, P .. 'l:' .. lease)\n"                                           \
+    "  redis.call('SREM', P .. 's:' .. svc, id)\n"                                            \
+    "  if redis.call('SCARD', P .. 's:' .. svc) == 0 then redis.call('SREM', P .. 'services', svc) end\n" \
+    "  return 1\n"                                                                            \
+    "end\n"                                                                                   \
+    "local function live(member)\n"                                                           \
+    "  local e = redis.call('ZSCORE', P .. 'exp', member)\n"                                  \
+    "  return e and tonumber(e) > now, e\n"                                                   \
+    "end\n"
+
+/* ARGV: P, service, id, pb, ttl_ms, fresh lease. A re-registration keeps its lease unless that
+ * lease already lapsed (not yet swept), in which case the instance starts over. */
+static const char reg__lua_register[] = REG__LUA_PRELUDE
+    "local svc, id, pb, ttl, fresh = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]\n"
+    "local member = svc .. '/' .. id\n"
+    "local ik = P .. 'i:' .. member\n"
+    "local ok = live(member)\n"
+    "local lease, reg = redis.call('HGET', ik, 'lease'), redis.call('HGET', ik, 'reg')\n"
+    "if not ok or not lease then remove(member); lease = fresh; reg = now end\n"
+    "redis.call('HSET', ik, 'pb', pb, 'lease', lease, 'reg', reg, 'ttl', ttl, 'status', 1)\n"
+    "redis.call('SADD', P .. 's:' .. svc, id)\n"
+    "redis.call('SADD', P .. 'services', svc)\n"
+    "redis.call('SET', P .. 'l:' .. lease, member)\n"
+    "redis.call('ZADD', P .. 'exp', now + ttl, member)\n"
+    "return {lease, tostring(now + ttl)}\n";
+
+/* ARGV: P, lease. A lapsed lease is gone: the instance has to register again. */
+static const char reg__lua_heartbeat[] = REG__LUA_PRELUDE
+    "local member = redis.call('GET', P .. 'l:' .. ARGV[2])\n"
+    "if not member then return false end\n"
+    "if not live(member) then remove(member); return false end\n"
+    "local ttl = tonumber(redis.call('HGET', P .. 'i:' .. member, 'ttl'))\n"
+    "redis.call('ZADD', P .. 'exp', now + ttl, member)\n"
+    "return {tostring(ttl), tostring(now + ttl)}\n";
+
+/* ARGV: P, lease, service, id. */
+static const char reg__lua_deregister[] = REG__LUA_PRELUDE
+    "local member\n"
+    "if ARGV[2] ~= '' then member = redis.call('GET', P .. 'l:' .. ARGV[2]) else member = ARGV[3] .. '/' .. ARGV[4] end\n"
+    "if not member then return 0 end\n"
+    "local was_live = live(member)\n"
+    "local removed = remove(member)\n"
+    "if was_live then return removed end\n"
+    "return 0\n";
+
+/* ARGV: P, service. Returns a flat list: pb, lease, expiry, registered, status per live instance. */
+static const char reg__lua_discover[] = REG__LUA_PRELUDE
+    "local out = {}\n"
+    "for _, id in ipairs(redis.call('SMEMBERS', P .. 's:' .. ARGV[2])) do\n"
+    "  local member = ARGV[2] .. '/' .. id\n"
+    "  local ok, e = live(member)\n"
+    "  if ok then\n"
+    "    local h = redis.call('HMGET', P .. 'i:' .. member, 'pb', 'lease', 'reg', 'status')\n"
+    "    if h[1] then\n"
+    "      table.insert(out, h[1]); table.insert(out, h[2]); table.insert(out, e)\n"
+    "      table.insert(out, h[3]); table.insert(out, h[4])\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
+
+/* ARGV: P. Returns name, live count, passing count per service. */
+static const char reg__lua_list[] = REG__LUA_PRELUDE
+    "local out = {}\n"
+    "for _, svc in ipairs(redis.call('SMEMBERS', P .. 'services')) do\n"
+    "  local n, passing = 0, 0\n"
+    "  for _, id in ipairs(redis.call('SMEMBERS', P .. 's:' .. svc)) do\n"
+    "    if live(svc .. '/' .. id) then\n"
+    "      n = n + 1\n"
+    "      if redis.call('HGET', P .. 'i:' .. svc .. '/' .. id, 'status') == '1' then passing = passing + 1 end\n"
+    "    end\n"
+    "  end\n"
+    "  if n > 0 then table.insert(out, svc); table.insert(out, n); table.insert(out, passing) end\n"
+    "end\n"
+    "return out\n";
+
+/* ARGV: P, max. */
+static const char reg__lua_sweep[] = REG__LUA_PRELUDE
+    "local n = 0\n"
+    "for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do\n"
+    "  n = n + remove(member)\n"
+    "end\n"
+    "return n\n";
+
+/* Runs script with ARGV = prefix + args; returns the reply (caller frees) or NULL with err set. */
+static redisReply *reg__eval(reg_store_t *s, const char *script, int nargs, const char **args, const size_t *lens,
+                             char *err, size_t errcap) {
+    const char *argv[12];
+    size_t argl[12];
+    argv[0] = "EVAL";
+    argv[1] = script;
+    argv[2] = "0";
+    argv[3] = s->prefix;
+    for (int i = 0; i < 4; i++) argl[i] = strlen(argv[i]);
+    for (int i = 0; i < nargs; i++) {
+        argv[4 + i] = args[i];
+        argl[4 + i] = lens ? lens[i] : strlen(args[i]);
+    }
+    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
+    if (!r) {
+        snprintf(err, errcap, "no redis connection free within %d ms", s->timeout_ms);
+        return NULL;
+    }
+    redisReply *rep = cm_redis_cmd(r, 4 + nargs, argv, argl);
+    if (!rep) snprintf(err, errcap, "%s", cm_redis_error(r));
+    cm_redis_pool_release(s->pool, r);
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        snprintf(err, errcap, "redis script error: %s", rep->str);
+        freeReplyObject(rep);
+        return NULL;
+    }
+    return rep;
+}
+
+static void reg__new_lease(char *out, size_t cap) {
+    unsigned char raw[16];
+    if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) {
+        /* A lease is a bearer handle: never fall back to something guessable. */
+        abort();
+    }
+    static const char hex[] = "0123456789abcdef";
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof raw && n + 2 < cap; i++) {
+        out[n++] = hex[raw[i] >> 4];
+        out[n++] = hex[raw[i] & 15];
+    }
+    out[n] = '\0';
+}
+
+int reg_store_open(reg_store_t *s, const char *addr, const char *prefix, int conns, int timeout_ms) {
+    memset(s, 0, sizeof *s);
+    int err = 0;
+    s->pool = cm_redis_pool_new(addr, conns, timeout_ms, &err);
+    if (!s->pool) return err ? err : CM_EINVAL;
+    snprintf(s->prefix, sizeof s->prefix, "%s", prefix);
+    s->timeout_ms = timeout_ms;
+    return 0;
+}
+
+void reg_store_close(reg_store_t *s) {
+    cm_redis_pool_free(s->pool);
+    s->pool = NULL;
+}
+
+int reg_store_ready(void *store, char *why, size_t len) {
+    reg_store_t *s = store;
+    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
+    if (!r) {
+        snprintf(why, len, "no redis connection free");
+        return 0;
+    }
+    int ok = cm_redis_ping(r) == 0;
+    if (!ok) snprintf(why, len, "%s", cm_redis_error(r));
+    cm_redis_pool_release(s->pool, r);
+    return ok;
+}
+
+int reg_store_register(reg_store_t *s, const Iot__Registry__V1__Instance *inst, int64_t ttl_ms, char *lease_out,
+                       size_t lease_cap, int64_t *expires_ms, char *err, size_t errcap) {
+    size_t n = protobuf_c_message_get_packed_size(&inst->base);
+    uint8_t *pb = cm_malloc(n + 1);
+    protobuf_c_message_pack(&inst->base, pb);
+    char ttl[24], fresh[40];
+    snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
+    reg__new_lease(fresh, sizeof fresh);
+    const char *args[] = {inst->service, inst->instance_id, (const char *)pb, ttl, fresh};
+    size_t lens[] = {strlen(inst->service), strlen(inst->instance_id), n, strlen(ttl), strlen(fresh)};
+    redisReply *rep = reg__eval(s, reg__lua_register, 5, args, lens, err, errcap);
+    cm_free(pb);
+    if (!rep) return CM_EREDIS;
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2) {
+        snprintf(lease_out, lease_cap, "%s", rep->element[0]->str);
+        *expires_ms = strtoll(rep->element[1]->str, NULL, 10);
+    } else {
+        snprintf(err, errcap, "unexpected reply to register");
+        rc = CM_EREDIS;
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
+int reg_store_heartbeat(reg_store_t *s, const char *lease, int64_t *ttl_ms, int64_t *expires_ms, char *err,
+                        size_t errcap) {
+    const char *args[] = {lease};
+    redisReply *rep = reg__eval(s, reg__lua_heartbeat, 1, args, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    int rc = REG_NOT_FOUND;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2) {
+        *ttl_ms = strtoll(rep->element[0]->str, NULL, 10);
+        *expires_ms = strtoll(rep->element[1]->str, NULL, 10);
+        rc = 0;
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
+int reg_store_deregister(reg_store_t *s, const char *lease, const char *service, const char *id, char *err,
+                         size_t errcap) {
+    const char *args[] = {lease, service, id};
+    redisReply *rep = reg__eval(s, reg__lua_deregister, 3, args, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    int rc = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1 ? 0 : REG_NOT_FOUND;
+    freeReplyObject(rep);
+    return rc;
+}
+
+int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *alloc, reg_entry_t **out, size_t *n,
+                       char *err, size_t errcap) {
+    const char *args[] = {service};
+    *out = NULL;
+    *n = 0;
+    redisReply *rep = reg__eval(s, reg__lua_discover, 1, args, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 5 : 0;
+    reg_entry_t *e = alloc->alloc(alloc->allocator_data, (count ? count : 1) * sizeof *e);
+    size_t k = 0;
+    for (size_t i = 0; i < count; i++) {
+        redisReply **f = &rep->element[i * 5];
+        Iot__Registry__V1__Instance *inst =
+            iot__registry__v1__instance__unpack(alloc, f[0]->len, (const uint8_t *)f[0]->str);
+        if (!inst) continue; /* written by us; unreadable only if corrupted by hand */
+        e[k].inst = inst;
+        snprintf(e[k].lease, sizeof e[k].lease, "%s", f[1]->type == REDIS_REPLY_STRING ? f[1]->str : "");
+        e[k].expires_ms = f[2]->type == REDIS_REPLY_STRING ? strtoll(f[2]->str, NULL, 10) : 0;
+        e[k].registered_ms = f[3]->type == REDIS_REPLY_STRING ? strtoll(f[3]->str, NULL, 10) : 0;
+        e[k].status = f[4]->type == REDIS_REPLY_STRING ? atoi(f[4]->str) : 0;
+        k++;
+    }
+    freeReplyObject(rep);
+    *out = e;
+    *n = k;
+    return 0;
+}
+
+int reg_store_list(reg_store_t *s, reg_service_count_t **out, size_t *n, char *err, size_t errcap) {
+    *out = NULL;
+    *n = 0;
+    redisReply *rep = reg__eval(s, reg__lua_list, 0, NULL, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 3 : 0;
+    reg_service_count_t *c = cm_calloc(count ? count : 1, sizeof *c);
+    for (size_t i = 0; i < count; i++) {
+        snprintf(c[i].name, sizeof c[i].name, "%s", rep->element[i * 3]->str);
+        c[i].instances = (int)rep->element[i * 3 + 1]->integer;
+        c[i].passing = (int)rep->element[i * 3 + 2]->integer;
+    }
+    freeReplyObject(rep);
+    *out = c;
+    *n = count;
+    return 0;
+}
+
+int reg_store_sweep(reg_store_t *s, int max, char *err, size_t errcap) {
+    char m[16];
+    snprintf(m, sizeof m, "%d", max);
+    const char *args[] = {m};
+    redisReply *rep = reg__eval(s, reg__lua_sweep, 1, args, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    int n = rep->type == REDIS_REPLY_INTEGER ? (int)rep->integer : 0;
+    freeReplyObject(rep);
+    return n;
+}

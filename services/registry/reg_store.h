@@ -1,0 +1,64 @@
+/* The registry's state in Redis: instances, leases and their expiry, behind five operations.
+ *
+ * Every operation is one Lua script, so it is atomic and uses Redis's own clock (TIME): several
+ * registry replicas with skewed clocks still agree on which leases have lapsed. Keys (prefix P,
+ * default "{reg}:"):
+ *   P i:<service>/<id>   hash: pb (packed iot.registry.v1.Instance), lease, reg (ms), ttl (ms), status
+ *   P s:<service>        set of instance ids
+ *   P services           set of service names with at least one instance
+ *   P l:<lease>          "<service>/<id>"
+ *   P exp                sorted set "<service>/<id>" -> lease expiry (ms)
+ * Service names and ids cannot contain '/', so "<service>/<id>" is unambiguous. */
+#ifndef REG_STORE_H
+#define REG_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cm_redis.h"
+#include "iot/registry/v1/registry.pb-c.h"
+
+typedef struct reg_store_s {
+    cm_redis_pool_t *pool;
+    char prefix[64];
+    int timeout_ms;
+} reg_store_t;
+
+/* Opens a pool of `conns` connections to addr (lazily connected). 0 or CM_EINVAL (bad address). */
+int reg_store_open(reg_store_t *s, const char *addr, const char *prefix, int conns, int timeout_ms);
+void reg_store_close(reg_store_t *s);
+/* 1 when Redis answers PING; else 0 with the reason in why (readiness). */
+int reg_store_ready(void *store, char *why, size_t len);
+
+/* Results: 0, REG_NOT_FOUND, or CM_EREDIS (message in err). */
+#define REG_NOT_FOUND 1
+
+int reg_store_register(reg_store_t *s, const Iot__Registry__V1__Instance *inst, int64_t ttl_ms, char *lease_out,
+                       size_t lease_cap, int64_t *expires_ms, char *err, size_t errcap);
+int reg_store_heartbeat(reg_store_t *s, const char *lease, int64_t *ttl_ms, int64_t *expires_ms, char *err, size_t errcap);
+/* By lease when lease is non-empty, else by service + id. */
+int reg_store_deregister(reg_store_t *s, const char *lease, const char *service, const char *id, char *err, size_t errcap);
+
+typedef struct reg_entry_s {
+    Iot__Registry__V1__Instance *inst; /* unpacked with the allocator given to reg_store_discover */
+    char lease[40];
+    int64_t expires_ms, registered_ms;
+    int status;
+} reg_entry_t;
+
+/* Live instances of service (lapsed leases excluded). *out is allocated with alloc. */
+int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *alloc, reg_entry_t **out, size_t *n,
+                       char *err, size_t errcap);
+
+typedef struct reg_service_count_s {
+    char name[64];
+    int instances, passing;
+} reg_service_count_t;
+
+/* Every service with live instances; *out is malloc'd (cm_free). */
+int reg_store_list(reg_store_t *s, reg_service_count_t **out, size_t *n, char *err, size_t errcap);
+
+/* Removes up to `max` lapsed instances; returns how many, or CM_EREDIS. */
+int reg_store_sweep(reg_store_t *s, int max, char *err, size_t errcap);
+
+#endif
