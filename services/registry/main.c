@@ -3,6 +3,7 @@
 #include "cm_app.h"
 #include "cm_log.h"
 #include "reg_config.h"
+#include "reg_checker.h"
 #include "reg_handlers.h"
 #include "reg_store.h"
 #include "reg_sweeper.h"
@@ -20,8 +21,9 @@ int main(int argc, char **argv) {
     if (reg_config_check(&cfg, argv[0])) return 2;
 
     reg_store_t store;
-    /* One connection per worker thread, plus one for the sweeper and one for readiness. */
-    if (reg_store_open(&store, cfg.redis_addr, cfg.prefix, (int)app.cfg.threads + 2, (int)cfg.redis_timeout_ms)) {
+    /* One connection per worker thread and per probe thread, plus sweeper, scheduler, readiness. */
+    int conns = (int)app.cfg.threads + (int)cfg.check_concurrency + 3;
+    if (reg_store_open(&store, cfg.redis_addr, cfg.prefix, conns, (int)cfg.redis_timeout_ms)) {
         cm_log_kv(CM_LOG_ERROR, "IOT_REDIS_ADDR is not host:port or unix:/path", "value", cfg.redis_addr, NULL);
         return 2;
     }
@@ -31,6 +33,7 @@ int main(int argc, char **argv) {
     app.ready = reg_store_ready;
     app.ready_arg = &store;
     reg_sweeper_t *sweeper = reg_sweeper_start(&store, cfg.sweep_ms);
+    reg_checker_t *checker = reg_checker_start(&store, (int)cfg.check_concurrency);
     if (cm_app_start(&app, svcs, 1) == 0) {
         cm_app_wait(&app);
         rc = 0;
@@ -38,6 +41,7 @@ int main(int argc, char **argv) {
         rc = 1;
     }
     cm_app_stop(&app);
+    reg_checker_stop(checker);
     reg_sweeper_stop(sweeper);
     reg_store_close(&store);
     return rc;

@@ -12,6 +12,7 @@ void reg_config_vars(reg_config_t *c, cm_config_var_t *out) {
         {"IOT_REGISTRY_PREFIX", CM_CFG_STRING, "{reg}:", "key prefix of the registry's keyspace", 0, 0, &c->prefix},
         {"IOT_REGISTRY_SWEEP_INTERVAL", CM_CFG_DURATION, "1s", "how often lapsed leases are removed", 100, 60000, &c->sweep_ms},
         {"IOT_REDIS_TIMEOUT", CM_CFG_DURATION, "2s", "connect and command timeout for Redis", 50, 60000, &c->redis_timeout_ms},
+        {"IOT_REGISTRY_CHECK_CONCURRENCY", CM_CFG_INT, "8", "active checks in flight at most", 1, 256, &c->check_concurrency},
     };
     memcpy(out, vars, sizeof vars);
 }

@@ -60,6 +60,41 @@ static int reg__store_failed(cm_call_t *call, const char *err) {
     return cm_call_fail(call, CM_STATUS_UNAVAILABLE, "registry storage unavailable: %s", err);
 }
 
+/* Validates a check and writes its defaults into it, so the stored registration says what runs. */
+static int reg__validate_check_or_fail(cm_call_t *call, Iot__Registry__V1__Check *c) {
+    switch (c->kind) {
+    case IOT__REGISTRY__V1__CHECK__KIND__GRPC_HEALTH:
+        if (!reg__text_ok(c->target, 200))
+            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "instance.check.target: a gRPC service name");
+        break;
+    case IOT__REGISTRY__V1__CHECK__KIND__HTTP:
+        if (!*c->target) c->target = (char *)"/healthz";
+        if (c->target[0] != '/' || !reg__text_ok(c->target, 200) || strchr(c->target, ' '))
+            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
+                                "instance.check.target: an HTTP path starting with '/', without spaces");
+        break;
+    case IOT__REGISTRY__V1__CHECK__KIND__TCP:
+        break;
+    default:
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "instance.check.kind: GRPC_HEALTH, HTTP or TCP");
+    }
+    if (!c->interval_ms) c->interval_ms = 10000;
+    if (c->interval_ms < 100 || c->interval_ms > 600000)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "instance.check.interval_ms: %d is not in 100..600000",
+                            c->interval_ms);
+    if (!c->timeout_ms) c->timeout_ms = c->interval_ms < 2000 ? c->interval_ms : 2000;
+    if (c->timeout_ms < 50 || c->timeout_ms > c->interval_ms)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
+                            "instance.check.timeout_ms: %d is not in 50..interval_ms (%d)", c->timeout_ms, c->interval_ms);
+    if (!c->failures_before_critical) c->failures_before_critical = 3;
+    if (!c->successes_before_passing) c->successes_before_passing = 1;
+    if (c->failures_before_critical < 1 || c->failures_before_critical > 100 || c->successes_before_passing < 1 ||
+        c->successes_before_passing > 100)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
+                            "instance.check.failures_before_critical and successes_before_passing: 1..100");
+    return 0;
+}
+
 /* Validates an instance for Register; fills defaults. Returns 0 or an INVALID_ARGUMENT already
  * set on the call (the _or_fail convention: the caller just returns the code). */
 static int reg__validate_instance_or_fail(cm_call_t *call, Iot__Registry__V1__Instance *in) {
@@ -88,7 +123,7 @@ static int reg__validate_instance_or_fail(cm_call_t *call, Iot__Registry__V1__In
         if (!*in->metadata[i]->key || !reg__text_ok(in->metadata[i]->key, 63) || !reg__text_ok(in->metadata[i]->value, 512))
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
                                 "instance.metadata: keys 1-63 and values up to 512 printable characters");
-    return 0;
+    return in->check ? reg__validate_check_or_fail(call, in->check) : 0;
 }
 
 static int reg_register(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
@@ -193,6 +228,8 @@ static int reg_discover(cm_call_t *call, const ProtobufCMessage *req_, ProtobufC
         ri->lease_id = cm_call_strdup(call, e[i].lease);
         ri->lease_expires_unix_ms = e[i].expires_ms;
         ri->registered_unix_ms = e[i].registered_ms;
+        ri->last_check_unix_ms = e[i].last_check_ms;
+        ri->last_check_error = cm_call_strdup(call, e[i].last_error);
         resp->instances[resp->n_instances++] = ri;
     }
     return CM_STATUS_OK;

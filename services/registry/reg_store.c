@@ -18,6 +18,7 @@
     "  local ik = P .. 'i:' .. member\n"                                                      \
     "  local lease = redis.call('HGET', ik, 'lease')\n"                                       \
     "  redis.call('ZREM', P .. 'exp', member)\n"                                              \
+    "  redis.call('ZREM', P .. 'chk', member)\n"                                              \
     "  if not lease then return 0 end\n"                                                      \
     "  local svc, id = string.match(member, '^([^/]+)/(.+)$')\n"                             \
     "  redis.call('DEL', ik, P .. 'l:' .. lease)\n"                                           \
@@ -30,16 +31,32 @@
     "  return e and tonumber(e) > now, e\n"                                                   \
     "end\n"
 
-/* ARGV: P, service, id, pb, ttl_ms, fresh lease. A re-registration keeps its lease unless that
- * lease already lapsed (not yet swept), in which case the instance starts over. */
+/* ARGV: P, service, id, pb, ttl_ms, fresh lease, check interval ms (0: no check). A
+ * re-registration keeps its lease, health status and streaks unless that lease already lapsed (not
+ * yet swept), in which case the instance starts over. With a check, a new instance starts CRITICAL
+ * and its first check is due at once. */
 static const char reg__lua_register[] = REG__LUA_PRELUDE
-    "local svc, id, pb, ttl, fresh = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]\n"
+    "local svc, id, pb, ttl, fresh, civ = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])\n"
     "local member = svc .. '/' .. id\n"
     "local ik = P .. 'i:' .. member\n"
     "local ok = live(member)\n"
     "local lease, reg = redis.call('HGET', ik, 'lease'), redis.call('HGET', ik, 'reg')\n"
-    "if not ok or not lease then remove(member); lease = fresh; reg = now end\n"
-    "redis.call('HSET', ik, 'pb', pb, 'lease', lease, 'reg', reg, 'ttl', ttl, 'status', 1)\n"
+    "local fresh_start = not ok or not lease\n"
+    "if fresh_start then remove(member); lease = fresh; reg = now end\n"
+    "redis.call('HSET', ik, 'pb', pb, 'lease', lease, 'reg', reg, 'ttl', ttl)\n"
+    "if civ > 0 then\n"
+    "  redis.call('HSET', ik, 'chk_int', civ)\n"
+    "  if fresh_start or not redis.call('HGET', ik, 'chk_ok') then\n"
+    "    redis.call('HSET', ik, 'status', 2, 'chk_ok', 0, 'chk_fail', 0)\n"
+    "    redis.call('ZADD', P .. 'chk', now, member)\n"
+    "  elseif not redis.call('ZSCORE', P .. 'chk', member) then\n"
+    "    redis.call('ZADD', P .. 'chk', now, member)\n"
+    "  end\n"
+    "else\n"
+    "  redis.call('HSET', ik, 'status', 1)\n"
+    "  redis.call('HDEL', ik, 'chk_int', 'chk_ok', 'chk_fail', 'last_check', 'last_error')\n"
+    "  redis.call('ZREM', P .. 'chk', member)\n"
+    "end\n"
     "redis.call('SADD', P .. 's:' .. svc, id)\n"
     "redis.call('SADD', P .. 'services', svc)\n"
     "redis.call('SET', P .. 'l:' .. lease, member)\n"
@@ -65,17 +82,49 @@ static const char reg__lua_deregister[] = REG__LUA_PRELUDE
     "if was_live then return removed end\n"
     "return 0\n";
 
-/* ARGV: P, service. Returns a flat list: pb, lease, expiry, registered, status per live instance. */
+/* ARGV: P, max. Claims up to max checks that are due: each is pushed one interval ahead before it
+ * is handed out, so across replicas a check runs once per interval. Returns member, pb pairs. */
+static const char reg__lua_claim[] = REG__LUA_PRELUDE
+    "local out = {}\n"
+    "for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'chk', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do\n"
+    "  local ik = P .. 'i:' .. m\n"
+    "  local h = redis.call('HMGET', ik, 'pb', 'chk_int')\n"
+    "  if h[1] and h[2] and live(m) then\n"
+    "    redis.call('ZADD', P .. 'chk', now + tonumber(h[2]), m)\n"
+    "    table.insert(out, m); table.insert(out, h[1])\n"
+    "  else\n"
+    "    redis.call('ZREM', P .. 'chk', m)\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
+
+/* ARGV: P, member, passed (1/0), failures_before_critical, successes_before_passing, error.
+ * Returns {status, changed} or nil when the instance is gone. */
+static const char reg__lua_report[] = REG__LUA_PRELUDE
+    "local ik = P .. 'i:' .. ARGV[2]\n"
+    "local h = redis.call('HMGET', ik, 'status', 'chk_ok', 'chk_fail', 'chk_int')\n"
+    "if not h[1] or not h[4] then return false end\n"
+    "local status, okc, failc = tonumber(h[1]), tonumber(h[2] or 0), tonumber(h[3] or 0)\n"
+    "local passed = ARGV[3] == '1'\n"
+    "if passed then okc = okc + 1; failc = 0 else failc = failc + 1; okc = 0 end\n"
+    "local changed = 0\n"
+    "if status ~= 1 and passed and okc >= tonumber(ARGV[5]) then status = 1; changed = 1 end\n"
+    "if status == 1 and not passed and failc >= tonumber(ARGV[4]) then status = 2; changed = 1 end\n"
+    "redis.call('HSET', ik, 'status', status, 'chk_ok', okc, 'chk_fail', failc, 'last_check', now, 'last_error', ARGV[6])\n"
+    "return {status, changed}\n";
+
+/* ARGV: P, service. Returns a flat list per live instance: pb, lease, expiry, registered, status,
+ * last check, last error. */
 static const char reg__lua_discover[] = REG__LUA_PRELUDE
     "local out = {}\n"
     "for _, id in ipairs(redis.call('SMEMBERS', P .. 's:' .. ARGV[2])) do\n"
     "  local member = ARGV[2] .. '/' .. id\n"
     "  local ok, e = live(member)\n"
     "  if ok then\n"
-    "    local h = redis.call('HMGET', P .. 'i:' .. member, 'pb', 'lease', 'reg', 'status')\n"
+    "    local h = redis.call('HMGET', P .. 'i:' .. member, 'pb', 'lease', 'reg', 'status', 'last_check', 'last_error')\n"
     "    if h[1] then\n"
     "      table.insert(out, h[1]); table.insert(out, h[2]); table.insert(out, e)\n"
-    "      table.insert(out, h[3]); table.insert(out, h[4])\n"
+    "      table.insert(out, h[3]); table.insert(out, h[4]); table.insert(out, h[5] or '0'); table.insert(out, h[6] or '')\n"
     "    end\n"
     "  end\n"
     "end\n"
@@ -182,12 +231,13 @@ int reg_store_register(reg_store_t *s, const Iot__Registry__V1__Instance *inst, 
     size_t n = protobuf_c_message_get_packed_size(&inst->base);
     uint8_t *pb = cm_malloc(n + 1);
     protobuf_c_message_pack(&inst->base, pb);
-    char ttl[24], fresh[40];
+    char ttl[24], fresh[40], civ[24];
     snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
+    snprintf(civ, sizeof civ, "%d", inst->check ? inst->check->interval_ms : 0);
     reg__new_lease(fresh, sizeof fresh);
-    const char *args[] = {inst->service, inst->instance_id, (const char *)pb, ttl, fresh};
-    size_t lens[] = {strlen(inst->service), strlen(inst->instance_id), n, strlen(ttl), strlen(fresh)};
-    redisReply *rep = reg__eval(s, reg__lua_register, 5, args, lens, err, errcap);
+    const char *args[] = {inst->service, inst->instance_id, (const char *)pb, ttl, fresh, civ};
+    size_t lens[] = {strlen(inst->service), strlen(inst->instance_id), n, strlen(ttl), strlen(fresh), strlen(civ)};
+    redisReply *rep = reg__eval(s, reg__lua_register, 6, args, lens, err, errcap);
     cm_free(pb);
     if (!rep) return CM_EREDIS;
     int rc = 0;
@@ -234,11 +284,11 @@ int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *
     *n = 0;
     redisReply *rep = reg__eval(s, reg__lua_discover, 1, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
-    size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 5 : 0;
+    size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 7 : 0;
     reg_entry_t *e = alloc->alloc(alloc->allocator_data, (count ? count : 1) * sizeof *e);
     size_t k = 0;
     for (size_t i = 0; i < count; i++) {
-        redisReply **f = &rep->element[i * 5];
+        redisReply **f = &rep->element[i * 7];
         Iot__Registry__V1__Instance *inst =
             iot__registry__v1__instance__unpack(alloc, f[0]->len, (const uint8_t *)f[0]->str);
         if (!inst) continue; /* written by us; unreadable only if corrupted by hand */
@@ -247,6 +297,8 @@ int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *
         e[k].expires_ms = f[2]->type == REDIS_REPLY_STRING ? strtoll(f[2]->str, NULL, 10) : 0;
         e[k].registered_ms = f[3]->type == REDIS_REPLY_STRING ? strtoll(f[3]->str, NULL, 10) : 0;
         e[k].status = f[4]->type == REDIS_REPLY_STRING ? atoi(f[4]->str) : 0;
+        e[k].last_check_ms = f[5]->type == REDIS_REPLY_STRING ? strtoll(f[5]->str, NULL, 10) : 0;
+        snprintf(e[k].last_error, sizeof e[k].last_error, "%s", f[6]->type == REDIS_REPLY_STRING ? f[6]->str : "");
         k++;
     }
     freeReplyObject(rep);
@@ -282,4 +334,51 @@ int reg_store_sweep(reg_store_t *s, int max, char *err, size_t errcap) {
     int n = rep->type == REDIS_REPLY_INTEGER ? (int)rep->integer : 0;
     freeReplyObject(rep);
     return n;
+}
+
+int reg_store_claim_checks(reg_store_t *s, int max, reg_claim_t **out, size_t *n, char *err, size_t errcap) {
+    char m[16];
+    snprintf(m, sizeof m, "%d", max);
+    const char *args[] = {m};
+    *out = NULL;
+    *n = 0;
+    redisReply *rep = reg__eval(s, reg__lua_claim, 1, args, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 2 : 0;
+    reg_claim_t *c = cm_calloc(count ? count : 1, sizeof *c);
+    size_t k = 0;
+    for (size_t i = 0; i < count; i++) {
+        redisReply *mem = rep->element[i * 2], *pb = rep->element[i * 2 + 1];
+        c[k].inst = iot__registry__v1__instance__unpack(&cm_pb_allocator, pb->len, (const uint8_t *)pb->str);
+        if (!c[k].inst) continue;
+        snprintf(c[k].member, sizeof c[k].member, "%s", mem->str);
+        k++;
+    }
+    freeReplyObject(rep);
+    *out = c;
+    *n = k;
+    return 0;
+}
+
+void reg_claims_free(reg_claim_t *c, size_t n) {
+    for (size_t i = 0; i < n; i++) iot__registry__v1__instance__free_unpacked(c[i].inst, &cm_pb_allocator);
+    cm_free(c);
+}
+
+int reg_store_report(reg_store_t *s, const char *member, int passed, int fails_needed, int successes_needed,
+                     const char *error, int *status, int *changed, char *err, size_t errcap) {
+    char f[16], ok[16];
+    snprintf(f, sizeof f, "%d", fails_needed);
+    snprintf(ok, sizeof ok, "%d", successes_needed);
+    const char *args[] = {member, passed ? "1" : "0", f, ok, error};
+    redisReply *rep = reg__eval(s, reg__lua_report, 5, args, NULL, err, errcap);
+    if (!rep) return CM_EREDIS;
+    int rc = REG_NOT_FOUND;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2) {
+        *status = (int)rep->element[0]->integer;
+        *changed = (int)rep->element[1]->integer;
+        rc = 0;
+    }
+    freeReplyObject(rep);
+    return rc;
 }

@@ -8,6 +8,9 @@
  *   P services           set of service names with at least one instance
  *   P l:<lease>          "<service>/<id>"
  *   P exp                sorted set "<service>/<id>" -> lease expiry (ms)
+ *   P chk                sorted set "<service>/<id>" -> when its next check is due (ms)
+ * The instance hash also keeps, for checked instances: chk_int (interval ms), chk_ok and
+ * chk_fail (consecutive results), last_check (ms), last_error. status: 1 passing, 2 critical.
  * Service names and ids cannot contain '/', so "<service>/<id>" is unambiguous. */
 #ifndef REG_STORE_H
 #define REG_STORE_H
@@ -44,6 +47,8 @@ typedef struct reg_entry_s {
     char lease[40];
     int64_t expires_ms, registered_ms;
     int status;
+    int64_t last_check_ms;
+    char last_error[200];
 } reg_entry_t;
 
 /* Live instances of service (lapsed leases excluded). *out is allocated with alloc. */
@@ -57,6 +62,19 @@ typedef struct reg_service_count_s {
 
 /* Every service with live instances; *out is malloc'd (cm_free). */
 int reg_store_list(reg_store_t *s, reg_service_count_t **out, size_t *n, char *err, size_t errcap);
+
+typedef struct reg_claim_s {
+    char member[200];                   /* "<service>/<id>" */
+    Iot__Registry__V1__Instance *inst;  /* its registration, with the check */
+} reg_claim_t;
+
+/* Claims up to max due checks (each pushed one interval ahead). *out: reg_claims_free. */
+int reg_store_claim_checks(reg_store_t *s, int max, reg_claim_t **out, size_t *n, char *err, size_t errcap);
+void reg_claims_free(reg_claim_t *c, size_t n);
+/* Records one check result; *status is the instance's status afterwards, *changed 1 if it flipped.
+ * REG_NOT_FOUND when the instance went away meanwhile. */
+int reg_store_report(reg_store_t *s, const char *member, int passed, int fails_needed, int successes_needed,
+                     const char *error, int *status, int *changed, char *err, size_t errcap);
 
 /* Removes up to `max` lapsed instances; returns how many, or CM_EREDIS. */
 int reg_store_sweep(reg_store_t *s, int max, char *err, size_t errcap);

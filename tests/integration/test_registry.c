@@ -1,13 +1,19 @@
 /* The registry service binary against the real Redis from tests/run.sh: registration, leases and
  * their expiry, idempotent re-registration, validation, restart, two replicas, Redis outage. Each
  * test uses its own key prefix so tests never see each other's state. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "cm_admin.h"
 #include "cm_rpc.h"
+#include "echo_service.h"
 #include "iot/registry/v1/registry.pb-c.h"
 #include "proc.h"
 #include "test.h"
@@ -275,7 +281,252 @@ static void test_redis_down_is_unavailable(void) {
     reg_stop(&r);
 }
 
+/* Registers service/id at 127.0.0.1:port with a check; returns the status code. */
+static int reg_register_checked(reg_proc_t *r, const char *service, const char *id, int port,
+                                Iot__Registry__V1__Check__Kind kind, const char *target, int fails, int oks) {
+    Iot__Registry__V1__Check chk = IOT__REGISTRY__V1__CHECK__INIT;
+    chk.kind = kind;
+    chk.target = (char *)target;
+    chk.interval_ms = 100;
+    chk.timeout_ms = 80;
+    chk.failures_before_critical = fails;
+    chk.successes_before_passing = oks;
+    Iot__Registry__V1__Instance in = IOT__REGISTRY__V1__INSTANCE__INIT;
+    in.service = (char *)service;
+    in.instance_id = (char *)id;
+    in.address = (char *)"127.0.0.1";
+    in.port = port;
+    in.check = &chk;
+    Iot__Registry__V1__RegisterRequest req = IOT__REGISTRY__V1__REGISTER_REQUEST__INIT;
+    req.instance = &in;
+    req.ttl_seconds = 60;
+    ProtobufCMessage *resp = NULL;
+    int code = call(r, "RegisterInstance", &req.base, &iot__registry__v1__register_response__descriptor, &resp, NULL, 0);
+    if (resp) protobuf_c_message_free_unpacked(resp, NULL);
+    return code;
+}
+
+/* Status of the single instance of service (0 if none), and its last check error. */
+static int status_of(reg_proc_t *r, const char *service, char *err, size_t cap) {
+    Iot__Registry__V1__DiscoverResponse *d = discover(r, service, "");
+    int st = 0;
+    if (d && d->n_instances == 1) {
+        st = d->instances[0]->status;
+        if (err) snprintf(err, cap, "%s", d->instances[0]->last_check_error);
+    }
+    if (d) protobuf_c_message_free_unpacked(&d->base, NULL);
+    return st;
+}
+
+/* Polls until the instance has `want` status or timeout_ms passes; returns the last status seen. */
+static int wait_status(reg_proc_t *r, const char *service, int want, int timeout_ms) {
+    int st = 0;
+    for (int waited = 0; waited <= timeout_ms; waited += 50) {
+        if ((st = status_of(r, service, NULL, 0)) == want) break;
+        usleep(50000);
+    }
+    return st;
+}
+
+#define PASSING IOT__REGISTRY__V1__HEALTH_STATUS__HEALTH_STATUS_PASSING
+#define CRITICAL IOT__REGISTRY__V1__HEALTH_STATUS__HEALTH_STATUS_CRITICAL
+
+static void test_grpc_health_check_transitions(void) {
+    new_prefix("grpccheck");
+    echo_ctx_t ctx = {0};
+    cm_service_t svc;
+    echo_service_init(&svc, &ctx);
+    cm_server_opts_t o = {.listen = "127.0.0.1:0", .threads = 2};
+    cm_server_t *target = cm_server_new(&o, NULL);
+    cm_server_add_service(target, &svc);
+    ASSERT_INT_EQ(cm_server_start(target), 0);
+    reg_proc_t r;
+    reg_start(&r);
+    ASSERT_INT_EQ(reg_register_checked(&r, "echo", "echo-1", cm_server_port(target),
+                                       IOT__REGISTRY__V1__CHECK__KIND__GRPC_HEALTH, "iot.testing.v1.Echo", 2, 2),
+                  CM_STATUS_OK);
+    ASSERT_INT_EQ(status_of(&r, "echo", NULL, 0), CRITICAL); /* unproven until checks pass */
+    ASSERT_INT_EQ(wait_status(&r, "echo", PASSING, 5000), PASSING);
+    cm_server_set_health(target, "iot.testing.v1.Echo", CM_HEALTH_NOT_SERVING);
+    ASSERT_INT_EQ(wait_status(&r, "echo", CRITICAL, 5000), CRITICAL);
+    char err[256];
+    status_of(&r, "echo", err, sizeof err);
+    ASSERT(strstr(err, "not serving"));
+    /* only_passing hides it now. */
+    Iot__Registry__V1__DiscoverRequest dreq = IOT__REGISTRY__V1__DISCOVER_REQUEST__INIT;
+    dreq.service = (char *)"echo";
+    dreq.only_passing = 1;
+    Iot__Registry__V1__DiscoverResponse *d = NULL;
+    ASSERT_INT_EQ(call(&r, "Discover", &dreq.base, &iot__registry__v1__discover_response__descriptor,
+                       (ProtobufCMessage **)&d, NULL, 0),
+                  CM_STATUS_OK);
+    ASSERT_INT_EQ(d->n_instances, 0);
+    protobuf_c_message_free_unpacked(&d->base, NULL);
+    cm_server_set_health(target, "iot.testing.v1.Echo", CM_HEALTH_SERVING);
+    ASSERT_INT_EQ(wait_status(&r, "echo", PASSING, 5000), PASSING);
+    /* A stopped server fails its checks too. */
+    cm_server_free(target);
+    ASSERT_INT_EQ(wait_status(&r, "echo", CRITICAL, 5000), CRITICAL);
+    reg_stop(&r);
+}
+
+typedef struct http_target_s {
+    atomic_int mode; /* 0 ready, 1 not ready, 2 alternate */
+    atomic_int calls;
+} http_target_t;
+
+static int http_ready(void *arg, char *why, size_t len) {
+    http_target_t *t = arg;
+    int n = atomic_fetch_add(&t->calls, 1);
+    int mode = atomic_load(&t->mode);
+    int ok = mode == 0 || (mode == 2 && n % 2 == 0);
+    if (!ok) snprintf(why, len, "test says no");
+    return ok;
+}
+
+static void test_http_check_and_no_flapping(void) {
+    new_prefix("httpcheck");
+    http_target_t t = {0};
+    cm_admin_t *admin = cm_admin_start("127.0.0.1:0", http_ready, &t, NULL);
+    ASSERT(admin);
+    reg_proc_t r;
+    reg_start(&r);
+    ASSERT_INT_EQ(reg_register_checked(&r, "web", "web-1", cm_admin_port(admin), IOT__REGISTRY__V1__CHECK__KIND__HTTP,
+                                       "/readyz", 3, 3),
+                  CM_STATUS_OK);
+    ASSERT_INT_EQ(wait_status(&r, "web", PASSING, 5000), PASSING);
+    /* Alternating results never make three failures in a row: the status holds. */
+    atomic_store(&t.mode, 2);
+    int before = atomic_load(&t.calls);
+    for (int i = 0; i < 15; i++) {
+        usleep(100000);
+        ASSERT_INT_EQ(status_of(&r, "web", NULL, 0), PASSING);
+    }
+    ASSERT(atomic_load(&t.calls) - before >= 8); /* the checks did run meanwhile */
+    atomic_store(&t.mode, 1);
+    ASSERT_INT_EQ(wait_status(&r, "web", CRITICAL, 5000), CRITICAL);
+    char err[256];
+    status_of(&r, "web", err, sizeof err);
+    ASSERT(strstr(err, "status 503"));
+    reg_stop(&r);
+    cm_admin_stop(admin);
+}
+
+typedef struct tcp_target_s {
+    int fd;
+    atomic_int accepts;
+    atomic_int stop;
+} tcp_target_t;
+
+static void *tcp_accept_loop(void *arg) {
+    tcp_target_t *t = arg;
+    while (!atomic_load(&t->stop)) {
+        int c = accept(t->fd, NULL, NULL);
+        if (c < 0) break;
+        atomic_fetch_add(&t->accepts, 1);
+        close(c);
+    }
+    return NULL;
+}
+
+static int tcp_listen(int *port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 64)) return -1;
+    socklen_t sl = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &sl);
+    *port = ntohs(sa.sin_port);
+    return fd;
+}
+
+static void test_tcp_check_runs_once_per_interval_across_replicas(void) {
+    new_prefix("tcpcheck");
+    tcp_target_t t = {0};
+    int port;
+    t.fd = tcp_listen(&port);
+    ASSERT(t.fd >= 0);
+    pthread_t th;
+    pthread_create(&th, NULL, tcp_accept_loop, &t);
+    reg_proc_t a, b;
+    reg_start(&a);
+    reg_start(&b);
+    ASSERT_INT_EQ(reg_register_checked(&a, "mqtt", "mqtt-1", port, IOT__REGISTRY__V1__CHECK__KIND__TCP, "", 1, 1),
+                  CM_STATUS_OK);
+    ASSERT_INT_EQ(wait_status(&b, "mqtt", PASSING, 5000), PASSING);
+    int before = atomic_load(&t.accepts);
+    usleep(2000000);
+    int probes = atomic_load(&t.accepts) - before;
+    /* 100 ms interval over 2 s: about 20 probes in all, not about 20 per replica. */
+    if (probes < 12 || probes > 26) TEST__FAIL("expected ~20 probes from two replicas together, got %d", probes);
+    /* The port closes: connection refused, critical after one failure. */
+    atomic_store(&t.stop, 1);
+    shutdown(t.fd, SHUT_RDWR);
+    close(t.fd);
+    pthread_join(th, NULL);
+    ASSERT_INT_EQ(wait_status(&a, "mqtt", CRITICAL, 5000), CRITICAL);
+    char err[256];
+    status_of(&a, "mqtt", err, sizeof err);
+    ASSERT(strstr(err, "connect 127.0.0.1:"));
+    reg_stop(&a);
+    reg_stop(&b);
+}
+
+static void test_check_validation(void) {
+    new_prefix("checkvalid");
+    reg_proc_t r;
+    reg_start(&r);
+    Iot__Registry__V1__Check chk = IOT__REGISTRY__V1__CHECK__INIT;
+    Iot__Registry__V1__Instance in = IOT__REGISTRY__V1__INSTANCE__INIT;
+    in.service = (char *)"svc";
+    in.instance_id = (char *)"i1";
+    in.address = (char *)"127.0.0.1";
+    in.port = 80;
+    in.check = &chk;
+    Iot__Registry__V1__RegisterRequest req = IOT__REGISTRY__V1__REGISTER_REQUEST__INIT;
+    req.instance = &in;
+    char msg[256];
+    ProtobufCMessage *resp = NULL;
+    ASSERT_INT_EQ(call(&r, "RegisterInstance", &req.base, &iot__registry__v1__register_response__descriptor, &resp, msg,
+                       sizeof msg),
+                  CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(msg, "instance.check.kind"));
+    chk.kind = IOT__REGISTRY__V1__CHECK__KIND__HTTP;
+    chk.target = (char *)"no-slash";
+    ASSERT_INT_EQ(call(&r, "RegisterInstance", &req.base, &iot__registry__v1__register_response__descriptor, &resp, msg,
+                       sizeof msg),
+                  CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(msg, "instance.check.target"));
+    chk.target = (char *)"";
+    chk.interval_ms = 50;
+    ASSERT_INT_EQ(call(&r, "RegisterInstance", &req.base, &iot__registry__v1__register_response__descriptor, &resp, msg,
+                       sizeof msg),
+                  CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(msg, "instance.check.interval_ms: 50"));
+    chk.interval_ms = 1000;
+    chk.timeout_ms = 5000;
+    ASSERT_INT_EQ(call(&r, "RegisterInstance", &req.base, &iot__registry__v1__register_response__descriptor, &resp, msg,
+                       sizeof msg),
+                  CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(msg, "instance.check.timeout_ms"));
+    /* Defaults are filled in and stored: the path defaults to /healthz. */
+    chk.timeout_ms = 0;
+    ASSERT_INT_EQ(call(&r, "RegisterInstance", &req.base, &iot__registry__v1__register_response__descriptor, &resp, msg,
+                       sizeof msg),
+                  CM_STATUS_OK);
+    protobuf_c_message_free_unpacked(resp, NULL);
+    Iot__Registry__V1__DiscoverResponse *d = discover(&r, "svc", "");
+    ASSERT_STR_EQ(d->instances[0]->instance->check->target, "/healthz");
+    ASSERT_INT_EQ(d->instances[0]->instance->check->timeout_ms, 1000);
+    ASSERT_INT_EQ(d->instances[0]->instance->check->failures_before_critical, 3);
+    protobuf_c_message_free_unpacked(&d->base, NULL);
+    reg_stop(&r);
+}
+
 TEST_MAIN(TEST_ENTRY(test_register_discover_deregister), TEST_ENTRY(test_reregister_is_idempotent),
           TEST_ENTRY(test_heartbeat_keeps_and_ttl_expires), TEST_ENTRY(test_validation_names_the_field),
           TEST_ENTRY(test_restart_keeps_instances_and_leases), TEST_ENTRY(test_two_replicas_agree),
-          TEST_ENTRY(test_redis_down_is_unavailable))
+          TEST_ENTRY(test_redis_down_is_unavailable), TEST_ENTRY(test_grpc_health_check_transitions),
+          TEST_ENTRY(test_http_check_and_no_flapping), TEST_ENTRY(test_tcp_check_runs_once_per_interval_across_replicas),
+          TEST_ENTRY(test_check_validation))
