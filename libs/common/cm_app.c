@@ -54,6 +54,7 @@ int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n) {
     if (!app->srv) return err;
     for (size_t i = 0; i < n; i++)
         if ((err = cm_server_add_service(app->srv, svcs[i]))) return err;
+    if (app->on_shutdown) cm_server_on_shutdown(app->srv, app->on_shutdown, app->on_shutdown_arg);
     if ((err = cm_server_start(app->srv))) return err;
     cm_metrics_add_server(app->srv);
     app->admin = cm_admin_start(app->cfg.admin_listen, app->ready, app->ready_arg, &err);

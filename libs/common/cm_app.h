@@ -25,6 +25,8 @@ typedef struct cm_app_s {
     cm_admin_t *admin;
     cm_ready_fn ready; /* optional readiness check for /readyz, set before cm_app_start */
     void *ready_arg;
+    void (*on_shutdown)(void *arg); /* optional: see cm_server_on_shutdown; set before cm_app_start */
+    void *on_shutdown_arg;
 } cm_app_t;
 
 /* Blocks signals, parses the shared and the service's variables, sets up logging.

@@ -123,6 +123,10 @@ int cm_server_add_service(cm_server_t *srv, const cm_service_t *svc);
 int cm_server_start(cm_server_t *srv);
 /* The bound port (useful with ":0"); 0 before start. */
 int cm_server_port(const cm_server_t *srv);
+/* Called at the start of cm_server_shutdown, after health went NOT_SERVING and before the drain:
+ * end long-lived streams here (cm_call_finish) so they do not hold the drain for the grace period.
+ * One hook per server; set before shutdown. */
+void cm_server_on_shutdown(cm_server_t *srv, void (*fn)(void *arg), void *arg);
 /* Graceful stop: health goes NOT_SERVING, new calls are refused, in-flight calls get up to the
  * grace period to finish, then the rest are cancelled; returns when every call is released and the
  * workers have exited. Idempotent. */

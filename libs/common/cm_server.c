@@ -122,6 +122,8 @@ struct cm_server_s {
 
     cm__health_t *health;
     cm_service_t refl_svc;
+    void (*on_shutdown)(void *);
+    void *on_shutdown_arg;
 };
 
 static void cm__call_pump_locked(cm_call_t *c);
@@ -1061,6 +1063,11 @@ int cm_server_start(cm_server_t *srv) {
 
 int cm_server_port(const cm_server_t *srv) { return srv->port; }
 
+void cm_server_on_shutdown(cm_server_t *srv, void (*fn)(void *arg), void *arg) {
+    srv->on_shutdown = fn;
+    srv->on_shutdown_arg = arg;
+}
+
 /* No call in flight and no request slot posted. */
 static int cm__calls_drained(cm_server_t *srv) {
     return atomic_load(&srv->live_calls) == 0 && atomic_load(&srv->pending_slots) == 0;
@@ -1070,6 +1077,7 @@ void cm_server_shutdown(cm_server_t *srv) {
     if (!srv->started || srv->stopped) return;
     /* Tell health watchers and load balancers first, so that new traffic goes elsewhere. */
     cm__health_shutdown(srv);
+    if (srv->on_shutdown) srv->on_shutdown(srv->on_shutdown_arg);
     atomic_store(&srv->shutting_down, 1);
     grpc_server_shutdown_and_notify(srv->server, srv->cq, &srv->tag_shutdown);
 

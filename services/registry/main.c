@@ -27,8 +27,11 @@ int main(int argc, char **argv) {
         cm_log_kv(CM_LOG_ERROR, "IOT_REDIS_ADDR is not host:port or unix:/path", "value", cfg.redis_addr, NULL);
         return 2;
     }
+    reg_ctx_t ctx = {&store, reg_watch_hub_start(&store, cfg.redis_addr, (int)cfg.redis_timeout_ms)};
     cm_service_t svc;
-    reg_service_init(&svc, &store);
+    reg_service_init(&svc, &ctx);
+    app.on_shutdown = reg_watch_hub_end_all;
+    app.on_shutdown_arg = ctx.hub;
     const cm_service_t *svcs[] = {&svc};
     app.ready = reg_store_ready;
     app.ready_arg = &store;
@@ -43,6 +46,7 @@ int main(int argc, char **argv) {
     cm_app_stop(&app);
     reg_checker_stop(checker);
     reg_sweeper_stop(sweeper);
+    reg_watch_hub_stop(ctx.hub);
     reg_store_close(&store);
     return rc;
 }

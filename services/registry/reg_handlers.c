@@ -52,7 +52,7 @@ static int reg__text_ok(const char *s, size_t max) {
     return 1;
 }
 
-static reg_store_t *reg__store(cm_call_t *call) { return cm_call_service_ctx(call); }
+static reg_store_t *reg__store(cm_call_t *call) { return ((reg_ctx_t *)cm_call_service_ctx(call))->store; }
 
 /* Storage failures are the caller's to retry: UNAVAILABLE with the reason. */
 static int reg__store_failed(cm_call_t *call, const char *err) {
@@ -212,24 +212,16 @@ static int reg_discover(cm_call_t *call, const ProtobufCMessage *req_, ProtobufC
     reg_entry_t *e;
     size_t n;
     char err[256];
-    if (reg_store_discover(reg__store(call), req->service, cm_call_pb_allocator(call), &e, &n, err, sizeof err))
+    if (reg_store_discover(reg__store(call), req->service, cm_call_pb_allocator(call), &e, &n, NULL, 0, err, sizeof err))
         return reg__store_failed(call, err);
     reg__sort = (reg__sort_ctx_t){req->prefer_zone, req->prefer_cluster};
     qsort(e, n, sizeof *e, reg__cmp);
     resp->instances = cm_call_alloc(call, (n ? n : 1) * sizeof *resp->instances);
     for (size_t i = 0; i < n; i++) {
-        int status = e[i].status == 1 ? IOT__REGISTRY__V1__HEALTH_STATUS__HEALTH_STATUS_PASSING
-                                      : IOT__REGISTRY__V1__HEALTH_STATUS__HEALTH_STATUS_CRITICAL;
-        if (req->only_passing && status != IOT__REGISTRY__V1__HEALTH_STATUS__HEALTH_STATUS_PASSING) continue;
+        if (req->only_passing && e[i].status != 1) continue;
+        /* The entries live in the call's memory too, so the response may point into them. */
         Iot__Registry__V1__RegisteredInstance *ri = cm_call_alloc(call, sizeof *ri);
-        iot__registry__v1__registered_instance__init(ri);
-        ri->instance = e[i].inst;
-        ri->status = (Iot__Registry__V1__HealthStatus)status;
-        ri->lease_id = cm_call_strdup(call, e[i].lease);
-        ri->lease_expires_unix_ms = e[i].expires_ms;
-        ri->registered_unix_ms = e[i].registered_ms;
-        ri->last_check_unix_ms = e[i].last_check_ms;
-        ri->last_check_error = cm_call_strdup(call, e[i].last_error);
+        reg_entry_to_pb(&e[i], ri);
         resp->instances[resp->n_instances++] = ri;
     }
     return CM_STATUS_OK;
@@ -256,17 +248,22 @@ static int reg_list_services(cm_call_t *call, const ProtobufCMessage *req_, Prot
     return CM_STATUS_OK;
 }
 
+static int reg_watch(cm_call_t *call, const ProtobufCMessage *req) {
+    return reg_watch_start(call, req, ((reg_ctx_t *)cm_call_service_ctx(call))->hub, reg__service_ok);
+}
+
 static const cm_method_t reg__methods[] = {
     {.name = "RegisterInstance", .kind = CM_RPC_UNARY, .unary = reg_register},
     {.name = "Heartbeat", .kind = CM_RPC_UNARY, .unary = reg_heartbeat},
     {.name = "DeregisterInstance", .kind = CM_RPC_UNARY, .unary = reg_deregister},
     {.name = "Discover", .kind = CM_RPC_UNARY, .unary = reg_discover},
     {.name = "ListServices", .kind = CM_RPC_UNARY, .unary = reg_list_services},
+    {.name = "Watch", .kind = CM_RPC_SERVER_STREAM, .start = reg_watch, .done = reg_watch_done},
 };
 
-void reg_service_init(cm_service_t *svc, reg_store_t *store) {
+void reg_service_init(cm_service_t *svc, reg_ctx_t *ctx) {
     svc->desc = &iot__registry__v1__registry__descriptor;
     svc->methods = reg__methods;
     svc->n_methods = sizeof reg__methods / sizeof reg__methods[0];
-    svc->ctx = store;
+    svc->ctx = ctx;
 }

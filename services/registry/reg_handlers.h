@@ -4,8 +4,14 @@
 
 #include "cm_rpc.h"
 #include "reg_store.h"
+#include "reg_watch.h"
 
-/* Binds the service table to store (which must outlive the server). */
-void reg_service_init(cm_service_t *svc, reg_store_t *store);
+typedef struct reg_ctx_s {
+    reg_store_t *store;
+    reg_watch_hub_t *hub;
+} reg_ctx_t;
+
+/* Binds the service table to ctx (which must outlive the server). */
+void reg_service_init(cm_service_t *svc, reg_ctx_t *ctx);
 
 #endif

@@ -14,6 +14,16 @@
     "local P = ARGV[1]\n"                                                                     \
     "local t = redis.call('TIME')\n"                                                          \
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"                 \
+    "local function emit(kind, member)\n"                                                     \
+    "  if kind == 'removed' then\n"                                                           \
+    "    redis.call('XADD', P .. 'ev', 'MAXLEN', '~', 100000, '*', 't', kind, 'm', member)\n"     \
+    "    return\n"                                                                            \
+    "  end\n"                                                                                 \
+    "  local h = redis.call('HMGET', P .. 'i:' .. member, 'pb', 'lease', 'reg', 'status', 'last_check', 'last_error')\n" \
+    "  local e = redis.call('ZSCORE', P .. 'exp', member)\n"                                  \
+    "  redis.call('XADD', P .. 'ev', 'MAXLEN', '~', 100000, '*', 't', kind, 'm', member, 'pb', h[1], 'lease', h[2],\n" \
+    "    'exp', e or '0', 'reg', h[3], 'st', h[4], 'lc', h[5] or '0', 'le', h[6] or '')\n"     \
+    "end\n"                                                                                   \
     "local function remove(member)\n"                                                         \
     "  local ik = P .. 'i:' .. member\n"                                                      \
     "  local lease = redis.call('HGET', ik, 'lease')\n"                                       \
@@ -24,6 +34,7 @@
     "  redis.call('DEL', ik, P .. 'l:' .. lease)\n"                                           \
     "  redis.call('SREM', P .. 's:' .. svc, id)\n"                                            \
     "  if redis.call('SCARD', P .. 's:' .. svc) == 0 then redis.call('SREM', P .. 'services', svc) end\n" \
+    "  emit('removed', member)\n"                                                             \
     "  return 1\n"                                                                            \
     "end\n"                                                                                   \
     "local function live(member)\n"                                                           \
@@ -61,6 +72,7 @@ static const char reg__lua_register[] = REG__LUA_PRELUDE
     "redis.call('SADD', P .. 'services', svc)\n"
     "redis.call('SET', P .. 'l:' .. lease, member)\n"
     "redis.call('ZADD', P .. 'exp', now + ttl, member)\n"
+    "emit(fresh_start and 'added' or 'updated', member)\n"
     "return {lease, tostring(now + ttl)}\n";
 
 /* ARGV: P, lease. A lapsed lease is gone: the instance has to register again. */
@@ -111,12 +123,15 @@ static const char reg__lua_report[] = REG__LUA_PRELUDE
     "if status ~= 1 and passed and okc >= tonumber(ARGV[5]) then status = 1; changed = 1 end\n"
     "if status == 1 and not passed and failc >= tonumber(ARGV[4]) then status = 2; changed = 1 end\n"
     "redis.call('HSET', ik, 'status', status, 'chk_ok', okc, 'chk_fail', failc, 'last_check', now, 'last_error', ARGV[6])\n"
+    "if changed == 1 then emit('health', ARGV[2]) end\n"
     "return {status, changed}\n";
 
-/* ARGV: P, service. Returns a flat list per live instance: pb, lease, expiry, registered, status,
- * last check, last error. */
+/* ARGV: P, service. Returns the event log position, then a flat list per live instance: pb, lease,
+ * expiry, registered, status, last check, last error. Taken in one script, so a watcher that
+ * follows the log from that position misses nothing and sees nothing twice. */
 static const char reg__lua_discover[] = REG__LUA_PRELUDE
-    "local out = {}\n"
+    "local last = redis.call('XREVRANGE', P .. 'ev', '+', '-', 'COUNT', 1)\n"
+    "local out = {last[1] and last[1][1] or '0-0'}\n"
     "for _, id in ipairs(redis.call('SMEMBERS', P .. 's:' .. ARGV[2])) do\n"
     "  local member = ARGV[2] .. '/' .. id\n"
     "  local ok, e = live(member)\n"
@@ -278,17 +293,23 @@ int reg_store_deregister(reg_store_t *s, const char *lease, const char *service,
 }
 
 int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *alloc, reg_entry_t **out, size_t *n,
-                       char *err, size_t errcap) {
+                       char *rev, size_t revcap, char *err, size_t errcap) {
     const char *args[] = {service};
     *out = NULL;
     *n = 0;
     redisReply *rep = reg__eval(s, reg__lua_discover, 1, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
-    size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 7 : 0;
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 1) {
+        freeReplyObject(rep);
+        snprintf(err, errcap, "unexpected reply to discover");
+        return CM_EREDIS;
+    }
+    if (rev) snprintf(rev, revcap, "%s", rep->element[0]->str);
+    size_t count = (rep->elements - 1) / 7;
     reg_entry_t *e = alloc->alloc(alloc->allocator_data, (count ? count : 1) * sizeof *e);
     size_t k = 0;
     for (size_t i = 0; i < count; i++) {
-        redisReply **f = &rep->element[i * 7];
+        redisReply **f = &rep->element[1 + i * 7];
         Iot__Registry__V1__Instance *inst =
             iot__registry__v1__instance__unpack(alloc, f[0]->len, (const uint8_t *)f[0]->str);
         if (!inst) continue; /* written by us; unreadable only if corrupted by hand */
@@ -381,4 +402,66 @@ int reg_store_report(reg_store_t *s, const char *member, int passed, int fails_n
     }
     freeReplyObject(rep);
     return rc;
+}
+
+/* Finds field `name` in a stream entry's field/value array. */
+static redisReply *reg__field(redisReply *fv, const char *name) {
+    for (size_t i = 0; i + 1 < fv->elements; i += 2)
+        if (fv->element[i]->type == REDIS_REPLY_STRING && strcmp(fv->element[i]->str, name) == 0) return fv->element[i + 1];
+    return NULL;
+}
+
+static int64_t reg__field_int(redisReply *fv, const char *name) {
+    redisReply *v = reg__field(fv, name);
+    return v && v->type == REDIS_REPLY_STRING ? strtoll(v->str, NULL, 10) : 0;
+}
+
+int reg_store_parse_event(redisReply *entry, ProtobufCAllocator *alloc, reg_event_t *ev) {
+    memset(ev, 0, sizeof *ev);
+    if (entry->type != REDIS_REPLY_ARRAY || entry->elements != 2) return CM_EINVAL;
+    redisReply *fv = entry->element[1];
+    snprintf(ev->rev, sizeof ev->rev, "%s", entry->element[0]->str);
+    redisReply *t = reg__field(fv, "t"), *m = reg__field(fv, "m");
+    if (!t || !m || t->type != REDIS_REPLY_STRING || m->type != REDIS_REPLY_STRING) return CM_EINVAL;
+    snprintf(ev->kind, sizeof ev->kind, "%s", t->str);
+    const char *slash = strchr(m->str, '/');
+    if (!slash || (size_t)(slash - m->str) >= sizeof ev->service) return CM_EINVAL;
+    memcpy(ev->service, m->str, (size_t)(slash - m->str));
+    ev->service[slash - m->str] = '\0';
+    snprintf(ev->instance_id, sizeof ev->instance_id, "%s", slash + 1);
+    redisReply *pb = reg__field(fv, "pb");
+    if (pb && pb->type == REDIS_REPLY_STRING) {
+        ev->entry.inst = iot__registry__v1__instance__unpack(alloc, pb->len, (const uint8_t *)pb->str);
+        redisReply *lease = reg__field(fv, "lease"), *le = reg__field(fv, "le");
+        snprintf(ev->entry.lease, sizeof ev->entry.lease, "%s", lease && lease->type == REDIS_REPLY_STRING ? lease->str : "");
+        snprintf(ev->entry.last_error, sizeof ev->entry.last_error, "%s", le && le->type == REDIS_REPLY_STRING ? le->str : "");
+        ev->entry.expires_ms = reg__field_int(fv, "exp");
+        ev->entry.registered_ms = reg__field_int(fv, "reg");
+        ev->entry.status = (int)reg__field_int(fv, "st");
+        ev->entry.last_check_ms = reg__field_int(fv, "lc");
+    }
+    return 0;
+}
+
+int reg_store_events_between(reg_store_t *s, const char *after, const char *upto, redisReply **out, char *err,
+                             size_t errcap) {
+    char start[48];
+    snprintf(start, sizeof start, "(%s", after); /* exclusive start */
+    char key[96];
+    snprintf(key, sizeof key, "%sev", s->prefix);
+    const char *argv[] = {"XRANGE", key, start, upto};
+    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
+    if (!r) {
+        snprintf(err, errcap, "no redis connection free within %d ms", s->timeout_ms);
+        return CM_EREDIS;
+    }
+    *out = cm_redis_cmd(r, 4, argv, NULL);
+    if (!*out) snprintf(err, errcap, "%s", cm_redis_error(r));
+    cm_redis_pool_release(s->pool, r);
+    if (*out && (*out)->type == REDIS_REPLY_ERROR) {
+        snprintf(err, errcap, "%s", (*out)->str);
+        freeReplyObject(*out);
+        *out = NULL;
+    }
+    return *out ? 0 : CM_EREDIS;
 }

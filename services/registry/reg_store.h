@@ -9,6 +9,8 @@
  *   P l:<lease>          "<service>/<id>"
  *   P exp                sorted set "<service>/<id>" -> lease expiry (ms)
  *   P chk                sorted set "<service>/<id>" -> when its next check is due (ms)
+ *   P ev                 stream of changes (added, updated, removed, health), capped near 100,000;
+ *                        every mutation appends to it in the same script, so it is in apply order
  * The instance hash also keeps, for checked instances: chk_int (interval ms), chk_ok and
  * chk_fail (consecutive results), last_check (ms), last_error. status: 1 passing, 2 critical.
  * Service names and ids cannot contain '/', so "<service>/<id>" is unambiguous. */
@@ -51,9 +53,25 @@ typedef struct reg_entry_s {
     char last_error[200];
 } reg_entry_t;
 
-/* Live instances of service (lapsed leases excluded). *out is allocated with alloc. */
+/* Live instances of service (lapsed leases excluded). *out is allocated with alloc. When rev is
+ * given it receives the event-log position this snapshot corresponds to. */
 int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *alloc, reg_entry_t **out, size_t *n,
-                       char *err, size_t errcap);
+                       char *rev, size_t revcap, char *err, size_t errcap);
+
+/* One change from the event log. For removals entry.inst is NULL. */
+typedef struct reg_event_s {
+    char rev[40];
+    char kind[16]; /* "added", "updated", "removed", "health" */
+    char service[64];
+    char instance_id[132];
+    reg_entry_t entry;
+} reg_event_t;
+
+/* Parses one stream entry ([id, [field, value, ...]]); the instance is unpacked with alloc. */
+int reg_store_parse_event(redisReply *entry, ProtobufCAllocator *alloc, reg_event_t *ev);
+/* Log entries after `after` (exclusive) up to `upto` (inclusive), as an XRANGE reply (free it). */
+int reg_store_events_between(reg_store_t *s, const char *after, const char *upto, redisReply **out, char *err,
+                             size_t errcap);
 
 typedef struct reg_service_count_s {
     char name[64];

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cm_admin.h"
@@ -524,9 +525,147 @@ static void test_check_validation(void) {
     reg_stop(&r);
 }
 
+static cm_stream_t *watch_open(reg_proc_t *r, const char *service) {
+    Iot__Registry__V1__WatchRequest req = IOT__REGISTRY__V1__WATCH_REQUEST__INIT;
+    req.service = (char *)service;
+    cm_call_opts_t o = {.timeout_ms = 60000};
+    cm_stream_t *s = cm_stream_open(r->ch, "/iot.registry.v1.Registry/Watch", &o);
+    cm_stream_send(s, &req.base);
+    cm_stream_close_send(s);
+    return s;
+}
+
+static Iot__Registry__V1__WatchEvent *watch_next(cm_stream_t *s) {
+    Iot__Registry__V1__WatchEvent *ev = NULL;
+    if (cm_stream_recv(s, &iot__registry__v1__watch_event__descriptor, (ProtobufCMessage **)&ev) != 1) return NULL;
+    return ev;
+}
+
+/* Reads the next event and checks its type and instance id; returns its revision in rev. */
+static void expect_event(cm_stream_t *s, int type, const char *id, char *rev) {
+    Iot__Registry__V1__WatchEvent *ev = watch_next(s);
+    ASSERT(ev);
+    if ((int)ev->type != type || strcmp(ev->instance_id, id) != 0) {
+        int t = ev->type;
+        char got[140];
+        snprintf(got, sizeof got, "%s", ev->instance_id);
+        protobuf_c_message_free_unpacked(&ev->base, NULL);
+        TEST__FAIL("expected event %d for %s, got %d for %s", type, id, t, got);
+    }
+    if (rev) {
+        ASSERT(strcmp(ev->revision, rev) != 0);
+        snprintf(rev, 40, "%s", ev->revision);
+    }
+    protobuf_c_message_free_unpacked(&ev->base, NULL);
+}
+
+static void test_watch_snapshot_then_changes_in_order(void) {
+    new_prefix("watch");
+    reg_proc_t r;
+    reg_start(&r);
+    char la[40], lb[40], rev[40] = "";
+    ASSERT_INT_EQ(reg_register(&r, "inventory", "a", 9000, "", 30, la, NULL), CM_STATUS_OK);
+    cm_stream_t *s = watch_open(&r, "inventory");
+    Iot__Registry__V1__WatchEvent *snap = watch_next(s);
+    ASSERT(snap);
+    ASSERT_INT_EQ(snap->type, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__SNAPSHOT);
+    ASSERT_INT_EQ(snap->n_instances, 1);
+    ASSERT_STR_EQ(snap->instances[0]->instance->instance_id, "a");
+    snprintf(rev, sizeof rev, "%s", snap->revision);
+    protobuf_c_message_free_unpacked(&snap->base, NULL);
+    /* Another service's changes are not sent. */
+    ASSERT_INT_EQ(reg_register(&r, "other", "x", 9000, "", 30, NULL, NULL), CM_STATUS_OK);
+    ASSERT_INT_EQ(reg_register(&r, "inventory", "b", 9001, "", 1, lb, NULL), CM_STATUS_OK);
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__ADDED, "b", rev);
+    ASSERT_INT_EQ(reg_register(&r, "inventory", "b", 9002, "", 1, NULL, NULL), CM_STATUS_OK);
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__UPDATED, "b", rev);
+    ASSERT_INT_EQ(deregister(&r, la, "", ""), CM_STATUS_OK);
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__REMOVED, "a", rev);
+    /* b's 1 s lease lapses without heartbeats: removed by the sweeper. */
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__REMOVED, "b", rev);
+    cm_stream_cancel(s);
+    cm_stream_finish(s, NULL);
+    reg_stop(&r);
+}
+
+static void test_watch_sees_changes_made_on_another_replica(void) {
+    new_prefix("watchrep");
+    reg_proc_t a, b;
+    reg_start(&a);
+    reg_start(&b);
+    cm_stream_t *s = watch_open(&b, "fleet");
+    Iot__Registry__V1__WatchEvent *snap = watch_next(s);
+    ASSERT(snap && snap->n_instances == 0);
+    protobuf_c_message_free_unpacked(&snap->base, NULL);
+    char lease[40];
+    ASSERT_INT_EQ(reg_register(&a, "fleet", "f1", 9100, "", 30, lease, NULL), CM_STATUS_OK);
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__ADDED, "f1", NULL);
+    ASSERT_INT_EQ(deregister(&a, lease, "", ""), CM_STATUS_OK);
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__REMOVED, "f1", NULL);
+    cm_stream_cancel(s);
+    cm_stream_finish(s, NULL);
+    reg_stop(&a);
+    reg_stop(&b);
+}
+
+static void test_watch_reports_health_changes(void) {
+    new_prefix("watchhealth");
+    tcp_target_t t = {0};
+    int port;
+    t.fd = tcp_listen(&port);
+    pthread_t th;
+    pthread_create(&th, NULL, tcp_accept_loop, &t);
+    reg_proc_t r;
+    reg_start(&r);
+    cm_stream_t *s = watch_open(&r, "broker");
+    Iot__Registry__V1__WatchEvent *snap = watch_next(s);
+    ASSERT(snap);
+    protobuf_c_message_free_unpacked(&snap->base, NULL);
+    ASSERT_INT_EQ(reg_register_checked(&r, "broker", "b1", port, IOT__REGISTRY__V1__CHECK__KIND__TCP, "", 1, 1),
+                  CM_STATUS_OK);
+    expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__ADDED, "b1", NULL);
+    Iot__Registry__V1__WatchEvent *ev = watch_next(s);
+    ASSERT(ev && ev->type == IOT__REGISTRY__V1__WATCH_EVENT__TYPE__HEALTH_CHANGED);
+    ASSERT_INT_EQ(ev->instances[0]->status, PASSING);
+    protobuf_c_message_free_unpacked(&ev->base, NULL);
+    atomic_store(&t.stop, 1);
+    shutdown(t.fd, SHUT_RDWR);
+    close(t.fd);
+    pthread_join(th, NULL);
+    ev = watch_next(s);
+    ASSERT(ev && ev->type == IOT__REGISTRY__V1__WATCH_EVENT__TYPE__HEALTH_CHANGED);
+    ASSERT_INT_EQ(ev->instances[0]->status, CRITICAL);
+    ASSERT(strstr(ev->instances[0]->last_check_error, "connect"));
+    protobuf_c_message_free_unpacked(&ev->base, NULL);
+    cm_stream_cancel(s);
+    cm_stream_finish(s, NULL);
+    reg_stop(&r);
+}
+
+static void test_watch_ends_promptly_on_shutdown(void) {
+    new_prefix("watchstop");
+    reg_proc_t r;
+    reg_start(&r);
+    cm_stream_t *s = watch_open(&r, "anything");
+    Iot__Registry__V1__WatchEvent *snap = watch_next(s);
+    ASSERT(snap);
+    protobuf_c_message_free_unpacked(&snap->base, NULL);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    cm_channel_free(r.ch);
+    r.ch = NULL;
+    test_proc_kill(&r.p, SIGTERM);
+    ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_UNAVAILABLE);
+    ASSERT_INT_EQ(test_proc_wait(&r.p, 15000), 0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ASSERT(t1.tv_sec - t0.tv_sec < 5); /* not the 10 s grace period */
+}
+
 TEST_MAIN(TEST_ENTRY(test_register_discover_deregister), TEST_ENTRY(test_reregister_is_idempotent),
           TEST_ENTRY(test_heartbeat_keeps_and_ttl_expires), TEST_ENTRY(test_validation_names_the_field),
           TEST_ENTRY(test_restart_keeps_instances_and_leases), TEST_ENTRY(test_two_replicas_agree),
           TEST_ENTRY(test_redis_down_is_unavailable), TEST_ENTRY(test_grpc_health_check_transitions),
           TEST_ENTRY(test_http_check_and_no_flapping), TEST_ENTRY(test_tcp_check_runs_once_per_interval_across_replicas),
-          TEST_ENTRY(test_check_validation))
+          TEST_ENTRY(test_check_validation), TEST_ENTRY(test_watch_snapshot_then_changes_in_order),
+          TEST_ENTRY(test_watch_sees_changes_made_on_another_replica), TEST_ENTRY(test_watch_reports_health_changes),
+          TEST_ENTRY(test_watch_ends_promptly_on_shutdown))
