@@ -59,6 +59,19 @@ int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n) {
     cm_metrics_add_server(app->srv);
     app->admin = cm_admin_start(app->cfg.admin_listen, app->ready, app->ready_arg, &err);
     if (!app->admin) return err;
+    if (*app->cfg.registry_addr) {
+        cm_selfreg_opts_t ro = {
+            .registry = app->cfg.registry_addr,
+            .service = app->name,
+            .health_name = "",
+            .instance_id = app->cfg.instance_id,
+            .address = app->cfg.advertise_addr,
+            .port = cm_server_port(app->srv),
+            .zone = app->cfg.zone,
+            .cluster = app->cfg.cluster,
+        };
+        app->selfreg = cm_selfreg_start(&ro);
+    }
     printf("%s grpc=%d admin=%d\n", app->name, cm_server_port(app->srv), cm_admin_port(app->admin));
     fflush(stdout);
     return 0;
@@ -71,6 +84,8 @@ void cm_app_wait(cm_app_t *app) {
 }
 
 void cm_app_stop(cm_app_t *app) {
+    cm_selfreg_stop(app->selfreg);
+    app->selfreg = NULL;
     if (app->srv) {
         cm_server_shutdown(app->srv);
         cm_metrics_remove_server(app->srv);

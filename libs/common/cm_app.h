@@ -14,6 +14,7 @@
 
 #include "cm_admin.h"
 #include "cm_config.h"
+#include "cm_discovery.h"
 #include "cm_rpc.h"
 
 #define CM_APP_MAX_VARS 64
@@ -23,6 +24,7 @@ typedef struct cm_app_s {
     cm_server_config_t cfg;
     cm_server_t *srv;
     cm_admin_t *admin;
+    cm_selfreg_t *selfreg; /* when IOT_REGISTRY_ADDR is set */
     cm_ready_fn ready; /* optional readiness check for /readyz, set before cm_app_start */
     void *ready_arg;
     void (*on_shutdown)(void *arg); /* optional: see cm_server_on_shutdown; set before cm_app_start */
@@ -33,12 +35,13 @@ typedef struct cm_app_s {
  * Returns 0 to continue, 1 after --help (exit 0), CM_ECONFIG after printing why (exit 2). */
 int cm_app_init(cm_app_t *app, const char *name, const cm_config_var_t *vars, size_t n_vars, int argc, char **argv,
                 const char *summary, const char *def_listen, const char *def_admin);
-/* Creates and starts the gRPC server with the services, and the admin endpoint. Prints one line
- * to stdout, "<name> grpc=<port> admin=<port>", for scripts and tests that asked for port 0. */
+/* Creates and starts the gRPC server with the services, and the admin endpoint; registers with
+ * the registry when IOT_REGISTRY_ADDR is set. Prints one line to stdout,
+ * "<name> grpc=<port> admin=<port>", for scripts and tests that asked for port 0. */
 int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n);
 /* Waits for SIGTERM or SIGINT. */
 void cm_app_wait(cm_app_t *app);
-/* Graceful drain and release of everything cm_app_start created. */
+/* Deregisters first (clients stop picking us), then drains, then releases everything. */
 void cm_app_stop(cm_app_t *app);
 
 #endif

@@ -128,6 +128,11 @@ void cm_server_config_vars(cm_server_config_t *c, const char *def_listen, const 
         {"IOT_TLS_KEY", CM_CFG_STRING, "", "PEM private key", 0, 0, &c->tls_key},
         {"IOT_TLS_CLIENT_CA", CM_CFG_STRING, "", "PEM CA that signs client certificates (mTLS)", 0, 0, &c->tls_ca},
         {"IOT_TLS_REQUIRE_CLIENT_CERT", CM_CFG_BOOL, "false", "refuse clients without a valid certificate", 0, 0, &c->tls_require_client_cert},
+        {"IOT_REGISTRY_ADDR", CM_CFG_STRING, "", "registry to register with (host:port); empty: do not register", 0, 0, &c->registry_addr},
+        {"IOT_ADVERTISE_ADDR", CM_CFG_STRING, "", "address others reach this instance at; empty: the host name", 0, 0, &c->advertise_addr},
+        {"IOT_INSTANCE_ID", CM_CFG_STRING, "", "instance id in the registry; empty: <address>-<port>", 0, 0, &c->instance_id},
+        {"IOT_ZONE", CM_CFG_STRING, "", "zone advertised to the registry (for zone-preferring clients)", 0, 0, &c->zone},
+        {"IOT_CLUSTER", CM_CFG_STRING, "", "cluster advertised to the registry", 0, 0, &c->cluster},
     };
     memcpy(out, vars, sizeof vars);
 }

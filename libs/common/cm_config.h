@@ -40,9 +40,10 @@ typedef struct cm_server_config_s {
     const char *log_level;
     const char *tls_cert, *tls_key, *tls_ca;
     int tls_require_client_cert;
+    const char *registry_addr, *advertise_addr, *instance_id, *zone, *cluster;
 } cm_server_config_t;
 
-#define CM_SERVER_CONFIG_NVARS 10
+#define CM_SERVER_CONFIG_NVARS 15
 /* Writes the shared variables (IOT_GRPC_LISTEN, IOT_ADMIN_LISTEN, ...) into out[0..CM_SERVER_CONFIG_NVARS)
  * with the given default addresses. */
 void cm_server_config_vars(cm_server_config_t *c, const char *def_listen, const char *def_admin, cm_config_var_t *out);

@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include "cm_admin.h"
+#include "cm_discovery.h"
+#include "iot/testing/v1/echo.pb-c.h"
 #include "cm_rpc.h"
 #include "echo_service.h"
 #include "iot/registry/v1/registry.pb-c.h"
@@ -661,6 +663,77 @@ static void test_watch_ends_promptly_on_shutdown(void) {
     ASSERT(t1.tv_sec - t0.tv_sec < 5); /* not the 10 s grace period */
 }
 
+static void echo_start_registered(test_proc_t *p, int reg_port, const char *id) {
+    static char bin[1024];
+    snprintf(bin, sizeof bin, "%s/tests/echo_server", test_env("IOT_BUILD_DIR"));
+    char *argv[] = {bin, NULL};
+    char reg[64], iid[64];
+    snprintf(reg, sizeof reg, "IOT_REGISTRY_ADDR=127.0.0.1:%d", reg_port);
+    snprintf(iid, sizeof iid, "IOT_INSTANCE_ID=%s", id);
+    const char *env[] = {reg, iid, "IOT_ADVERTISE_ADDR=127.0.0.1", "IOT_GRPC_LISTEN=127.0.0.1:0",
+                         "IOT_ADMIN_LISTEN=127.0.0.1:0", "IOT_SHUTDOWN_GRACE=2s", NULL};
+    ASSERT_INT_EQ(test_proc_start(p, argv, env, 1), 0);
+}
+
+static int echo_via(cm_disco_t *d, char *picked, size_t cap) {
+    cm_lb_pick_t pick;
+    cm_channel_t *ch = cm_disco_pick(d, NULL, 0, &pick);
+    if (!ch) return -1;
+    snprintf(picked, cap, "%s", pick.id);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"via discovery";
+    ProtobufCMessage *resp = NULL;
+    cm_call_opts_t o = {.timeout_ms = 3000};
+    int code = cm_channel_unary(ch, "/iot.testing.v1.Echo/Unary", &req.base, &iot__testing__v1__echo_response__descriptor,
+                                &resp, &o, NULL);
+    if (resp) protobuf_c_message_free_unpacked(resp, NULL);
+    cm_disco_done(d, &pick);
+    return code;
+}
+
+static void test_self_registration_and_discovery_channels(void) {
+    new_prefix("selfreg");
+    reg_proc_t r;
+    reg_start(&r);
+    test_proc_t a, b;
+    echo_start_registered(&a, r.p.grpc_port, "echo-a");
+    echo_start_registered(&b, r.p.grpc_port, "echo-b");
+    char regaddr[64];
+    snprintf(regaddr, sizeof regaddr, "127.0.0.1:%d", r.p.grpc_port);
+    cm_disco_opts_t o = {.registry = regaddr, .service = "echo", .policy = CM_LB_ROUND_ROBIN};
+    cm_disco_t *d = cm_disco_new(&o, NULL);
+    /* Both pass their gRPC health check (registered CRITICAL until then). */
+    ASSERT_INT_EQ(cm_disco_wait(d, 2, 10000), 0);
+    char first[132], second[132];
+    ASSERT_INT_EQ(echo_via(d, first, sizeof first), CM_STATUS_OK);
+    ASSERT_INT_EQ(echo_via(d, second, sizeof second), CM_STATUS_OK);
+    ASSERT(strcmp(first, second) != 0); /* round robin over both */
+    /* One stops: it deregisters before draining, so clients stop picking it at once. */
+    test_proc_kill(&a, SIGTERM);
+    ASSERT_INT_EQ(test_proc_wait(&a, 15000), 0);
+    for (int i = 0; i < 100 && cm_disco_instances(d) != 1; i++) usleep(20000);
+    ASSERT_INT_EQ(cm_disco_instances(d), 1);
+    for (int i = 0; i < 4; i++) {
+        char id[132];
+        ASSERT_INT_EQ(echo_via(d, id, sizeof id), CM_STATUS_OK);
+        ASSERT_STR_EQ(id, "echo-b");
+    }
+    cm_disco_free(d);
+    /* DNS mode: no registry, one target. */
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", b.grpc_port);
+    cm_disco_opts_t dns = {.dns_target = target};
+    d = cm_disco_new(&dns, NULL);
+    char id[132];
+    ASSERT_INT_EQ(echo_via(d, id, sizeof id), CM_STATUS_OK);
+    ASSERT_STR_EQ(id, "dns");
+    cm_disco_free(d);
+    test_proc_kill(&b, SIGTERM);
+    ASSERT_INT_EQ(test_proc_wait(&b, 15000), 0);
+    ASSERT_INT_EQ(count(&r, "echo"), 0); /* both deregistered */
+    reg_stop(&r);
+}
+
 TEST_MAIN(TEST_ENTRY(test_register_discover_deregister), TEST_ENTRY(test_reregister_is_idempotent),
           TEST_ENTRY(test_heartbeat_keeps_and_ttl_expires), TEST_ENTRY(test_validation_names_the_field),
           TEST_ENTRY(test_restart_keeps_instances_and_leases), TEST_ENTRY(test_two_replicas_agree),
@@ -668,4 +741,4 @@ TEST_MAIN(TEST_ENTRY(test_register_discover_deregister), TEST_ENTRY(test_reregis
           TEST_ENTRY(test_http_check_and_no_flapping), TEST_ENTRY(test_tcp_check_runs_once_per_interval_across_replicas),
           TEST_ENTRY(test_check_validation), TEST_ENTRY(test_watch_snapshot_then_changes_in_order),
           TEST_ENTRY(test_watch_sees_changes_made_on_another_replica), TEST_ENTRY(test_watch_reports_health_changes),
-          TEST_ENTRY(test_watch_ends_promptly_on_shutdown))
+          TEST_ENTRY(test_watch_ends_promptly_on_shutdown), TEST_ENTRY(test_self_registration_and_discovery_channels))
