@@ -103,10 +103,17 @@ $(B)/tests/%: $(B)/tests/%.o $(TEST_SUPPORT_OBJ) $(LIBCOMMON)
 $(ECHO_SERVER): $(B)/tests/support/echo_server.o $(B)/tests/support/echo_service.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+# C benchmark drivers live with the other benchmarks but build with the suite (so they cannot rot).
+BENCH_C_BINS := $(patsubst bench/%.c,$(B)/bench/%,$(sort $(wildcard bench/*.c)))
+
+$(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
 # ---- top-level targets ---------------------------------------------------------------------
 .PHONY: all deps test test-asan run bench clean help check-tree
 
-all: $(LIBCOMMON) $(BINS) $(ECHO_SERVER) $(TEST_BINS)
+all: $(LIBCOMMON) $(BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
 
 deps:
 	sh tools/deps.sh

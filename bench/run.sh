@@ -3,7 +3,8 @@
 # same run. Servers: ours (tests/echo_server on libs/common), grpc++ async (CQ per thread) and
 # grpc++ callback. Each scenario runs ROUNDS times in the order ours, async, callback, ours, ...
 # (A B C A B C) and reports medians and ratios ours/reference. Then memory: idle RSS of a service
-# with default settings, and with 10,000 idle client streams open.
+# with default settings, and with 10,000 idle client streams open. Then the registry: Discover
+# against raw Redis reads, and instance death to watcher event.
 #   BENCH_THREADS (2)  worker threads for ours and the async reference (callback: grpc's pool)
 #   ROUNDS (3), SECONDS_PER_RUN (2), IDLE_STREAMS (10000)
 set -uo pipefail
@@ -17,8 +18,12 @@ IDLE=${IDLE_STREAMS:-10000}
 LOADGEN=$B/bench/loadgen
 tmp=$(mktemp -d)
 pids=()
+. tests/support/harness.sh
+harness_init "$tmp/stores"
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    # Redis first: it is a child of this shell too, and `wait` would wait for it forever.
+    harness_cleanup
     wait 2>/dev/null
     rm -rf "$tmp"
 }
@@ -120,3 +125,10 @@ printf '%-44s %8s MB  (%s threads; PSS %s MB, private dirty %s MB; the rest is s
 printf '%-44s %8s MB  (%s threads)\n' "grpc++ callback idle:" "$(rss_mb "$IDLE_REF_PID")" "$(threads_of "$IDLE_REF_PID")"
 hold_idle "$IDLE_PID" "$P_IDLE" "ours"
 hold_idle "$IDLE_REF_PID" "$P_IDLE_REF" "grpc++ callback"
+
+echo
+echo "== registry (services/registry against its own Redis)"
+harness_start_redis || exit 1
+start registry env IOT_LOG_LEVEL=warn IOT_REDIS_ADDR="$IOT_TEST_REDIS" IOT_REGISTRY_PREFIX="{bench}:" \
+    IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 "$B/services/registry/registry"
+"$B/bench/registry_bench" "127.0.0.1:$PORT" "$IOT_TEST_REDIS" "{bench}:"

@@ -1,10 +1,13 @@
 /* Redis-backed registry state: one Lua script per operation (see reg_store.h for the keys). */
 #include "reg_store.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+
+#include <openssl/sha.h>
 
 #include "cm_alloc.h"
 #include "cm_err.h"
@@ -72,6 +75,7 @@ static const char reg__lua_register[] = REG__LUA_PRELUDE
     "redis.call('SADD', P .. 'services', svc)\n"
     "redis.call('SET', P .. 'l:' .. lease, member)\n"
     "redis.call('ZADD', P .. 'exp', now + ttl, member)\n"
+    "redis.call('HSET', ik, 'exp', now + ttl)\n"
     "emit(fresh_start and 'added' or 'updated', member)\n"
     "return {lease, tostring(now + ttl)}\n";
 
@@ -82,6 +86,7 @@ static const char reg__lua_heartbeat[] = REG__LUA_PRELUDE
     "if not live(member) then remove(member); return false end\n"
     "local ttl = tonumber(redis.call('HGET', P .. 'i:' .. member, 'ttl'))\n"
     "redis.call('ZADD', P .. 'exp', now + ttl, member)\n"
+    "redis.call('HSET', P .. 'i:' .. member, 'exp', now + ttl)\n"
     "return {tostring(ttl), tostring(now + ttl)}\n";
 
 /* ARGV: P, lease, service, id. */
@@ -133,14 +138,12 @@ static const char reg__lua_discover[] = REG__LUA_PRELUDE
     "local last = redis.call('XREVRANGE', P .. 'ev', '+', '-', 'COUNT', 1)\n"
     "local out = {last[1] and last[1][1] or '0-0'}\n"
     "for _, id in ipairs(redis.call('SMEMBERS', P .. 's:' .. ARGV[2])) do\n"
-    "  local member = ARGV[2] .. '/' .. id\n"
-    "  local ok, e = live(member)\n"
-    "  if ok then\n"
-    "    local h = redis.call('HMGET', P .. 'i:' .. member, 'pb', 'lease', 'reg', 'status', 'last_check', 'last_error')\n"
-    "    if h[1] then\n"
-    "      table.insert(out, h[1]); table.insert(out, h[2]); table.insert(out, e)\n"
-    "      table.insert(out, h[3]); table.insert(out, h[4]); table.insert(out, h[5] or '0'); table.insert(out, h[6] or '')\n"
-    "    end\n"
+    "  local h = redis.call('HMGET', P .. 'i:' .. ARGV[2] .. '/' .. id, 'pb', 'lease', 'reg', 'status', 'last_check', 'last_error', 'exp')\n"
+    /* The hash keeps a copy of the expiry (written with the sorted set) so that one call per
+     * instance answers both "what is it" and "is its lease alive". */
+    "  if h[1] and h[7] and tonumber(h[7]) > now then\n"
+    "    table.insert(out, h[1]); table.insert(out, h[2]); table.insert(out, h[7])\n"
+    "    table.insert(out, h[3]); table.insert(out, h[4]); table.insert(out, h[5] or '0'); table.insert(out, h[6] or '')\n"
     "  end\n"
     "end\n"
     "return out\n";
@@ -168,13 +171,48 @@ static const char reg__lua_sweep[] = REG__LUA_PRELUDE
     "end\n"
     "return n\n";
 
-/* Runs script with ARGV = prefix + args; returns the reply (caller frees) or NULL with err set. */
+/* SHA1 of a script as Redis names it (40 hex digits), computed once per script: the scripts are
+ * the static strings above, so their addresses identify them. */
+static void reg__sha1_hex(const char *script, char out[41]) {
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static struct {
+        const char *script;
+        char sha[41];
+    } cache[16];
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < 16; i++) {
+        if (cache[i].script == script) {
+            memcpy(out, cache[i].sha, 41);
+            pthread_mutex_unlock(&mu);
+            return;
+        }
+        if (!cache[i].script) {
+            unsigned char md[SHA_DIGEST_LENGTH];
+            SHA1((const unsigned char *)script, strlen(script), md);
+            for (int k = 0; k < SHA_DIGEST_LENGTH; k++) snprintf(cache[i].sha + 2 * k, 3, "%02x", md[k]);
+            cache[i].script = script;
+            memcpy(out, cache[i].sha, 41);
+            pthread_mutex_unlock(&mu);
+            return;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    unsigned char md[SHA_DIGEST_LENGTH]; /* more scripts than slots: compute each time */
+    SHA1((const unsigned char *)script, strlen(script), md);
+    for (int k = 0; k < SHA_DIGEST_LENGTH; k++) snprintf(out + 2 * k, 3, "%02x", md[k]);
+}
+
+/* Runs script with ARGV = prefix + args; returns the reply (caller frees) or NULL with err set.
+ * EVALSHA first: sending the whole script on every call cost Redis a hash of it each time; the
+ * script text goes out only when Redis answers NOSCRIPT (first use, or after a restart/flush). */
 static redisReply *reg__eval(reg_store_t *s, const char *script, int nargs, const char **args, const size_t *lens,
                              char *err, size_t errcap) {
     const char *argv[12];
     size_t argl[12];
-    argv[0] = "EVAL";
-    argv[1] = script;
+    char sha[41];
+    reg__sha1_hex(script, sha);
+    argv[0] = "EVALSHA";
+    argv[1] = sha;
     argv[2] = "0";
     argv[3] = s->prefix;
     for (int i = 0; i < 4; i++) argl[i] = strlen(argv[i]);
@@ -188,6 +226,14 @@ static redisReply *reg__eval(reg_store_t *s, const char *script, int nargs, cons
         return NULL;
     }
     redisReply *rep = cm_redis_cmd(r, 4 + nargs, argv, argl);
+    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
+        freeReplyObject(rep);
+        argv[0] = "EVAL";
+        argv[1] = script;
+        argl[0] = 4;
+        argl[1] = strlen(script);
+        rep = cm_redis_cmd(r, 4 + nargs, argv, argl);
+    }
     if (!rep) snprintf(err, errcap, "%s", cm_redis_error(r));
     cm_redis_pool_release(s->pool, r);
     if (rep && rep->type == REDIS_REPLY_ERROR) {

@@ -3,7 +3,8 @@
  * Every operation is one Lua script, so it is atomic and uses Redis's own clock (TIME): several
  * registry replicas with skewed clocks still agree on which leases have lapsed. Keys (prefix P,
  * default "{reg}:"):
- *   P i:<service>/<id>   hash: pb (packed iot.registry.v1.Instance), lease, reg (ms), ttl (ms), status
+ *   P i:<service>/<id>   hash: pb (packed iot.registry.v1.Instance), lease, reg (ms), ttl (ms), status,
+ *                        exp (a copy of the lease expiry, so Discover needs one call per instance)
  *   P s:<service>        set of instance ids
  *   P services           set of service names with at least one instance
  *   P l:<lease>          "<service>/<id>"

@@ -734,6 +734,48 @@ static void test_self_registration_and_discovery_channels(void) {
     reg_stop(&r);
 }
 
+/* Reads registry_watchers from the admin endpoint. */
+static int watchers_gauge(reg_proc_t *r) {
+    char body[65536];
+    if (test_http_get(r->p.admin_port, "/metrics", body, sizeof body) != 200) return -1;
+    const char *m = strstr(body, "\nregistry_watchers ");
+    return m ? atoi(m + 19) : -1;
+}
+
+/* A watcher that stops reading (a SIGSTOPped grpc-js client: real TCP/HTTP2 backpressure) is
+ * ended with RESOURCE_EXHAUSTED instead of buffering events without bound. */
+static void test_stalled_watcher_is_dropped(void) {
+    new_prefix("stall");
+    reg_proc_t r;
+    reg_start(&r);
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", r.p.grpc_port);
+    char *argv[] = {(char *)"/usr/bin/env", (char *)"node", (char *)"tests/interop/stalled_registry_watcher.js", target,
+                    (char *)"churn", NULL};
+    test_proc_t node;
+    ASSERT_INT_EQ(test_proc_start(&node, argv, NULL, 0), 0);
+    char line[256];
+    ASSERT(test_proc_read_line(&node, line, sizeof line, 20000) == 0);
+    ASSERT_STR_EQ(line, "watching");
+    ASSERT_INT_EQ(watchers_gauge(&r), 1);
+    test_proc_kill(&node, SIGSTOP);
+    /* Churn: each registration is an event of ~150 bytes; far more than the window, the socket
+     * buffers and the 1024-event send queue together can hold. */
+    int dropped = 0;
+    for (int i = 0; i < 60000 && !dropped; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "i-%d", i % 50);
+        reg_register(&r, "churn", id, 1000 + i % 60000, "", 60, NULL, NULL);
+        if (i % 2000 == 1999) dropped = watchers_gauge(&r) == 0;
+    }
+    ASSERT(dropped);
+    test_proc_kill(&node, SIGCONT);
+    ASSERT(test_proc_read_line(&node, line, sizeof line, 20000) == 0);
+    ASSERT(strncmp(line, "status ", 7) == 0);
+    test_proc_wait(&node, 10000);
+    reg_stop(&r);
+}
+
 TEST_MAIN(TEST_ENTRY(test_register_discover_deregister), TEST_ENTRY(test_reregister_is_idempotent),
           TEST_ENTRY(test_heartbeat_keeps_and_ttl_expires), TEST_ENTRY(test_validation_names_the_field),
           TEST_ENTRY(test_restart_keeps_instances_and_leases), TEST_ENTRY(test_two_replicas_agree),
@@ -741,4 +783,5 @@ TEST_MAIN(TEST_ENTRY(test_register_discover_deregister), TEST_ENTRY(test_reregis
           TEST_ENTRY(test_http_check_and_no_flapping), TEST_ENTRY(test_tcp_check_runs_once_per_interval_across_replicas),
           TEST_ENTRY(test_check_validation), TEST_ENTRY(test_watch_snapshot_then_changes_in_order),
           TEST_ENTRY(test_watch_sees_changes_made_on_another_replica), TEST_ENTRY(test_watch_reports_health_changes),
-          TEST_ENTRY(test_watch_ends_promptly_on_shutdown), TEST_ENTRY(test_self_registration_and_discovery_channels))
+          TEST_ENTRY(test_watch_ends_promptly_on_shutdown), TEST_ENTRY(test_self_registration_and_discovery_channels),
+          TEST_ENTRY(test_stalled_watcher_is_dropped))
