@@ -10,6 +10,7 @@
 #include "cm_alloc.h"
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_loop.h"
 #include "cm_time.h"
 #include "iot/registry/v1/registry.pb-c.h"
 
@@ -278,11 +279,8 @@ struct cm_selfreg_s {
     cm_channel_t *ch;
     char service[64], health[200], id[132], address[256], zone[65], cluster[65], version[65];
     int port, ttl_s;
-    char lease[40];
-    pthread_t th;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int stop;
+    char lease[40]; /* touched only by the loop thread, and by stop after the loop ended */
+    cm_loop_t *loop;
 };
 
 /* Caller holds no lock; only the heartbeat thread and stop touch lease. */
@@ -320,37 +318,28 @@ static int cm__selfreg_register(cm_selfreg_t *r) {
     return code;
 }
 
-static void *cm__selfreg_loop(void *arg) {
+/* One round: register, or heartbeat (registering again if the registry lost the lease). Returns
+ * the wait before the next round: a third of the TTL leaves two more tries before the lease
+ * lapses; after an error, a second. */
+static int64_t cm__selfreg_round(void *arg) {
     cm_selfreg_t *r = arg;
-    pthread_mutex_lock(&r->mu);
-    while (!r->stop) {
-        pthread_mutex_unlock(&r->mu);
-        int code;
-        if (!r->lease[0]) {
+    int code;
+    if (!r->lease[0]) {
+        code = cm__selfreg_register(r);
+    } else {
+        Iot__Registry__V1__HeartbeatRequest req = IOT__REGISTRY__V1__HEARTBEAT_REQUEST__INIT;
+        req.lease_id = r->lease;
+        ProtobufCMessage *resp = NULL;
+        cm_call_opts_t o = {.timeout_ms = 3000, .idempotent = 1};
+        code = cm_channel_unary(r->ch, "/iot.registry.v1.Registry/Heartbeat", &req.base,
+                                &iot__registry__v1__heartbeat_response__descriptor, &resp, &o, NULL);
+        if (resp) protobuf_c_message_free_unpacked(resp, NULL);
+        if (code == CM_STATUS_NOT_FOUND) {
+            r->lease[0] = '\0';
             code = cm__selfreg_register(r);
-        } else {
-            Iot__Registry__V1__HeartbeatRequest req = IOT__REGISTRY__V1__HEARTBEAT_REQUEST__INIT;
-            req.lease_id = r->lease;
-            ProtobufCMessage *resp = NULL;
-            cm_call_opts_t o = {.timeout_ms = 3000, .idempotent = 1};
-            code = cm_channel_unary(r->ch, "/iot.registry.v1.Registry/Heartbeat", &req.base,
-                                    &iot__registry__v1__heartbeat_response__descriptor, &resp, &o, NULL);
-            if (resp) protobuf_c_message_free_unpacked(resp, NULL);
-            if (code == CM_STATUS_NOT_FOUND) { /* the registry lost or expired us: start over */
-                r->lease[0] = '\0';
-                code = cm__selfreg_register(r);
-            }
-        }
-        pthread_mutex_lock(&r->mu);
-        /* A third of the TTL leaves two more tries before the lease lapses; retry sooner on errors. */
-        int64_t wait = code == CM_STATUS_OK ? (int64_t)r->ttl_s * 1000 / 3 : 1000;
-        struct timespec until;
-        cm_abstime_in(&until, wait);
-        while (!r->stop && pthread_cond_timedwait(&r->cv, &r->mu, &until) == 0) {
         }
     }
-    pthread_mutex_unlock(&r->mu);
-    return NULL;
+    return code == CM_STATUS_OK ? (int64_t)r->ttl_s * 1000 / 3 : 1000;
 }
 
 cm_selfreg_t *cm_selfreg_start(const cm_selfreg_opts_t *o) {
@@ -372,19 +361,13 @@ cm_selfreg_t *cm_selfreg_start(const cm_selfreg_opts_t *o) {
     snprintf(r->version, sizeof r->version, "%s", o->version ? o->version : "");
     r->ttl_s = o->ttl_s > 0 ? o->ttl_s : 15;
     r->ch = cm_channel_new(o->registry, NULL, NULL);
-    pthread_mutex_init(&r->mu, NULL);
-    cm_cond_init_monotonic(&r->cv);
-    pthread_create(&r->th, NULL, cm__selfreg_loop, r);
+    r->loop = cm_loop_start(cm__selfreg_round, r, 0);
     return r;
 }
 
 void cm_selfreg_stop(cm_selfreg_t *r) {
     if (!r) return;
-    pthread_mutex_lock(&r->mu);
-    r->stop = 1;
-    pthread_cond_signal(&r->cv);
-    pthread_mutex_unlock(&r->mu);
-    pthread_join(r->th, NULL);
+    cm_loop_stop(r->loop);
     if (r->lease[0]) {
         Iot__Registry__V1__DeregisterRequest req = IOT__REGISTRY__V1__DEREGISTER_REQUEST__INIT;
         req.lease_id = r->lease;
@@ -396,7 +379,5 @@ void cm_selfreg_stop(cm_selfreg_t *r) {
         cm_log_kv(CM_LOG_INFO, "deregistered from the registry", "code", cm_status_name(code), NULL);
     }
     cm_channel_free(r->ch);
-    pthread_mutex_destroy(&r->mu);
-    pthread_cond_destroy(&r->cv);
     cm_free(r);
 }

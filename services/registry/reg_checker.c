@@ -9,8 +9,8 @@
 
 #include "cm_alloc.h"
 #include "cm_log.h"
+#include "cm_loop.h"
 #include "cm_metrics.h"
-#include "cm_time.h"
 #include "reg_probe.h"
 
 #define REG__POLL_MS 50
@@ -19,10 +19,10 @@ struct reg_checker_s {
     reg_store_t *store;
     reg_prober_t *prober;
     int concurrency;
-    pthread_t scheduler;
+    cm_loop_t *scheduler;
     pthread_t *workers;
     pthread_mutex_t mu;
-    pthread_cond_t work_cv, stop_cv;
+    pthread_cond_t work_cv;
     reg_claim_t *queue; /* ring of claimed checks */
     int q_head, q_len;
     int running; /* probes in progress */
@@ -66,34 +66,29 @@ static void *reg__worker(void *arg) {
     return NULL;
 }
 
-static void *reg__scheduler(void *arg) {
+/* One scheduling round: claims as many due checks as there are free probe slots. Runs again at
+ * once while it keeps filling every slot, else after a short poll. */
+static int64_t reg__schedule(void *arg) {
     reg_checker_t *c = arg;
     pthread_mutex_lock(&c->mu);
-    while (!c->stop) {
-        int free_slots = c->concurrency - c->q_len - c->running;
-        pthread_mutex_unlock(&c->mu);
-        reg_claim_t *claims = NULL;
-        size_t n = 0;
-        char err[256];
-        if (free_slots > 0 && reg_store_claim_checks(c->store, free_slots, &claims, &n, err, sizeof err) < 0)
-            cm_log_kv(CM_LOG_WARN, "cannot claim checks", "error", err, NULL);
-        pthread_mutex_lock(&c->mu);
-        for (size_t i = 0; i < n; i++) {
-            /* free_slots bounded the claim, so the ring has room. */
-            c->queue[(c->q_head + c->q_len) % c->concurrency] = claims[i];
-            c->q_len++;
-        }
-        if (n) pthread_cond_broadcast(&c->work_cv);
-        cm_free(claims); /* the instances now belong to the queue */
-        if (n < (size_t)(free_slots > 0 ? free_slots : 0) || free_slots <= 0) {
-            struct timespec until;
-            cm_abstime_in(&until, REG__POLL_MS);
-            while (!c->stop && pthread_cond_timedwait(&c->stop_cv, &c->mu, &until) != ETIMEDOUT) {
-            }
-        }
-    }
+    int free_slots = c->concurrency - c->q_len - c->running;
     pthread_mutex_unlock(&c->mu);
-    return NULL;
+    if (free_slots <= 0) return REG__POLL_MS;
+    reg_claim_t *claims = NULL;
+    size_t n = 0;
+    char err[256];
+    if (reg_store_claim_checks(c->store, free_slots, &claims, &n, err, sizeof err) < 0)
+        cm_log_kv(CM_LOG_WARN, "cannot claim checks", "error", err, NULL);
+    pthread_mutex_lock(&c->mu);
+    for (size_t i = 0; i < n; i++) {
+        /* free_slots bounded the claim, so the ring has room. */
+        c->queue[(c->q_head + c->q_len) % c->concurrency] = claims[i];
+        c->q_len++;
+    }
+    if (n) pthread_cond_broadcast(&c->work_cv);
+    pthread_mutex_unlock(&c->mu);
+    cm_free(claims); /* the instances now belong to the queue */
+    return n == (size_t)free_slots ? 0 : REG__POLL_MS;
 }
 
 reg_checker_t *reg_checker_start(reg_store_t *store, int concurrency) {
@@ -108,25 +103,22 @@ reg_checker_t *reg_checker_start(reg_store_t *store, int concurrency) {
     c->changed = cm_metrics_counter("registry_health_changes_total", "Instances that flipped passing/critical.", NULL);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->work_cv, NULL);
-    cm_cond_init_monotonic(&c->stop_cv);
     for (int i = 0; i < concurrency; i++) pthread_create(&c->workers[i], NULL, reg__worker, c);
-    pthread_create(&c->scheduler, NULL, reg__scheduler, c);
+    c->scheduler = cm_loop_start(reg__schedule, c, 0);
     return c;
 }
 
 void reg_checker_stop(reg_checker_t *c) {
     if (!c) return;
+    cm_loop_stop(c->scheduler); /* no new claims */
     pthread_mutex_lock(&c->mu);
     c->stop = 1;
     pthread_cond_broadcast(&c->work_cv);
-    pthread_cond_broadcast(&c->stop_cv);
     pthread_mutex_unlock(&c->mu);
-    pthread_join(c->scheduler, NULL);
     for (int i = 0; i < c->concurrency; i++) pthread_join(c->workers[i], NULL);
     reg_prober_free(c->prober);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->work_cv);
-    pthread_cond_destroy(&c->stop_cv);
     cm_free(c->queue);
     cm_free(c->workers);
     cm_free(c);

@@ -171,6 +171,25 @@ static const char reg__lua_sweep[] = REG__LUA_PRELUDE
     "end\n"
     "return n\n";
 
+/* One command on a pooled connection. Returns the reply (caller frees), or NULL with err set for
+ * a connection problem or an error reply (whose text starts err, e.g. "NOSCRIPT ..."). */
+static redisReply *reg__cmd(reg_store_t *s, int argc, const char **argv, const size_t *argl, char *err, size_t errcap) {
+    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
+    if (!r) {
+        snprintf(err, errcap, "no redis connection free within %d ms", s->timeout_ms);
+        return NULL;
+    }
+    redisReply *rep = cm_redis_cmd(r, argc, argv, argl);
+    if (!rep) snprintf(err, errcap, "%s", cm_redis_error(r));
+    cm_redis_pool_release(s->pool, r);
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        snprintf(err, errcap, "%s", rep->str);
+        freeReplyObject(rep);
+        return NULL;
+    }
+    return rep;
+}
+
 /* SHA1 of a script as Redis names it (40 hex digits), computed once per script: the scripts are
  * the static strings above, so their addresses identify them. */
 static void reg__sha1_hex(const char *script, char out[41]) {
@@ -220,26 +239,13 @@ static redisReply *reg__eval(reg_store_t *s, const char *script, int nargs, cons
         argv[4 + i] = args[i];
         argl[4 + i] = lens ? lens[i] : strlen(args[i]);
     }
-    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
-    if (!r) {
-        snprintf(err, errcap, "no redis connection free within %d ms", s->timeout_ms);
-        return NULL;
-    }
-    redisReply *rep = cm_redis_cmd(r, 4 + nargs, argv, argl);
-    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
-        freeReplyObject(rep);
+    redisReply *rep = reg__cmd(s, 4 + nargs, argv, argl, err, errcap);
+    if (!rep && strncmp(err, "NOSCRIPT", 8) == 0) {
         argv[0] = "EVAL";
         argv[1] = script;
         argl[0] = 4;
         argl[1] = strlen(script);
-        rep = cm_redis_cmd(r, 4 + nargs, argv, argl);
-    }
-    if (!rep) snprintf(err, errcap, "%s", cm_redis_error(r));
-    cm_redis_pool_release(s->pool, r);
-    if (rep && rep->type == REDIS_REPLY_ERROR) {
-        snprintf(err, errcap, "redis script error: %s", rep->str);
-        freeReplyObject(rep);
-        return NULL;
+        rep = reg__cmd(s, 4 + nargs, argv, argl, err, errcap);
     }
     return rep;
 }
@@ -496,18 +502,6 @@ int reg_store_events_between(reg_store_t *s, const char *after, const char *upto
     char key[96];
     snprintf(key, sizeof key, "%sev", s->prefix);
     const char *argv[] = {"XRANGE", key, start, upto};
-    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
-    if (!r) {
-        snprintf(err, errcap, "no redis connection free within %d ms", s->timeout_ms);
-        return CM_EREDIS;
-    }
-    *out = cm_redis_cmd(r, 4, argv, NULL);
-    if (!*out) snprintf(err, errcap, "%s", cm_redis_error(r));
-    cm_redis_pool_release(s->pool, r);
-    if (*out && (*out)->type == REDIS_REPLY_ERROR) {
-        snprintf(err, errcap, "%s", (*out)->str);
-        freeReplyObject(*out);
-        *out = NULL;
-    }
+    *out = reg__cmd(s, 4, argv, NULL, err, errcap);
     return *out ? 0 : CM_EREDIS;
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cm_admin.h"
@@ -14,6 +15,7 @@
 #include "cm_config.h"
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_loop.h"
 #include "cm_metrics.h"
 #include "cm_rpc.h"
 #include "iot/testing/v1/echo.pb-c.h"
@@ -274,9 +276,29 @@ static void test_metrics_registry_renders(void) {
     cm_buf_free(&out);
 }
 
+static int64_t loop_count(void *arg) {
+    __atomic_add_fetch((int *)arg, 1, __ATOMIC_SEQ_CST);
+    return 60000; /* a long sleep: kick and stop must not wait it out */
+}
+
+static void test_loop_kick_and_stop(void) {
+    int runs = 0;
+    cm_loop_t *l = cm_loop_start(loop_count, &runs, 0);
+    for (int i = 0; i < 200 && __atomic_load_n(&runs, __ATOMIC_SEQ_CST) < 1; i++) usleep(5000);
+    ASSERT_INT_EQ(__atomic_load_n(&runs, __ATOMIC_SEQ_CST), 1);
+    cm_loop_kick(l);
+    for (int i = 0; i < 200 && __atomic_load_n(&runs, __ATOMIC_SEQ_CST) < 2; i++) usleep(5000);
+    ASSERT_INT_EQ(__atomic_load_n(&runs, __ATOMIC_SEQ_CST), 2);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    cm_loop_stop(l);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ASSERT(t1.tv_sec - t0.tv_sec < 2);
+}
+
 TEST_MAIN(TEST_ENTRY(test_arena_alignment_and_growth), TEST_ENTRY(test_arena_as_protobuf_allocator),
           TEST_ENTRY(test_arena_chunks_recycled),
           TEST_ENTRY(test_buf_printf_grows), TEST_ENTRY(test_errors_have_messages),
           TEST_ENTRY(test_config_defaults_and_env), TEST_ENTRY(test_config_errors_name_the_variable),
           TEST_ENTRY(test_log_lines_are_json), TEST_ENTRY(test_trace_parse_and_child), TEST_ENTRY(test_hostport_parse),
-          TEST_ENTRY(test_metrics_registry_renders))
+          TEST_ENTRY(test_metrics_registry_renders), TEST_ENTRY(test_loop_kick_and_stop))
