@@ -58,7 +58,7 @@ cm_channel_t *cm_channel_new(const char *target, const cm_channel_opts_t *o, int
     } else {
         creds = grpc_insecure_credentials_create();
     }
-    grpc_arg args[6];
+    grpc_arg args[8];
     size_t n = 0;
     args[n].type = GRPC_ARG_INTEGER;
     args[n].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -75,6 +75,14 @@ cm_channel_t *cm_channel_new(const char *target, const cm_channel_opts_t *o, int
         args[n].type = GRPC_ARG_INTEGER;
         args[n].key = (char *)GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL;
         args[n++].value.integer = 1;
+    }
+    if (o->max_reconnect_backoff_ms > 0) {
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
+        args[n++].value.integer = o->max_reconnect_backoff_ms;
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
+        args[n++].value.integer = o->max_reconnect_backoff_ms < 1000 ? o->max_reconnect_backoff_ms : 1000;
     }
     if (o->flow_window_bytes > 0) {
         args[n].type = GRPC_ARG_INTEGER;

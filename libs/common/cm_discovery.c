@@ -128,16 +128,14 @@ static void *cm__disco_loop(void *arg) {
     cm_disco_t *d = arg;
     int backoff_ms = 100;
     for (;;) {
-        pthread_mutex_lock(&d->mu);
-        if (d->stop) {
-            pthread_mutex_unlock(&d->mu);
-            break;
-        }
         Iot__Registry__V1__WatchRequest req = IOT__REGISTRY__V1__WATCH_REQUEST__INIT;
         req.service = d->service;
         cm_call_opts_t o = {.timeout_ms = CM__WATCH_TIMEOUT_MS, .wait_for_ready = 0};
+        /* Opening can wait on the connection: never with the lock held, or every pick would. */
         cm_stream_t *s = cm_stream_open(d->reg_ch, "/iot.registry.v1.Registry/Watch", &o);
+        pthread_mutex_lock(&d->mu);
         d->stream = s;
+        if (d->stop) cm_stream_cancel(s); /* stopped while we were opening */
         pthread_mutex_unlock(&d->mu);
         cm_stream_send(s, &req.base);
         cm_stream_close_send(s);
@@ -154,7 +152,11 @@ static void *cm__disco_loop(void *arg) {
         int code = cm_stream_finish(s, &st);
         cm_rpc_status_clear(&st);
         pthread_mutex_lock(&d->mu);
-        if (!d->stop) {
+        if (d->stop) {
+            pthread_mutex_unlock(&d->mu);
+            break;
+        }
+        {
             /* Keep serving from what we know; reconnect with backoff for a fresh snapshot. */
             cm_log_kv(CM_LOG_DEBUG, "discovery watch ended, reconnecting", "service", d->service, "code",
                       cm_status_name(code), NULL);
@@ -187,7 +189,15 @@ cm_disco_t *cm_disco_new(const cm_disco_opts_t *o, int *err) {
         d->service = cm_strdup(o->service);
         d->lb = cm_lb_new(o->policy);
         d->reg_ch = cm_channel_new(o->registry, NULL, err);
+        if (!d->reg_ch) {
+            cm_disco_free(d);
+            return NULL;
+        }
         pthread_create(&d->th, NULL, cm__disco_loop, d);
+    }
+    if (dns && !d->dns_ch) {
+        cm_disco_free(d);
+        return NULL;
     }
     if (err) *err = 0;
     return d;

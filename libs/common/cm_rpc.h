@@ -243,6 +243,7 @@ typedef struct cm_channel_opts_s {
     int own_connection;             /* do not share the TCP connection with other channels */
     int flow_window_bytes;          /* fixed HTTP/2 receive window per stream (constrained clients);
                                        0 = grpc's default, grown automatically (BDP probing) */
+    int max_reconnect_backoff_ms;   /* cap on reconnect backoff; 0 = grpc's default (120 s) */
 } cm_channel_opts_t;
 
 /* target: "127.0.0.1:50051", "dns:///svc.ns:50051", "unix:/path". Channels are thread safe and

@@ -51,7 +51,7 @@ static void *reg__worker(void *arg) {
     pthread_mutex_lock(&c->mu);
     for (;;) {
         while (!c->stop && c->q_len == 0) pthread_cond_wait(&c->work_cv, &c->mu);
-        if (c->q_len == 0) break; /* stopping and nothing left */
+        if (c->stop) break; /* queued claims are dropped: they run again on the next claim */
         reg_claim_t job = c->queue[c->q_head];
         c->q_head = (c->q_head + 1) % c->concurrency;
         c->q_len--;
@@ -116,6 +116,8 @@ void reg_checker_stop(reg_checker_t *c) {
     pthread_cond_broadcast(&c->work_cv);
     pthread_mutex_unlock(&c->mu);
     for (int i = 0; i < c->concurrency; i++) pthread_join(c->workers[i], NULL);
+    for (int i = 0; i < c->q_len; i++)
+        iot__registry__v1__instance__free_unpacked(c->queue[(c->q_head + i) % c->concurrency].inst, &cm_pb_allocator);
     reg_prober_free(c->prober);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->work_cv);

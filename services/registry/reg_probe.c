@@ -138,6 +138,14 @@ out:
     return ok;
 }
 
+/* A probe channel reconnects at most a second apart: with gRPC's default backoff (up to 120 s) a
+ * target that was down for minutes would keep failing checks long after it came back. Its own
+ * connection, so the backoff of channels elsewhere in the process does not apply. */
+static cm_channel_t *reg__probe_channel(const char *target) {
+    cm_channel_opts_t o = {.own_connection = 1, .max_reconnect_backoff_ms = 1000};
+    return cm_channel_new(target, &o, NULL);
+}
+
 /* The cached channel for target (created on first use), marked busy; *slot is its index, or -1
  * for a one-off channel when every cached one is busy. Release with reg__channel_release. */
 static cm_channel_t *reg__channel_acquire(reg_prober_t *p, const char *target, int *slot) {
@@ -159,12 +167,12 @@ static cm_channel_t *reg__channel_acquire(reg_prober_t *p, const char *target, i
     cm_channel_t *ch;
     if (s < 0) {
         *slot = -1;
-        ch = cm_channel_new(target, NULL, NULL);
+        ch = reg__probe_channel(target);
     } else {
         reg__chan_t *c = &p->chans[s];
         cm_channel_free(c->ch); /* idle: nobody holds it */
         snprintf(c->target, sizeof c->target, "%s", target);
-        c->ch = ch = cm_channel_new(target, NULL, NULL);
+        c->ch = ch = reg__probe_channel(target);
         c->used = ++p->tick;
         c->busy = 1;
         *slot = s;

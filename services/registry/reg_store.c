@@ -55,7 +55,9 @@ static const char reg__lua_register[] = REG__LUA_PRELUDE
     "local ik = P .. 'i:' .. member\n"
     "local ok = live(member)\n"
     "local lease, reg = redis.call('HGET', ik, 'lease'), redis.call('HGET', ik, 'reg')\n"
+    "local old_pb, old_ttl = redis.call('HGET', ik, 'pb'), redis.call('HGET', ik, 'ttl')\n"
     "local fresh_start = not ok or not lease\n"
+    "local changed = fresh_start or old_pb ~= pb or tonumber(old_ttl) ~= ttl\n"
     "if fresh_start then remove(member); lease = fresh; reg = now end\n"
     "redis.call('HSET', ik, 'pb', pb, 'lease', lease, 'reg', reg, 'ttl', ttl)\n"
     "if civ > 0 then\n"
@@ -76,7 +78,7 @@ static const char reg__lua_register[] = REG__LUA_PRELUDE
     "redis.call('SET', P .. 'l:' .. lease, member)\n"
     "redis.call('ZADD', P .. 'exp', now + ttl, member)\n"
     "redis.call('HSET', ik, 'exp', now + ttl)\n"
-    "emit(fresh_start and 'added' or 'updated', member)\n"
+    "if fresh_start then emit('added', member) elseif changed then emit('updated', member) end\n"
     "return {lease, tostring(now + ttl)}\n";
 
 /* ARGV: P, lease. A lapsed lease is gone: the instance has to register again. */
@@ -119,6 +121,8 @@ static const char reg__lua_claim[] = REG__LUA_PRELUDE
  * Returns {status, changed} or nil when the instance is gone. */
 static const char reg__lua_report[] = REG__LUA_PRELUDE
     "local ik = P .. 'i:' .. ARGV[2]\n"
+    /* A result that arrives after the lease lapsed must not revive the instance in events. */
+    "if not live(ARGV[2]) then return false end\n"
     "local h = redis.call('HMGET', ik, 'status', 'chk_ok', 'chk_fail', 'chk_int')\n"
     "if not h[1] or not h[4] then return false end\n"
     "local status, okc, failc = tonumber(h[1]), tonumber(h[2] or 0), tonumber(h[3] or 0)\n"

@@ -116,6 +116,10 @@ static void *reg__tail_loop(void *arg) {
         /* Short blocks so that stop is noticed within half a second. */
         const char *argv[] = {"XREAD", "COUNT", "500", "BLOCK", "500", "STREAMS", key, from};
         redisReply *rep = cm_redis_cmd(h->tail, 8, argv, NULL);
+        if (rep && rep->type == REDIS_REPLY_ERROR) { /* e.g. LOADING after a restart: back off too */
+            freeReplyObject(rep);
+            rep = NULL;
+        }
         if (!rep) {
             if (!down) cm_log_kv(CM_LOG_WARN, "watch tailer lost redis", "error", cm_redis_error(h->tail), NULL);
             down = 1;
@@ -158,7 +162,9 @@ void reg_watch_hub_end_all(void *arg) {
     reg_watch_hub_t *h = arg;
     pthread_mutex_lock(&h->mu);
     h->closing = 1;
-    for (size_t i = 0; i < h->nw; i++) cm_call_finish(h->w[i].call, CM_STATUS_UNAVAILABLE, "registry is shutting down");
+    /* Abort, not finish: a watcher with events queued behind a full window would otherwise hold
+     * the drain for the whole grace period. */
+    for (size_t i = 0; i < h->nw; i++) cm_call_abort(h->w[i].call, CM_STATUS_UNAVAILABLE, "registry is shutting down");
     pthread_mutex_unlock(&h->mu);
 }
 

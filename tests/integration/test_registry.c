@@ -581,6 +581,8 @@ static void test_watch_snapshot_then_changes_in_order(void) {
     expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__ADDED, "b", rev);
     ASSERT_INT_EQ(reg_register(&r, "inventory", "b", 9002, "", 1, NULL, NULL), CM_STATUS_OK);
     expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__UPDATED, "b", rev);
+    /* Regression: an identical re-registration changed nothing and must not be an event. */
+    ASSERT_INT_EQ(reg_register(&r, "inventory", "b", 9002, "", 1, NULL, NULL), CM_STATUS_OK);
     ASSERT_INT_EQ(deregister(&r, la, "", ""), CM_STATUS_OK);
     expect_event(s, IOT__REGISTRY__V1__WATCH_EVENT__TYPE__REMOVED, "a", rev);
     /* b's 1 s lease lapses without heartbeats: removed by the sweeper. */
