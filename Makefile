@@ -30,7 +30,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
 WARN    := -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror
 CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -pthread $(SANFLAGS) -MMD -MP
-CPPFLAGS = -Ilibs/common -Itests/support -I$(GEN) $(PKG_CFLAGS)
+CPPFLAGS = -Ilibs/common -I$(GEN) $(PKG_CFLAGS)
 LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
 LDLIBS   = $(PKG_LIBS) -lm
 
@@ -95,6 +95,8 @@ TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
 TEST_SRC  := $(sort $(wildcard tests/unit/*.c tests/integration/*.c))
 TEST_BINS := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 ECHO_SERVER := $(B)/tests/echo_server
+
+$(B)/tests/%.o: CPPFLAGS += -Itests/support
 
 $(B)/tests/%: $(B)/tests/%.o $(TEST_SUPPORT_OBJ) $(LIBCOMMON)
 	@mkdir -p $(dir $@)

@@ -145,27 +145,23 @@ static void *cm__disco_loop(void *arg) {
             protobuf_c_message_free_unpacked(&ev->base, NULL);
             backoff_ms = 100;
         }
-        cm_rpc_status_t st = {0};
         pthread_mutex_lock(&d->mu);
         d->stream = NULL;
         pthread_mutex_unlock(&d->mu);
-        int code = cm_stream_finish(s, &st);
-        cm_rpc_status_clear(&st);
+        int code = cm_stream_finish(s, NULL);
         pthread_mutex_lock(&d->mu);
         if (d->stop) {
             pthread_mutex_unlock(&d->mu);
             break;
         }
-        {
-            /* Keep serving from what we know; reconnect with backoff for a fresh snapshot. */
-            cm_log_kv(CM_LOG_DEBUG, "discovery watch ended, reconnecting", "service", d->service, "code",
-                      cm_status_name(code), NULL);
-            struct timespec until;
-            cm_abstime_in(&until, backoff_ms);
-            while (!d->stop && pthread_cond_timedwait(&d->cv, &d->mu, &until) == 0) {
-            }
-            backoff_ms = backoff_ms < 2000 ? backoff_ms * 2 : 2000;
+        /* Keep serving from what we know; reconnect with backoff for a fresh snapshot. */
+        cm_log_kv(CM_LOG_DEBUG, "discovery watch ended, reconnecting", "service", d->service, "code",
+                  cm_status_name(code), NULL);
+        struct timespec until;
+        cm_abstime_in(&until, backoff_ms);
+        while (!d->stop && pthread_cond_timedwait(&d->cv, &d->mu, &until) == 0) {
         }
+        backoff_ms = backoff_ms < 2000 ? backoff_ms * 2 : 2000;
         pthread_mutex_unlock(&d->mu);
     }
     return NULL;

@@ -143,46 +143,47 @@ const char *cm_status_name(int code) {
 
 /* ---- encoding -------------------------------------------------------------------------- */
 
-ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAllocator *alloc,
-                             grpc_byte_buffer *buf) {
-    if (!buf) return NULL;
-    /* Fast path: one uncompressed slice can be parsed in place, without readall's copy. */
+/* The message bytes of buf as one contiguous run. One uncompressed slice is used in place; else
+ * the bytes are copied into *hold, which the caller unrefs (an empty slice otherwise). NULL when
+ * the buffer cannot be read. */
+static const uint8_t *cm__flatten(grpc_byte_buffer *buf, size_t *n, grpc_slice *hold) {
+    *hold = grpc_empty_slice();
     if (buf->type == GRPC_BB_RAW && buf->data.raw.compression == GRPC_COMPRESS_NONE &&
         buf->data.raw.slice_buffer.count == 1) {
-        grpc_slice s = buf->data.raw.slice_buffer.slices[0];
-        return protobuf_c_message_unpack(desc, alloc, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+        *n = GRPC_SLICE_LENGTH(buf->data.raw.slice_buffer.slices[0]);
+        return GRPC_SLICE_START_PTR(buf->data.raw.slice_buffer.slices[0]);
     }
     grpc_byte_buffer_reader r;
     if (!grpc_byte_buffer_reader_init(&r, buf)) return NULL;
-    grpc_slice all = grpc_byte_buffer_reader_readall(&r);
+    *hold = grpc_byte_buffer_reader_readall(&r);
     grpc_byte_buffer_reader_destroy(&r);
-    ProtobufCMessage *m = protobuf_c_message_unpack(desc, alloc, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-    grpc_slice_unref(all);
+    *n = GRPC_SLICE_LENGTH(*hold);
+    return GRPC_SLICE_START_PTR(*hold);
+}
+
+ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAllocator *alloc,
+                             grpc_byte_buffer *buf) {
+    if (!buf) return NULL;
+    size_t n;
+    grpc_slice hold;
+    const uint8_t *p = cm__flatten(buf, &n, &hold);
+    ProtobufCMessage *m = p ? protobuf_c_message_unpack(desc, alloc, n, p) : NULL;
+    grpc_slice_unref(hold);
     return m;
 }
 
 ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf) {
     if (!buf) return NULL;
-    grpc_slice all = grpc_empty_slice();
-    const uint8_t *p;
     size_t n;
-    if (buf->type == GRPC_BB_RAW && buf->data.raw.compression == GRPC_COMPRESS_NONE &&
-        buf->data.raw.slice_buffer.count == 1) {
-        p = GRPC_SLICE_START_PTR(buf->data.raw.slice_buffer.slices[0]);
-        n = GRPC_SLICE_LENGTH(buf->data.raw.slice_buffer.slices[0]);
-    } else {
-        grpc_byte_buffer_reader r;
-        if (!grpc_byte_buffer_reader_init(&r, buf)) return NULL;
-        all = grpc_byte_buffer_reader_readall(&r);
-        grpc_byte_buffer_reader_destroy(&r);
-        p = GRPC_SLICE_START_PTR(all);
-        n = GRPC_SLICE_LENGTH(all);
+    grpc_slice hold;
+    const uint8_t *p = cm__flatten(buf, &n, &hold);
+    ProtobufCMessage *m = NULL;
+    if (p) {
+        int rc = cm__pb_decode(desc, a, p, n, &m);
+        if (rc == CM__PB_FALLBACK) m = protobuf_c_message_unpack(desc, &a->pb, n, p);
+        else if (rc) m = NULL;
     }
-    ProtobufCMessage *m;
-    int rc = cm__pb_decode(desc, a, p, n, &m);
-    if (rc == CM__PB_FALLBACK) m = protobuf_c_message_unpack(desc, &a->pb, n, p);
-    else if (rc) m = NULL;
-    grpc_slice_unref(all);
+    grpc_slice_unref(hold);
     return m;
 }
 

@@ -86,6 +86,16 @@ int test_proc_read_line(test_proc_t *p, char *buf, size_t cap, int timeout_ms) {
     return -1;
 }
 
+int test_proc_start_node(test_proc_t *p, const char *script, const char *arg1, const char *arg2, const char *ready) {
+    char path[256];
+    snprintf(path, sizeof path, "tests/interop/%s", script);
+    char *argv[] = {(char *)"/usr/bin/env", (char *)"node", path, (char *)arg1, (char *)arg2, NULL};
+    if (test_proc_start(p, argv, NULL, 0) != 0) return -1;
+    char line[256];
+    if (test_proc_read_line(p, line, sizeof line, 20000) != 0) return -1;
+    return strcmp(line, ready) == 0 ? 0 : -1;
+}
+
 int test_proc_wait(test_proc_t *p, int timeout_ms) {
     int64_t until = now_ms() + timeout_ms;
     for (;;) {

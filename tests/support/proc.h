@@ -16,6 +16,9 @@ typedef struct test_proc_s {
 /* Starts argv[0] with env entries ("K=V", NULL-terminated) added. When wait_ports is set, waits up
  * to 10 s for the ports line; returns 0 or -1. */
 int test_proc_start(test_proc_t *p, char *const argv[], const char *const env[], int wait_ports);
+/* Starts `node tests/interop/<script> arg1 arg2` and waits up to 20 s for it to print `ready`
+ * as its first line; 0 or -1. */
+int test_proc_start_node(test_proc_t *p, const char *script, const char *arg1, const char *arg2, const char *ready);
 /* Reads one line of the child's stdout (without the newline) within timeout_ms; 0 or -1. */
 int test_proc_read_line(test_proc_t *p, char *buf, size_t cap, int timeout_ms);
 /* Waits for exit up to timeout_ms; returns the exit status, 128+signal, or -1 on timeout. */
