@@ -39,7 +39,9 @@ GRPC_PROTO_DIR := /usr/share/grpc-proto
 PB_INCLUDE     := /usr/include
 PROTOS         := $(shell find proto -name '*.proto' | sort)
 GRPC_PROTOS    := grpc/health/v1/health.proto grpc/reflection/v1alpha/reflection.proto
-WKT_PROTOS     := google/protobuf/descriptor.proto
+# Well-known types used by project protos (Timestamp, FieldMask, Struct) and by reflection.
+WKT_PROTOS     := google/protobuf/descriptor.proto google/protobuf/timestamp.proto \
+                  google/protobuf/field_mask.proto google/protobuf/struct.proto
 PROTO_PATH     := -Iproto -I$(GRPC_PROTO_DIR) -I$(PB_INCLUDE)
 
 GEN_C := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS)) \
