@@ -13,6 +13,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <openssl/sha.h>
+
 struct cm_redis_s {
     redisContext *ctx;
     char *host;
@@ -221,4 +223,49 @@ void cm_redis_pool_release(cm_redis_pool_t *p, cm_redis_t *r) {
     r->in_use = 0;
     pthread_cond_signal(&p->cv);
     pthread_mutex_unlock(&p->mu);
+}
+
+void cm_redis_script_init(cm_redis_script_t *s, const char *text) {
+    unsigned char md[SHA_DIGEST_LENGTH];
+    SHA1((const unsigned char *)text, strlen(text), md);
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < SHA_DIGEST_LENGTH; i++) {
+        s->sha[2 * i] = hex[md[i] >> 4];
+        s->sha[2 * i + 1] = hex[md[i] & 15];
+    }
+    s->sha[40] = '\0';
+    s->text = text;
+}
+
+redisReply *cm_redis_eval(cm_redis_t *r, const cm_redis_script_t *s, int nargs, const char *const *args,
+                          const size_t *lens) {
+    const char *small_v[24];
+    size_t small_l[24];
+    int argc = 3 + nargs;
+    const char **argv = argc <= 24 ? small_v : cm_malloc(sizeof *argv * (size_t)argc);
+    size_t *argl = argc <= 24 ? small_l : cm_malloc(sizeof *argl * (size_t)argc);
+    argv[0] = "EVALSHA";
+    argl[0] = 7;
+    argv[1] = s->sha;
+    argl[1] = 40;
+    argv[2] = "0";
+    argl[2] = 1;
+    for (int i = 0; i < nargs; i++) {
+        argv[3 + i] = args[i];
+        argl[3 + i] = lens ? lens[i] : strlen(args[i]);
+    }
+    redisReply *rep = cm_redis_cmd(r, argc, argv, argl);
+    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
+        freeReplyObject(rep);
+        argv[0] = "EVAL";
+        argl[0] = 4;
+        argv[1] = s->text;
+        argl[1] = strlen(s->text);
+        rep = cm_redis_cmd(r, argc, argv, argl);
+    }
+    if (argv != small_v) {
+        cm_free(argv);
+        cm_free(argl);
+    }
+    return rep;
 }

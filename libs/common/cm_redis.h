@@ -31,6 +31,19 @@ const char *cm_redis_error(const cm_redis_t *r);
 /* Seconds-resolution check that the server answers PING. */
 int cm_redis_ping(cm_redis_t *r);
 
+/* A Lua script run with EVALSHA; its text goes out (EVAL) only when Redis answers NOSCRIPT (first
+ * use, after a restart or SCRIPT FLUSH), so Redis does not hash the script on every call. Scripts
+ * take no KEYS: callers pass a key prefix as the first argument. */
+typedef struct cm_redis_script_s {
+    const char *text; /* must outlive the script: usually a static string */
+    char sha[41];
+} cm_redis_script_t;
+void cm_redis_script_init(cm_redis_script_t *s, const char *text);
+/* Runs the script with nargs arguments (lens NULL: NUL-terminated). Returns the reply (error replies
+ * included) or NULL on a connection problem, like cm_redis_cmd. */
+redisReply *cm_redis_eval(cm_redis_t *r, const cm_redis_script_t *s, int nargs, const char *const *args,
+                          const size_t *lens);
+
 typedef struct cm_redis_pool_s cm_redis_pool_t;
 cm_redis_pool_t *cm_redis_pool_new(const char *addr, int size, int timeout_ms, int *err);
 void cm_redis_pool_free(cm_redis_pool_t *p);
