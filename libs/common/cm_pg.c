@@ -81,6 +81,11 @@ static int cm__pg_simple(cm_pg_conn_t *c, const char *sql) {
     return ok ? 0 : CM_EPG;
 }
 
+static void cm__pg_ignore_notice(void *arg, const char *msg) {
+    (void)arg;
+    (void)msg;
+}
+
 /* Makes sure c is connected, with the pool's search_path. */
 static int cm__pg_connect(cm_pg_t *pg, cm_pg_conn_t *c) {
     if (c->conn && PQstatus(c->conn) == CONNECTION_OK && PQtransactionStatus(c->conn) == PQTRANS_IDLE) return 0;
@@ -100,6 +105,8 @@ static int cm__pg_connect(cm_pg_t *pg, cm_pg_conn_t *c) {
         c->conn = NULL;
         return CM_EPG;
     }
+    /* Server notices ("schema already exists, skipping") are not errors: keep them off stderr. */
+    PQsetNoticeProcessor(c->conn, cm__pg_ignore_notice, NULL);
     if (pg->schema) {
         /* Identifiers cannot be parameters; the schema name comes from the service's own
          * configuration and is quoted by libpq. */
