@@ -1,12 +1,18 @@
 // The one load generator `make bench` points at every server (ours and the grpc++ references),
 // so differences come from the servers. Modes:
 //   unary  --concurrency C --seconds S        closed loop, C calls outstanding; QPS, p50, p99
+//          [--method /pkg.Svc/M --request-hex H]  the same, any unary method with a fixed serialised
+//                                             request (GenericStub), e.g. a service's real RPC
+//          [--bearer TOKEN]                   with `authorization: Bearer TOKEN` metadata
 //   record --streams K --seconds S            client streams of single small Points; points/s
 //   batch  --streams K --seconds S            client streams of PointBatch x100; points/s
 //   idle   --streams N --channels M           opens N idle bidi streams, prints "ready", holds
 //                                             them until stdin closes
 // Prints one line of key=value results.
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+
+#include <functional>
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +21,7 @@
 #include <cstring>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -25,7 +32,7 @@ namespace pb = iot::testing::v1;
 using Clock = std::chrono::steady_clock;
 
 struct Opts {
-    std::string target, mode = "unary";
+    std::string target, mode = "unary", method, request_hex, bearer;
     int concurrency = 1, streams = 1, channels = 1;
     double seconds = 2.0, warmup = 0.5;
 };
@@ -38,15 +45,23 @@ static std::shared_ptr<grpc::Channel> make_channel(const std::string &target, in
     return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
 }
 
+template <class Resp>
 struct UnaryCall {
     grpc::ClientContext ctx;
-    pb::EchoResponse resp;
+    Resp resp;
     grpc::Status status;
-    std::unique_ptr<grpc::ClientAsyncResponseReader<pb::EchoResponse>> rpc;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<Resp>> rpc;
     Clock::time_point start;
 };
 
-static int run_unary(const Opts &o) {
+template <class Resp>
+using Prepare = std::function<std::unique_ptr<grpc::ClientAsyncResponseReader<Resp>>(grpc::ClientContext *,
+                                                                                     grpc::CompletionQueue *)>;
+
+// Closed loop over one completion queue per thread; make_prepare builds each thread's call maker
+// from its channel.
+template <class Resp>
+static int run_unary_with(const Opts &o, std::function<Prepare<Resp>(std::shared_ptr<grpc::Channel>)> make_prepare) {
     int nthreads = std::min(2, o.concurrency);
     std::vector<std::vector<double>> lat(nthreads);
     std::atomic<long> errors{0};
@@ -54,33 +69,38 @@ static int run_unary(const Opts &o) {
     auto measure_from = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.warmup));
     auto end = measure_from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
     std::vector<std::thread> threads;
+    std::string first_error;
+    std::mutex mu;
     for (int t = 0; t < nthreads; t++) {
         int per = o.concurrency / nthreads + (t < o.concurrency % nthreads ? 1 : 0);
         threads.emplace_back([&, t, per] {
-            auto ch = make_channel(o.target, t);
-            auto stub = pb::Echo::NewStub(ch);
+            auto prepare = make_prepare(make_channel(o.target, t));
             grpc::CompletionQueue cq;
-            pb::EchoRequest req;
-            req.set_message("hello, iotsuite");
-            auto start_call = [&](UnaryCall *c) {
-                c->~UnaryCall();
-                new (c) UnaryCall();
+            auto start_call = [&](UnaryCall<Resp> *c) {
+                c->~UnaryCall<Resp>();
+                new (c) UnaryCall<Resp>();
                 c->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+                if (!o.bearer.empty()) c->ctx.AddMetadata("authorization", "Bearer " + o.bearer);
                 c->start = Clock::now();
-                c->rpc = stub->PrepareAsyncUnary(&c->ctx, req, &cq);
+                c->rpc = prepare(&c->ctx, &cq);
                 c->rpc->StartCall();
                 c->rpc->Finish(&c->resp, &c->status, c);
             };
-            std::vector<UnaryCall> calls(per);
+            std::vector<UnaryCall<Resp>> calls(per);
             lat[t].reserve(1 << 20);
             for (auto &c : calls) start_call(&c);
             int outstanding = per;
             void *tag;
             bool ok;
             while (outstanding > 0 && cq.Next(&tag, &ok)) {
-                auto *c = static_cast<UnaryCall *>(tag);
+                auto *c = static_cast<UnaryCall<Resp> *>(tag);
                 auto now = Clock::now();
-                if (!c->status.ok()) errors++;
+                if (!c->status.ok()) {
+                    if (errors++ == 0) {
+                        std::lock_guard<std::mutex> g(mu);
+                        first_error = c->status.error_message();
+                    }
+                }
                 if (now >= measure_from && now < end)
                     lat[t].push_back(std::chrono::duration<double, std::micro>(now - c->start).count());
                 if (now < end)
@@ -98,9 +118,32 @@ static int run_unary(const Opts &o) {
     for (auto &v : lat) all.insert(all.end(), v.begin(), v.end());
     std::sort(all.begin(), all.end());
     auto pct = [&](double p) { return all.empty() ? 0.0 : all[std::min(all.size() - 1, (size_t)(p * all.size()))]; };
-    std::printf("qps=%.0f p50_us=%.1f p99_us=%.1f calls=%zu errors=%ld\n", all.size() / o.seconds, pct(0.50), pct(0.99),
-                all.size(), errors.load());
+    std::printf("qps=%.0f p50_us=%.1f p99_us=%.1f calls=%zu errors=%ld%s%s\n", all.size() / o.seconds, pct(0.50),
+                pct(0.99), all.size(), errors.load(), errors ? " first_error=" : "", first_error.c_str());
     return errors ? 1 : 0;
+}
+
+static int run_unary(const Opts &o) {
+    if (o.method.empty())
+        return run_unary_with<pb::EchoResponse>(o, [](std::shared_ptr<grpc::Channel> ch) -> Prepare<pb::EchoResponse> {
+            auto stub = std::shared_ptr<pb::Echo::Stub>(pb::Echo::NewStub(ch));
+            auto req = std::make_shared<pb::EchoRequest>();
+            req->set_message("hello, iotsuite");
+            return [stub, req](grpc::ClientContext *ctx, grpc::CompletionQueue *cq) {
+                return stub->PrepareAsyncUnary(ctx, *req, cq);
+            };
+        });
+    std::string raw;
+    for (size_t i = 0; i + 1 < o.request_hex.size(); i += 2) raw.push_back((char)std::stoi(o.request_hex.substr(i, 2), nullptr, 16));
+    return run_unary_with<grpc::ByteBuffer>(o, [&o, raw](std::shared_ptr<grpc::Channel> ch) -> Prepare<grpc::ByteBuffer> {
+        auto stub = std::make_shared<grpc::GenericStub>(ch);
+        grpc::Slice slice(raw);
+        auto req = std::make_shared<grpc::ByteBuffer>(&slice, 1);
+        std::string method = o.method;
+        return [stub, req, method](grpc::ClientContext *ctx, grpc::CompletionQueue *cq) {
+            return stub->PrepareUnaryCall(ctx, method, *req, cq);
+        };
+    });
 }
 
 static int run_stream(const Opts &o, bool batch) {
@@ -220,6 +263,9 @@ int main(int argc, char **argv) {
         else if (k == "--channels") o.channels = std::stoi(v);
         else if (k == "--seconds") o.seconds = std::stod(v);
         else if (k == "--warmup") o.warmup = std::stod(v);
+        else if (k == "--method") o.method = v;
+        else if (k == "--request-hex") o.request_hex = v;
+        else if (k == "--bearer") o.bearer = v;
         else {
             std::fprintf(stderr, "loadgen: unknown option %s\n", k.c_str());
             return 2;

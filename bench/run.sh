@@ -17,6 +17,7 @@ SECS=${SECONDS_PER_RUN:-2}
 IDLE=${IDLE_STREAMS:-10000}
 LOADGEN=$B/bench/loadgen
 tmp=$(mktemp -d)
+chmod 755 "$tmp" # the postgres user must reach the harness directory inside
 pids=()
 . tests/support/harness.sh
 harness_init "$tmp/stores"
@@ -132,3 +133,32 @@ harness_start_redis || exit 1
 start registry env IOT_LOG_LEVEL=warn IOT_REDIS_ADDR="$IOT_TEST_REDIS" IOT_REGISTRY_PREFIX="{bench}:" \
     IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 "$B/services/registry/registry"
 "$B/bench/registry_bench" "127.0.0.1:$PORT" "$IOT_TEST_REDIS" "{bench}:"
+
+echo
+echo "== device-mgmt (services/device-mgmt against its own Postgres and Redis)"
+harness_start_postgres || exit 1
+start device_mgmt env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_REDIS_ADDR="$IOT_TEST_REDIS" \
+    IOT_DM_PG_SCHEMA=bench IOT_DM_REDIS_PREFIX="{dmbench}:" IOT_GRPC_THREADS=8 \
+    IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 "$B/services/device-mgmt/device-mgmt"
+P_DM=$PORT
+"$B/bench/device_bench" "127.0.0.1:$P_DM" "$IOT_TEST_PG" bench "$IOT_TEST_REDIS" "{dmbench}:" | tee "$tmp/device.out"
+line=$(grep '^token=' "$tmp/device.out")
+auth_hex=$(echo "$line" | sed -n 's/.*auth_hex=\([0-9a-f]*\).*/\1/p')
+get_hex=$(echo "$line" | sed -n 's/.*get_hex=\([0-9a-f]*\).*/\1/p')
+# Same load generator, same concurrency: our RPCs against the grpc++ async echo server (the
+# reference gRPC server: the ceiling for any unary call on this machine), A B A B.
+for r in $(seq "$ROUNDS"); do
+    "$LOADGEN" --target "127.0.0.1:$P_DM" --mode unary --concurrency 64 --seconds "$SECS" \
+        --method /iot.device.v1.DeviceManager/AuthenticateDevice --request-hex "$auth_hex" >>"$tmp/dm_auth" 2>&1
+    "$LOADGEN" --target "127.0.0.1:$P_DM" --mode unary --concurrency 64 --seconds "$SECS" \
+        --method /iot.device.v1.DeviceManager/GetDevice --request-hex "$get_hex" >>"$tmp/dm_get" 2>&1
+    "$LOADGEN" --target "127.0.0.1:$P_ASYNC" --mode unary --concurrency 64 --seconds "$SECS" >>"$tmp/dm_ref" 2>&1
+done
+a=$(field qps <"$tmp/dm_auth" | median)
+g=$(field qps <"$tmp/dm_get" | median)
+e=$(field qps <"$tmp/dm_ref" | median)
+grep -h first_error "$tmp/dm_auth" "$tmp/dm_get" | head -n 2
+printf '%-40s %8.0f/s  p99 %s us   grpc++ async echo %8.0f/s  (ratio %.2f)\n' "AuthenticateDevice (loadgen, c64)" "$a" \
+    "$(field p99_us <"$tmp/dm_auth" | median)" "$e" "$(awk -v x="$a" -v y="$e" 'BEGIN{print (y>0)?x/y:0}')"
+printf '%-40s %8.0f/s  p99 %s us   grpc++ async echo %8.0f/s  (ratio %.2f)\n' "GetDevice cached (loadgen, c64)" "$g" \
+    "$(field p99_us <"$tmp/dm_get" | median)" "$e" "$(awk -v x="$g" -v y="$e" 'BEGIN{print (y>0)?x/y:0}')"
