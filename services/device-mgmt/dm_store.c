@@ -298,8 +298,8 @@ static void dm__cache_args(dm_store_t *s, const char *id, const char *version, c
     args[3] = d ? (const char *)*pb : "";
     args[4] = st;
     args[5] = ttl;
-    for (int i = 0; i < 6; i++) lens[i] = strlen(args[i]);
-    lens[3] = n;
+    /* args[3] is packed protobuf, not a C string: its length is n. */
+    for (int i = 0; i < 6; i++) lens[i] = i == 3 ? n : strlen(args[i]);
 }
 
 void dm__cache_put(dm_store_t *s, const char *id, const char *version, const dm_device_t *d) {
