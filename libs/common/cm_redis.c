@@ -269,3 +269,32 @@ redisReply *cm_redis_eval(cm_redis_t *r, const cm_redis_script_t *s, int nargs, 
     }
     return rep;
 }
+
+/* cm_redis_pool_cmd and cm_redis_pool_eval: script NULL means a plain command. */
+static redisReply *cm__redis_pool_run(cm_redis_pool_t *p, int timeout_ms, const cm_redis_script_t *script, int argc,
+                                      const char **argv, const size_t *lens, char *err, size_t err_cap) {
+    cm_redis_t *r = cm_redis_pool_acquire(p, timeout_ms);
+    if (!r) {
+        snprintf(err, err_cap, "no redis connection free within %d ms", timeout_ms);
+        return NULL;
+    }
+    redisReply *rep = script ? cm_redis_eval(r, script, argc, argv, lens) : cm_redis_cmd(r, argc, argv, lens);
+    if (!rep) snprintf(err, err_cap, "%s", cm_redis_error(r));
+    cm_redis_pool_release(p, r);
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        snprintf(err, err_cap, "%s", rep->str);
+        freeReplyObject(rep);
+        rep = NULL;
+    }
+    return rep;
+}
+
+redisReply *cm_redis_pool_cmd(cm_redis_pool_t *p, int timeout_ms, int argc, const char **argv, const size_t *lens,
+                              char *err, size_t err_cap) {
+    return cm__redis_pool_run(p, timeout_ms, NULL, argc, argv, lens, err, err_cap);
+}
+
+redisReply *cm_redis_pool_eval(cm_redis_pool_t *p, int timeout_ms, const cm_redis_script_t *s, int nargs,
+                               const char *const *args, const size_t *lens, char *err, size_t err_cap) {
+    return cm__redis_pool_run(p, timeout_ms, s, nargs, (const char **)args, lens, err, err_cap);
+}

@@ -51,4 +51,12 @@ void cm_redis_pool_free(cm_redis_pool_t *p);
 cm_redis_t *cm_redis_pool_acquire(cm_redis_pool_t *p, int timeout_ms);
 void cm_redis_pool_release(cm_redis_pool_t *p, cm_redis_t *r);
 
+/* One command, or one script, on a pooled connection, for stores that treat every failure alike:
+ * the reply, or NULL with the reason in err (no connection free within timeout_ms, a connection
+ * problem, or an error reply, which is freed here). */
+redisReply *cm_redis_pool_cmd(cm_redis_pool_t *p, int timeout_ms, int argc, const char **argv, const size_t *lens,
+                              char *err, size_t err_cap);
+redisReply *cm_redis_pool_eval(cm_redis_pool_t *p, int timeout_ms, const cm_redis_script_t *s, int nargs,
+                               const char *const *args, const size_t *lens, char *err, size_t err_cap);
+
 #endif

@@ -146,44 +146,22 @@ int dm__pg_fail(cm_pg_conn_t *c, const char *what, dm_err_t *e) {
     return CM_STATUS_INTERNAL;
 }
 
-static int dm__redis_fail(dm_err_t *e, const char *why) {
-    snprintf(e->msg, sizeof e->msg, "device cache unavailable: %s", why);
-    return CM_STATUS_UNAVAILABLE;
+/* Redis failures become UNAVAILABLE messages for the caller. */
+static redisReply *dm__redis_done(redisReply *rep, const char *err, dm_err_t *e) {
+    if (!rep) snprintf(e->msg, sizeof e->msg, "device cache unavailable: %s", err);
+    return rep;
 }
 
 redisReply *dm__redis(dm_store_t *s, int argc, const char **argv, const size_t *lens, dm_err_t *e) {
-    cm_redis_t *r = cm_redis_pool_acquire(s->redis, s->redis_timeout_ms);
-    if (!r) {
-        dm__redis_fail(e, "no connection free");
-        return NULL;
-    }
-    redisReply *rep = cm_redis_cmd(r, argc, argv, lens);
-    if (!rep) dm__redis_fail(e, cm_redis_error(r));
-    cm_redis_pool_release(s->redis, r);
-    if (rep && rep->type == REDIS_REPLY_ERROR) {
-        dm__redis_fail(e, rep->str);
-        freeReplyObject(rep);
-        rep = NULL;
-    }
-    return rep;
+    char err[256];
+    return dm__redis_done(cm_redis_pool_cmd(s->redis, s->redis_timeout_ms, argc, argv, lens, err, sizeof err), err, e);
 }
 
 redisReply *dm__redis_eval(dm_store_t *s, const cm_redis_script_t *script, int nargs, const char **args,
                            const size_t *lens, dm_err_t *e) {
-    cm_redis_t *r = cm_redis_pool_acquire(s->redis, s->redis_timeout_ms);
-    if (!r) {
-        dm__redis_fail(e, "no connection free");
-        return NULL;
-    }
-    redisReply *rep = cm_redis_eval(r, script, nargs, args, lens);
-    if (!rep) dm__redis_fail(e, cm_redis_error(r));
-    cm_redis_pool_release(s->redis, r);
-    if (rep && rep->type == REDIS_REPLY_ERROR) {
-        dm__redis_fail(e, rep->str);
-        freeReplyObject(rep);
-        rep = NULL;
-    }
-    return rep;
+    char err[256];
+    return dm__redis_done(cm_redis_pool_eval(s->redis, s->redis_timeout_ms, script, nargs, args, lens, err, sizeof err),
+                          err, e);
 }
 
 /* Postgres array literal of text elements: {"a","b\"c"}. */

@@ -7,8 +7,6 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include <openssl/sha.h>
-
 #include "cm_alloc.h"
 #include "cm_err.h"
 
@@ -178,80 +176,36 @@ static const char reg__lua_sweep[] = REG__LUA_PRELUDE
 /* One command on a pooled connection. Returns the reply (caller frees), or NULL with err set for
  * a connection problem or an error reply (whose text starts err, e.g. "NOSCRIPT ..."). */
 static redisReply *reg__cmd(reg_store_t *s, int argc, const char **argv, const size_t *argl, char *err, size_t errcap) {
-    cm_redis_t *r = cm_redis_pool_acquire(s->pool, s->timeout_ms);
-    if (!r) {
-        snprintf(err, errcap, "no redis connection free within %d ms", s->timeout_ms);
-        return NULL;
-    }
-    redisReply *rep = cm_redis_cmd(r, argc, argv, argl);
-    if (!rep) snprintf(err, errcap, "%s", cm_redis_error(r));
-    cm_redis_pool_release(s->pool, r);
-    if (rep && rep->type == REDIS_REPLY_ERROR) {
-        snprintf(err, errcap, "%s", rep->str);
-        freeReplyObject(rep);
-        return NULL;
-    }
-    return rep;
+    return cm_redis_pool_cmd(s->pool, s->timeout_ms, argc, argv, argl, err, errcap);
 }
 
-/* SHA1 of a script as Redis names it (40 hex digits), computed once per script: the scripts are
- * the static strings above, so their addresses identify them. */
-static void reg__sha1_hex(const char *script, char out[41]) {
-    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-    static struct {
-        const char *script;
-        char sha[41];
-    } cache[16];
-    pthread_mutex_lock(&mu);
-    for (int i = 0; i < 16; i++) {
-        if (cache[i].script == script) {
-            memcpy(out, cache[i].sha, 41);
-            pthread_mutex_unlock(&mu);
-            return;
-        }
-        if (!cache[i].script) {
-            unsigned char md[SHA_DIGEST_LENGTH];
-            SHA1((const unsigned char *)script, strlen(script), md);
-            for (int k = 0; k < SHA_DIGEST_LENGTH; k++) snprintf(cache[i].sha + 2 * k, 3, "%02x", md[k]);
-            cache[i].script = script;
-            memcpy(out, cache[i].sha, 41);
-            pthread_mutex_unlock(&mu);
-            return;
-        }
-    }
-    pthread_mutex_unlock(&mu);
-    unsigned char md[SHA_DIGEST_LENGTH]; /* more scripts than slots: compute each time */
-    SHA1((const unsigned char *)script, strlen(script), md);
-    for (int k = 0; k < SHA_DIGEST_LENGTH; k++) snprintf(out + 2 * k, 3, "%02x", md[k]);
+static cm_redis_script_t reg__register, reg__heartbeat, reg__deregister, reg__claim, reg__report, reg__discover,
+    reg__list, reg__sweep;
+static pthread_once_t reg__scripts_once = PTHREAD_ONCE_INIT;
+
+static void reg__scripts_init(void) {
+    cm_redis_script_init(&reg__register, reg__lua_register);
+    cm_redis_script_init(&reg__heartbeat, reg__lua_heartbeat);
+    cm_redis_script_init(&reg__deregister, reg__lua_deregister);
+    cm_redis_script_init(&reg__claim, reg__lua_claim);
+    cm_redis_script_init(&reg__report, reg__lua_report);
+    cm_redis_script_init(&reg__discover, reg__lua_discover);
+    cm_redis_script_init(&reg__list, reg__lua_list);
+    cm_redis_script_init(&reg__sweep, reg__lua_sweep);
 }
 
-/* Runs script with ARGV = prefix + args; returns the reply (caller frees) or NULL with err set.
- * EVALSHA first: sending the whole script on every call cost Redis a hash of it each time; the
- * script text goes out only when Redis answers NOSCRIPT (first use, or after a restart/flush). */
-static redisReply *reg__eval(reg_store_t *s, const char *script, int nargs, const char **args, const size_t *lens,
-                             char *err, size_t errcap) {
+/* Runs script with ARGV = prefix + args; returns the reply (caller frees) or NULL with err set. */
+static redisReply *reg__eval(reg_store_t *s, const cm_redis_script_t *script, int nargs, const char **args,
+                             const size_t *lens, char *err, size_t errcap) {
     const char *argv[12];
     size_t argl[12];
-    char sha[41];
-    reg__sha1_hex(script, sha);
-    argv[0] = "EVALSHA";
-    argv[1] = sha;
-    argv[2] = "0";
-    argv[3] = s->prefix;
-    for (int i = 0; i < 4; i++) argl[i] = strlen(argv[i]);
+    argv[0] = s->prefix;
+    argl[0] = strlen(s->prefix);
     for (int i = 0; i < nargs; i++) {
-        argv[4 + i] = args[i];
-        argl[4 + i] = lens ? lens[i] : strlen(args[i]);
+        argv[1 + i] = args[i];
+        argl[1 + i] = lens ? lens[i] : strlen(args[i]);
     }
-    redisReply *rep = reg__cmd(s, 4 + nargs, argv, argl, err, errcap);
-    if (!rep && strncmp(err, "NOSCRIPT", 8) == 0) {
-        argv[0] = "EVAL";
-        argv[1] = script;
-        argl[0] = 4;
-        argl[1] = strlen(script);
-        rep = reg__cmd(s, 4 + nargs, argv, argl, err, errcap);
-    }
-    return rep;
+    return cm_redis_pool_eval(s->pool, s->timeout_ms, script, 1 + nargs, argv, argl, err, errcap);
 }
 
 static void reg__new_lease(char *out, size_t cap) {
@@ -270,6 +224,7 @@ static void reg__new_lease(char *out, size_t cap) {
 }
 
 int reg_store_open(reg_store_t *s, const char *addr, const char *prefix, int conns, int timeout_ms) {
+    pthread_once(&reg__scripts_once, reg__scripts_init);
     memset(s, 0, sizeof *s);
     int err = 0;
     s->pool = cm_redis_pool_new(addr, conns, timeout_ms, &err);
@@ -308,7 +263,7 @@ int reg_store_register(reg_store_t *s, const Iot__Registry__V1__Instance *inst, 
     reg__new_lease(fresh, sizeof fresh);
     const char *args[] = {inst->service, inst->instance_id, (const char *)pb, ttl, fresh, civ};
     size_t lens[] = {strlen(inst->service), strlen(inst->instance_id), n, strlen(ttl), strlen(fresh), strlen(civ)};
-    redisReply *rep = reg__eval(s, reg__lua_register, 6, args, lens, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__register, 6, args, lens, err, errcap);
     cm_free(pb);
     if (!rep) return CM_EREDIS;
     int rc = 0;
@@ -326,7 +281,7 @@ int reg_store_register(reg_store_t *s, const Iot__Registry__V1__Instance *inst, 
 int reg_store_heartbeat(reg_store_t *s, const char *lease, int64_t *ttl_ms, int64_t *expires_ms, char *err,
                         size_t errcap) {
     const char *args[] = {lease};
-    redisReply *rep = reg__eval(s, reg__lua_heartbeat, 1, args, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__heartbeat, 1, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     int rc = REG_NOT_FOUND;
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2) {
@@ -341,7 +296,7 @@ int reg_store_heartbeat(reg_store_t *s, const char *lease, int64_t *ttl_ms, int6
 int reg_store_deregister(reg_store_t *s, const char *lease, const char *service, const char *id, char *err,
                          size_t errcap) {
     const char *args[] = {lease, service, id};
-    redisReply *rep = reg__eval(s, reg__lua_deregister, 3, args, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__deregister, 3, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     int rc = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1 ? 0 : REG_NOT_FOUND;
     freeReplyObject(rep);
@@ -353,7 +308,7 @@ int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *
     const char *args[] = {service};
     *out = NULL;
     *n = 0;
-    redisReply *rep = reg__eval(s, reg__lua_discover, 1, args, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__discover, 1, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 1) {
         freeReplyObject(rep);
@@ -387,7 +342,7 @@ int reg_store_discover(reg_store_t *s, const char *service, ProtobufCAllocator *
 int reg_store_list(reg_store_t *s, reg_service_count_t **out, size_t *n, char *err, size_t errcap) {
     *out = NULL;
     *n = 0;
-    redisReply *rep = reg__eval(s, reg__lua_list, 0, NULL, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__list, 0, NULL, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 3 : 0;
     reg_service_count_t *c = cm_calloc(count ? count : 1, sizeof *c);
@@ -406,7 +361,7 @@ int reg_store_sweep(reg_store_t *s, int max, char *err, size_t errcap) {
     char m[16];
     snprintf(m, sizeof m, "%d", max);
     const char *args[] = {m};
-    redisReply *rep = reg__eval(s, reg__lua_sweep, 1, args, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__sweep, 1, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     int n = rep->type == REDIS_REPLY_INTEGER ? (int)rep->integer : 0;
     freeReplyObject(rep);
@@ -419,7 +374,7 @@ int reg_store_claim_checks(reg_store_t *s, int max, reg_claim_t **out, size_t *n
     const char *args[] = {m};
     *out = NULL;
     *n = 0;
-    redisReply *rep = reg__eval(s, reg__lua_claim, 1, args, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__claim, 1, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     size_t count = rep->type == REDIS_REPLY_ARRAY ? rep->elements / 2 : 0;
     reg_claim_t *c = cm_calloc(count ? count : 1, sizeof *c);
@@ -448,7 +403,7 @@ int reg_store_report(reg_store_t *s, const char *member, int passed, int fails_n
     snprintf(f, sizeof f, "%d", fails_needed);
     snprintf(ok, sizeof ok, "%d", successes_needed);
     const char *args[] = {member, passed ? "1" : "0", f, ok, error};
-    redisReply *rep = reg__eval(s, reg__lua_report, 5, args, NULL, err, errcap);
+    redisReply *rep = reg__eval(s, &reg__report, 5, args, NULL, err, errcap);
     if (!rep) return CM_EREDIS;
     int rc = REG_NOT_FOUND;
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2) {
