@@ -3,8 +3,10 @@
 #include "cm_alloc.h"
 
 #include <stdarg.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/random.h>
 
 static void cm__buf_reserve(cm_buf_t *b, size_t extra) {
     if (b->len + extra + 1 <= b->cap) return;
@@ -52,4 +54,20 @@ void cm_buf_free(cm_buf_t *b) {
     cm_free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
+}
+
+void cm_hex(char *out, const void *in, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = in;
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = hex[p[i] >> 4];
+        out[2 * i + 1] = hex[p[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+void cm_random_hex(char *out, size_t nbytes) {
+    unsigned char raw[64];
+    if (nbytes > sizeof raw || getrandom(raw, nbytes, 0) != (ssize_t)nbytes) abort();
+    cm_hex(out, raw, nbytes);
 }

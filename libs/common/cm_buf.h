@@ -18,4 +18,10 @@ void cm_buf_printf(cm_buf_t *b, const char *fmt, ...) __attribute__((format(prin
 void cm_buf_reset(cm_buf_t *b);
 void cm_buf_free(cm_buf_t *b);
 
+/* Bytes as lowercase hex: out receives 2n characters and a NUL. */
+void cm_hex(char *out, const void *in, size_t n);
+/* nbytes (at most 64) from the kernel's random source as hex (2*nbytes + NUL into out), for ids
+ * and handles that must not be guessable: aborts rather than fall back to anything weaker. */
+void cm_random_hex(char *out, size_t nbytes);
+
 #endif

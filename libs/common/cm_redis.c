@@ -1,6 +1,7 @@
 /* hiredis wrapper: connection with lazy reconnect, argv commands, pipelining, a small pool. */
 #include "cm_redis.h"
 #include "cm_alloc.h"
+#include "cm_buf.h"
 #include "cm_err.h"
 #include "cm_log.h"
 #include "cm_time.h"
@@ -228,12 +229,7 @@ void cm_redis_pool_release(cm_redis_pool_t *p, cm_redis_t *r) {
 void cm_redis_script_init(cm_redis_script_t *s, const char *text) {
     unsigned char md[SHA_DIGEST_LENGTH];
     SHA1((const unsigned char *)text, strlen(text), md);
-    static const char hex[] = "0123456789abcdef";
-    for (int i = 0; i < SHA_DIGEST_LENGTH; i++) {
-        s->sha[2 * i] = hex[md[i] >> 4];
-        s->sha[2 * i + 1] = hex[md[i] & 15];
-    }
-    s->sha[40] = '\0';
+    cm_hex(s->sha, md, sizeof md);
     s->text = text;
 }
 

@@ -26,6 +26,7 @@
 #include <openssl/x509v3.h>
 
 #include "cm_alloc.h"
+#include "cm_buf.h"
 #include "cm_err.h"
 
 enum {
@@ -146,12 +147,7 @@ static int dm__serial_hex(const ASN1_INTEGER *sn, char out[41]) {
         out[o++] = '0';
         out[o++] = '0';
     }
-    for (int i = 0; i < len; i++) {
-        static const char hex[] = "0123456789abcdef";
-        out[o++] = hex[d[i] >> 4];
-        out[o++] = hex[d[i] & 0x0f];
-    }
-    out[o] = '\0';
+    cm_hex(out + o, d, (size_t)len);
     return 0;
 }
 

@@ -38,25 +38,16 @@ static cm_redis_script_t dm__auth_script;
 static pthread_once_t dm__creds_once = PTHREAD_ONCE_INIT;
 static void dm__creds_init(void) { cm_redis_script_init(&dm__auth_script, dm__lua_auth); }
 
-static void dm__hex(const unsigned char *in, size_t n, char *out) {
-    static const char hex[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = hex[in[i] >> 4];
-        out[2 * i + 1] = hex[in[i] & 15];
-    }
-    out[2 * n] = '\0';
-}
-
 static void dm__token_hash(const char *token, char out[65]) {
     unsigned char md[SHA256_DIGEST_LENGTH];
     SHA256((const unsigned char *)token, strlen(token), md);
-    dm__hex(md, sizeof md, out);
+    cm_hex(out, md, sizeof md);
 }
 
 /* A new token: id, secret text (allocated with a) and its hash. */
 static void dm__token_new(ProtobufCAllocator *a, dm_token_t *t, char hash[65]) {
     char hex[17];
-    dm__random_hex(hex, 8);
+    cm_random_hex(hex, 8);
     snprintf(t->id, sizeof t->id, "tk-%s", hex);
     unsigned char raw[32];
     if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) abort();

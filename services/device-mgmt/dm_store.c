@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 
 #include "cm_alloc.h"
@@ -104,17 +103,6 @@ Google__Protobuf__Timestamp *dm__ts(ProtobufCAllocator *a, int64_t us, int null_
     t->seconds = sec;
     t->nanos = (int32_t)(rem * 1000);
     return t;
-}
-
-void dm__random_hex(char *out, size_t nbytes) {
-    unsigned char raw[64];
-    if (nbytes > sizeof raw || getrandom(raw, nbytes, 0) != (ssize_t)nbytes) abort(); /* never guessable ids */
-    static const char hex[] = "0123456789abcdef";
-    for (size_t i = 0; i < nbytes; i++) {
-        out[2 * i] = hex[raw[i] >> 4];
-        out[2 * i + 1] = hex[raw[i] & 15];
-    }
-    out[2 * nbytes] = '\0';
 }
 
 cm_pg_conn_t *dm__pg(dm_store_t *s, dm_err_t *e) {
@@ -590,7 +578,7 @@ int dm_store_create_devices(dm_store_t *s, dm_device_t **devs, size_t n, Protobu
     for (size_t i = 0; i < n; i++)
         if (!*devs[i]->id) {
             char hex[17];
-            dm__random_hex(hex, 8);
+            cm_random_hex(hex, 8);
             devs[i]->id = a->alloc(a->allocator_data, 20);
             snprintf(devs[i]->id, 20, "d-%s", hex);
         }
@@ -1009,12 +997,10 @@ static uint32_t dm__filter_hash(const dm_filter_t *f) {
 static char *dm__page_token(ProtobufCAllocator *a, uint32_t h, const char *last) {
     char head[16];
     snprintf(head, sizeof head, "%08x:", h);
-    size_t n = strlen(head) + strlen(last);
-    char *out = a->alloc(a->allocator_data, 2 * n + 1), *o = out;
-    static const char hex[] = "0123456789abcdef";
-    for (const char *q = head; *q; q++) *o++ = hex[(unsigned char)*q >> 4], *o++ = hex[*q & 15];
-    for (const char *q = last; *q; q++) *o++ = hex[(unsigned char)*q >> 4], *o++ = hex[*q & 15];
-    *o = '\0';
+    size_t nh = strlen(head), nl = strlen(last);
+    char *out = a->alloc(a->allocator_data, 2 * (nh + nl) + 1);
+    cm_hex(out, head, nh);
+    cm_hex(out + 2 * nh, last, nl);
     return out;
 }
 
@@ -1121,12 +1107,7 @@ static char *dm__filter_param(const dm_filter_t *f) {
     char *out = cm_malloc(2 * n + 3);
     out[0] = '\\';
     out[1] = 'x';
-    static const char hex[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 + 2 * i] = hex[buf[i] >> 4];
-        out[3 + 2 * i] = hex[buf[i] & 15];
-    }
-    out[2 + 2 * n] = '\0';
+    cm_hex(out + 2, buf, n);
     cm_free(buf);
     return out;
 }
@@ -1146,7 +1127,7 @@ static int dm__check_filter(dm_store_t *s, cm_pg_conn_t *c, const dm_filter_t *f
 int dm_store_create_group(dm_store_t *s, dm_group_t *g, ProtobufCAllocator *a, dm_err_t *e) {
     if (!*g->id) {
         char hex[17];
-        dm__random_hex(hex, 8);
+        cm_random_hex(hex, 8);
         g->id = a->alloc(a->allocator_data, 20);
         snprintf(g->id, 20, "g-%s", hex);
     }

@@ -147,8 +147,6 @@ void dm__events_kick(dm_store_t *s);
 /* The device cache: writes the row at version (pb NULL: a deletion tombstone). Failures are logged
  * and counted, not returned: Postgres already has the truth and the TTL bounds staleness. */
 void dm__cache_put(dm_store_t *s, const char *id, const char *version, const dm_device_t *d);
-/* Random lowercase hex of nbytes random bytes (aborts if the kernel has no randomness). */
-void dm__random_hex(char *out, size_t nbytes);
 /* Timestamp from microseconds since the epoch (NULL for 0 when null_if_zero). */
 Google__Protobuf__Timestamp *dm__ts(ProtobufCAllocator *a, int64_t us, int null_if_zero);
 char *dm__strdup(ProtobufCAllocator *a, const char *s);

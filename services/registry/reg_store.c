@@ -5,9 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 
 #include "cm_alloc.h"
+#include "cm_buf.h"
 #include "cm_err.h"
 
 /* Shared by every script: `now` from Redis's clock, and removal of one instance. */
@@ -208,21 +208,6 @@ static redisReply *reg__eval(reg_store_t *s, const cm_redis_script_t *script, in
     return cm_redis_pool_eval(s->pool, s->timeout_ms, script, 1 + nargs, argv, argl, err, errcap);
 }
 
-static void reg__new_lease(char *out, size_t cap) {
-    unsigned char raw[16];
-    if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) {
-        /* A lease is a bearer handle: never fall back to something guessable. */
-        abort();
-    }
-    static const char hex[] = "0123456789abcdef";
-    size_t n = 0;
-    for (size_t i = 0; i < sizeof raw && n + 2 < cap; i++) {
-        out[n++] = hex[raw[i] >> 4];
-        out[n++] = hex[raw[i] & 15];
-    }
-    out[n] = '\0';
-}
-
 int reg_store_open(reg_store_t *s, const char *addr, const char *prefix, int conns, int timeout_ms) {
     pthread_once(&reg__scripts_once, reg__scripts_init);
     memset(s, 0, sizeof *s);
@@ -260,7 +245,7 @@ int reg_store_register(reg_store_t *s, const Iot__Registry__V1__Instance *inst, 
     char ttl[24], fresh[40], civ[24];
     snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
     snprintf(civ, sizeof civ, "%d", inst->check ? inst->check->interval_ms : 0);
-    reg__new_lease(fresh, sizeof fresh);
+    cm_random_hex(fresh, 16); /* a lease is a bearer handle */
     const char *args[] = {inst->service, inst->instance_id, (const char *)pb, ttl, fresh, civ};
     size_t lens[] = {strlen(inst->service), strlen(inst->instance_id), n, strlen(ttl), strlen(fresh), strlen(civ)};
     redisReply *rep = reg__eval(s, &reg__register, 6, args, lens, err, errcap);
