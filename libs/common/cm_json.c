@@ -34,7 +34,7 @@ static void cm__json_err(char *err, size_t err_cap, int line, int column, size_t
 
 /* Finds the bracket that takes valid JSON text beyond CM_JSON_MAX_DEPTH. Returns 0 if none, else
  * 1 with its line, column (1-based, in characters, like jansson's) and byte offset (0-based). Only
- * run on text jansson accepted, so strings are well formed and escapes are two bytes or \uXXXX. */
+ * run on text jansson accepted, so strings are well formed and escapes are two bytes or \u and four hex digits. */
 static int cm__json_too_deep(const char *text, size_t len, int *line, int *column, size_t *byte) {
     int depth = 0, in_string = 0, ln = 1, col = 0;
     for (size_t i = 0; i < len; i++) {

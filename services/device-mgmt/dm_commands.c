@@ -25,8 +25,6 @@
 
 #define DM__DELIVER_BATCH 100
 
-static int64_t dm__i64(const PGresult *r, int row, int col) { return strtoll(PQgetvalue(r, row, col), NULL, 10); }
-
 static Google__Protobuf__Struct *dm__struct_from_text(ProtobufCAllocator *a, const char *text) {
     char err[128];
     json_t *j = cm_json_parse(text, strlen(text), err, sizeof err);
@@ -43,11 +41,11 @@ static dm_command_t *dm__cmd_from_row(ProtobufCAllocator *a, const PGresult *r, 
     c->device_id = dm__strdup(a, PQgetvalue(r, row, 1));
     c->name = dm__strdup(a, PQgetvalue(r, row, 2));
     c->payload = dm__struct_from_text(a, PQgetvalue(r, row, 3));
-    c->status = (Iot__Device__V1__CommandStatus)dm__i64(r, row, 4);
-    c->create_time = dm__ts(a, dm__i64(r, row, 5), 0);
-    c->expire_time = dm__ts(a, dm__i64(r, row, 6), 0);
-    c->deliver_time = dm__ts(a, dm__i64(r, row, 7), 1);
-    c->ack_time = dm__ts(a, dm__i64(r, row, 8), 1);
+    c->status = (Iot__Device__V1__CommandStatus)dm__int(r, row, 4);
+    c->create_time = dm__ts(a, dm__int(r, row, 5), 0);
+    c->expire_time = dm__ts(a, dm__int(r, row, 6), 0);
+    c->deliver_time = dm__ts(a, dm__int(r, row, 7), 1);
+    c->ack_time = dm__ts(a, dm__int(r, row, 8), 1);
     if (!PQgetisnull(r, row, 9)) c->result = dm__struct_from_text(a, PQgetvalue(r, row, 9));
     c->error = dm__strdup(a, PQgetvalue(r, row, 10));
     return c;
@@ -163,18 +161,18 @@ int dm_store_list_commands(dm_store_t *s, const char *device_id, const int *stat
         code = dm__pg_fail(c, "commands", e);
     } else {
         int rows = PQntuples(r), take = rows > page_size ? page_size : rows;
-        if (rows == 0) {
-            /* An empty page for an unknown device would hide a typo. */
-            code = dm_store_get_device(s, device_id, a, &(dm_device_t *){NULL}, e);
-        }
         *out = a->alloc(a->allocator_data, sizeof **out * (size_t)(take ? take : 1));
         for (int i = 0; i < take; i++) (*out)[i] = dm__cmd_from_row(a, r, i);
         *n = (size_t)take;
         if (rows > page_size) *next = dm__strdup(a, (*out)[take - 1]->id);
     }
     PQclear(r);
+    /* Released before the device check: holding one pooled connection while waiting for another
+     * can starve the pool. */
     cm_pg_release(s->pg, c);
     cm_buf_free(&st);
+    /* An empty page for an unknown device would hide a typo. */
+    if (!code && *n == 0) code = dm_store_get_device(s, device_id, a, &(dm_device_t *){NULL}, e);
     return code;
 }
 
@@ -214,7 +212,7 @@ int dm_store_ack_command(dm_store_t *s, const char *device_id, const char *comma
             snprintf(e->msg, sizeof e->msg, "command \"%s\" of device \"%s\" not found", command_id, device_id);
             code = CM_STATUS_NOT_FOUND;
         } else {
-            int st = (int)dm__i64(r, 0, 4);
+            int st = (int)dm__int(r, 0, 4);
             int want = success ? IOT__DEVICE__V1__COMMAND_STATUS__COMMAND_STATUS_SUCCEEDED
                                : IOT__DEVICE__V1__COMMAND_STATUS__COMMAND_STATUS_FAILED;
             if (st == want) {
@@ -321,7 +319,7 @@ static void dm__deliver(dm_cmd_hub_t *h, dm__watcher_t *w) {
                 n = 0;
                 break;
             }
-            w->cursor = dm__i64(r, i, 0);
+            w->cursor = dm__int(r, i, 0);
             cm_counter_add(h->delivered, 1);
         }
         cm_arena_free(&ar);

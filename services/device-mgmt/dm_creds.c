@@ -114,7 +114,7 @@ static void dm__token_entry(char *buf, size_t cap, const char *device_id, const 
     snprintf(buf, cap, "%s %s %" PRId64, device_id, token_id, expires_us / 1000);
 }
 
-static int dm__insert_token(dm_store_t *s, cm_pg_conn_t *c, const char *device_id, int ttl_s, ProtobufCAllocator *a,
+static int dm__insert_token(cm_pg_conn_t *c, const char *device_id, int ttl_s, ProtobufCAllocator *a,
                             dm_token_t *out, char hash[65], dm_err_t *e) {
     dm__token_new(a, out, hash);
     char ttl[24], bhash[80];
@@ -131,9 +131,8 @@ static int dm__insert_token(dm_store_t *s, cm_pg_conn_t *c, const char *device_i
         if (code == CM_STATUS_NOT_FOUND) snprintf(e->msg, sizeof e->msg, "device \"%s\" not found", device_id);
         return code;
     }
-    out->expires_us = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    out->expires_us = dm__int(r, 0, 0);
     PQclear(r);
-    (void)s;
     return CM_STATUS_OK;
 }
 
@@ -142,7 +141,7 @@ int dm_store_issue_token(dm_store_t *s, const char *device_id, int ttl_s, Protob
     cm_pg_conn_t *c = dm__pg(s, e);
     if (!c) return CM_STATUS_UNAVAILABLE;
     char hash[65];
-    int code = dm__insert_token(s, c, device_id, ttl_s, a, out, hash, e);
+    int code = dm__insert_token(c, device_id, ttl_s, a, out, hash, e);
     cm_pg_release(s->pg, c);
     if (code) return code;
     /* Write-through, unconditionally: replaces a negative entry left by someone guessing. */
@@ -182,7 +181,7 @@ int dm_store_rotate_token(dm_store_t *s, const char *token_id, int ttl_s, Protob
     PQclear(r);
     if (!code && cm_pg_exec(c, NULL, "UPDATE tokens SET revoked_at = now() WHERE id = $1", 1, p))
         code = dm__pg_fail(c, "token", e);
-    if (!code) code = dm__insert_token(s, c, device_id, ttl_s, a, out, hash, e);
+    if (!code) code = dm__insert_token(c, device_id, ttl_s, a, out, hash, e);
     if (!code && cm_pg_commit(c)) code = dm__pg_fail(c, "token", e);
     if (code) cm_pg_rollback(c);
     cm_pg_release(s->pg, c);
@@ -312,7 +311,7 @@ int dm_store_authenticate(dm_store_t *s, const char *token, dm_auth_t *out, dm_e
         if (cache_ok) dm__token_cache_set(s, hash, "-", revoked ? s->cfg->cache_ttl_ms : DM__NEGATIVE_TTL_MS, 1, &ignored);
         return dm__unauth(e, "token revoked or unknown");
     }
-    int64_t exp_us = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+    int64_t exp_us = dm__int(r, 0, 2);
     snprintf(out->token_id, sizeof out->token_id, "%s", PQgetvalue(r, 0, 0));
     snprintf(out->device_id, sizeof out->device_id, "%s", PQgetvalue(r, 0, 1));
     PQclear(r);
@@ -495,12 +494,12 @@ int dm_store_revocation_list(dm_store_t *s, ProtobufCAllocator *a, Iot__Device__
         out->n_revoked_serials = (size_t)n;
         for (int i = 0; i < n; i++) {
             rv[i].serial_hex = PQgetvalue(r, i, 0);
-            rv[i].revoked_unix = strtoll(PQgetvalue(r, i, 1), NULL, 10);
+            rv[i].revoked_unix = dm__int(r, i, 1);
             rv[i].reason = atoi(PQgetvalue(r, i, 2));
             out->revoked_serials[i] = dm__strdup(a, rv[i].serial_hex);
         }
         char *pem = NULL, err[256];
-        if (dm_ca_crl(s->ca, rv, (size_t)n, strtoll(PQgetvalue(num, 0, 0), NULL, 10), 24, &pem, err, sizeof err)) {
+        if (dm_ca_crl(s->ca, rv, (size_t)n, dm__int(num, 0, 0), 24, &pem, err, sizeof err)) {
             cm_log_kv(CM_LOG_ERROR, "revocation list signing failed", "error", err, NULL);
             snprintf(e->msg, sizeof e->msg, "revocation list signing failed");
             code = CM_STATUS_INTERNAL;

@@ -73,8 +73,8 @@ int dm_store_get_shadow(dm_store_t *s, const char *device_id, ProtobufCAllocator
         code = dm__device_missing(c, device_id, 0, e);
         if (!code) code = dm__shadow_build(a, device_id, "{}", "{}", 0, 0, 0, out, e);
     } else {
-        code = dm__shadow_build(a, device_id, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), strtoll(PQgetvalue(r, 0, 2), NULL, 10),
-                                strtoll(PQgetvalue(r, 0, 3), NULL, 10), strtoll(PQgetvalue(r, 0, 4), NULL, 10), out, e);
+        code = dm__shadow_build(a, device_id, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), dm__int(r, 0, 2),
+                                dm__int(r, 0, 3), dm__int(r, 0, 4), out, e);
     }
     PQclear(r);
     cm_pg_release(s->pg, c);
@@ -106,7 +106,7 @@ int dm_store_update_shadow(dm_store_t *s, const char *device_id, int reported, c
         code = dm__pg_fail(c, "shadow", e);
     if (!code && cm_pg_exec(c, &r, "SELECT " DM__SHADOW_COLS " FROM shadows WHERE device_id = $1 FOR UPDATE", 1, p))
         code = dm__pg_fail(c, "shadow", e);
-    int64_t version = code ? 0 : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+    int64_t version = code ? 0 : dm__int(r, 0, 2);
     if (!code && expected_version && expected_version != version) {
         snprintf(e->msg, sizeof e->msg, "expected_version: the shadow of \"%s\" is at version %" PRId64 ", not %" PRId64,
                  device_id, version, expected_version);
@@ -144,8 +144,8 @@ int dm_store_update_shadow(dm_store_t *s, const char *device_id, int reported, c
             code = dm__pg_fail(c, "shadow", e);
     }
     if (!code)
-        code = dm__shadow_build(a, device_id, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), strtoll(PQgetvalue(r, 0, 2), NULL, 10),
-                                strtoll(PQgetvalue(r, 0, 3), NULL, 10), strtoll(PQgetvalue(r, 0, 4), NULL, 10), out, e);
+        code = dm__shadow_build(a, device_id, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), dm__int(r, 0, 2),
+                                dm__int(r, 0, 3), dm__int(r, 0, 4), out, e);
     else
         cm_pg_rollback(c);
     PQclear(r);

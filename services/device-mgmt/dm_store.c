@@ -152,17 +152,20 @@ redisReply *dm__redis_eval(dm_store_t *s, const cm_redis_script_t *script, int n
                           err, e);
 }
 
+/* One quoted element of a Postgres array literal, with a comma before all but the first. */
+static void dm__array_elem(cm_buf_t *b, const char *v, int first) {
+    cm_buf_puts(b, first ? "\"" : ",\"");
+    for (const char *p = v; *p; p++) {
+        if (*p == '"' || *p == '\\') cm_buf_append(b, "\\", 1);
+        cm_buf_append(b, p, 1);
+    }
+    cm_buf_puts(b, "\"");
+}
+
 /* Postgres array literal of text elements: {"a","b\"c"}. */
 static void dm__array_text(cm_buf_t *b, const char *const *v, size_t n) {
     cm_buf_puts(b, "{");
-    for (size_t i = 0; i < n; i++) {
-        cm_buf_puts(b, i ? ",\"" : "\"");
-        for (const char *p = v[i]; *p; p++) {
-            if (*p == '"' || *p == '\\') cm_buf_append(b, "\\", 1);
-            cm_buf_append(b, p, 1);
-        }
-        cm_buf_puts(b, "\"");
-    }
+    for (size_t i = 0; i < n; i++) dm__array_elem(b, v[i], i == 0);
     cm_buf_puts(b, "}");
 }
 
@@ -211,7 +214,7 @@ static char *dm__map_to_json(Iot__Device__V1__Device__LabelsEntry *const *en, si
     return s;
 }
 
-static int64_t dm__int(const PGresult *r, int row, int col) { return strtoll(PQgetvalue(r, row, col), NULL, 10); }
+int64_t dm__int(const PGresult *r, int row, int col) { return strtoll(PQgetvalue(r, row, col), NULL, 10); }
 
 /* Reads the DM__DEVICE_COLS columns starting at col0. */
 static dm_device_t *dm__device_from_row(ProtobufCAllocator *a, const PGresult *r, int row, int col0) {
@@ -613,14 +616,7 @@ int dm_store_create_devices(dm_store_t *s, dm_device_t **devs, size_t n, Protobu
         const char *v[NCOL] = {d->id,   d->name, d->type, d->model, d->location ? d->location->site : "",
                                lat,     lon,     labels,  meta,     d->firmware_version,
                                st};
-        for (int k = 0; k < NCOL; k++) {
-            cm_buf_t one = CM_BUF_INIT;
-            dm__array_text(&one, &v[k], 1);
-            /* strip the braces of the one-element literal */
-            if (i) cm_buf_puts(&col[k], ",");
-            cm_buf_append(&col[k], one.data + 1, one.len - 2);
-            cm_buf_free(&one);
-        }
+        for (int k = 0; k < NCOL; k++) dm__array_elem(&col[k], v[k], i == 0);
         cm_free(labels);
         cm_free(meta);
     }

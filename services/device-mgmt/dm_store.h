@@ -151,6 +151,8 @@ void dm__cache_put(dm_store_t *s, const char *id, const char *version, const dm_
 Google__Protobuf__Timestamp *dm__ts(ProtobufCAllocator *a, int64_t us, int null_if_zero);
 char *dm__strdup(ProtobufCAllocator *a, const char *s);
 int64_t dm__now_us(void);
+/* An integer column of a result row. */
+int64_t dm__int(const PGresult *r, int row, int col);
 /* Loads the CA from files or Postgres, making one on first start (dm_creds.c). 0 or CM_E*. */
 int dm_creds_load_ca(dm_store_t *s);
 
