@@ -38,7 +38,11 @@ static void cm__pg_set_err(cm_pg_conn_t *c, const char *msg, const char *state) 
     size_t n = strlen(c->err);
     while (n && (c->err[n - 1] == '\n' || c->err[n - 1] == ' ')) c->err[--n] = '\0';
     snprintf(c->sqlstate, sizeof c->sqlstate, "%s", state ? state : "");
-    c->lost = (state && strncmp(state, "08", 2) == 0) || !c->conn || PQstatus(c->conn) == CONNECTION_BAD;
+    /* Class 08 (connection exception) and 57P01..57P03 (the server is shutting down, crashed or
+     * starting): the server is out of reach, not the statement at fault; callers answer UNAVAILABLE. */
+    c->lost = (state && (strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 || strcmp(state, "57P02") == 0 ||
+                         strcmp(state, "57P03") == 0)) ||
+              !c->conn || PQstatus(c->conn) == CONNECTION_BAD;
 }
 
 cm_pg_t *cm_pg_new(const char *conninfo, const char *schema, int size, int *err) {

@@ -35,7 +35,8 @@ const char *cm_pg_last_error(cm_pg_t *pg);
 int cm_pg_exec(cm_pg_conn_t *c, PGresult **res, const char *sql, int nparams, const char *const *params);
 const char *cm_pg_error(const cm_pg_conn_t *c);
 const char *cm_pg_sqlstate(const cm_pg_conn_t *c); /* "23505" unique violation, "" if none */
-/* 1 when the last error was a lost connection (SQLSTATE class 08 or a dead socket). */
+/* 1 when the last error was a lost connection (SQLSTATE class 08, 57P01-57P03 server shutting down
+ * or starting, or a dead socket). */
 int cm_pg_conn_lost(const cm_pg_conn_t *c);
 
 int cm_pg_begin(cm_pg_conn_t *c);

@@ -87,6 +87,10 @@ typedef struct cm_method_s {
      * AsyncNotifyWhenDone; without it cm_call_cancelled() still reports a passed deadline.
      * Streaming calls always watch. */
     int watch_cancel;
+    /* Unary only: the handler may return CM_PENDING and answer later, from any thread, with
+     * cm_call_respond() (e.g. after a group commit). The request, `resp` and cm_call_alloc() memory
+     * then live until cm_call_respond returns; hold a cm_call_ref() while the call is parked. */
+    int async;
 } cm_method_t;
 
 typedef struct cm_service_s {
@@ -186,6 +190,11 @@ int cm_call_send(cm_call_t *call, const ProtobufCMessage *msg);
 /* Finishes a call that a callback left CM_PENDING. msg may be NULL. Returns CM_ECLOSED if the call
  * already ended or was finished. */
 int cm_call_finish(cm_call_t *call, int code, const char *msg);
+
+/* Answers an async unary call that returned CM_PENDING: resp (serialised at once; NULL or ignored
+ * unless code is OK) and the status, with msg as its message (NULL: none for OK, the code's name
+ * otherwise). Returns CM_ECLOSED when the call already ended (the client cancelled or went away). */
+int cm_call_respond(cm_call_t *call, int code, const ProtobufCMessage *resp, const char *msg);
 
 /* Ends the call at once with code and msg, dropping messages still queued. For a client that
  * stopped reading (cm_call_send said CM_EFULL): cm_call_finish would queue the status behind

@@ -501,6 +501,17 @@ static void cm__call_finish_from_callback(cm_call_t *c, int code, const Protobuf
     pthread_mutex_unlock(&c->mu);
 }
 
+int cm_call_respond(cm_call_t *c, int code, const ProtobufCMessage *resp, const char *msg) {
+    pthread_mutex_lock(&c->mu);
+    int rc = CM_ECLOSED;
+    if (!(c->finalised || c->status_queued || c->send_failed || (c->closed && c->close_cancelled))) {
+        if (code == CM_STATUS_OK && resp) cm__call_queue_locked(c, resp, 1);
+        rc = cm__call_finish_locked(c, code, msg ? msg : code == CM_STATUS_OK ? NULL : cm_status_name(code));
+    }
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
 int cm_call_fail(cm_call_t *c, int code, const char *fmt, ...) {
     char buf[512];
     va_list ap;
@@ -680,7 +691,9 @@ static void cm__on_request(cm_call_t *c, int ok) {
     cm__set_trace(c);
     const cm_trace_t *prev = cm_trace_set_current(&c->trace);
     const cm_method_t *m = c->reg->m;
-    if (m->kind == CM_RPC_UNARY && !m->watch_cancel) {
+    /* An async unary call may outlive this event, so it watches like a stream: the close op keeps
+     * it alive until the status is out or the client is gone. */
+    if (m->kind == CM_RPC_UNARY && !m->watch_cancel && !m->async) {
         c->ops = 1; /* this event; the close op rides with the status (see cm__call_pump_locked) */
         c->close_with_status = 1;
     } else {
@@ -692,7 +705,7 @@ static void cm__on_request(cm_call_t *c, int ok) {
         op.data.recv_close_on_server.cancelled = &c->close_cancelled;
         cm__start_batch_or_die(c, &op, 1, &c->tag_close);
     }
-    int code = CM_PENDING;
+    int code = CM_PENDING, parked = 0;
     if (m->kind == CM_RPC_UNARY || m->kind == CM_RPC_SERVER_STREAM) {
         ProtobufCMessage *req = cm__decode_arena(c->reg->in, &c->arena, c->payload);
         if (c->payload) grpc_byte_buffer_destroy(c->payload);
@@ -704,9 +717,13 @@ static void cm__on_request(cm_call_t *c, int ok) {
             ProtobufCMessage *resp = cm_arena_alloc(&c->arena, c->reg->out->sizeof_message);
             protobuf_c_message_init(c->reg->out, resp);
             code = m->unary(c, req, resp);
-            if (code == CM_PENDING) code = cm_call_fail(c, CM_STATUS_INTERNAL, "unary handler returned CM_PENDING");
-            cm__call_finish_from_callback(c, code, resp);
-            code = CM_PENDING; /* finished above */
+            if (code == CM_PENDING && !m->async)
+                code = cm_call_fail(c, CM_STATUS_INTERNAL, "unary handler returned CM_PENDING");
+            if (code == CM_PENDING)
+                parked = 1; /* the arena now belongs to the handler until cm_call_respond */
+            else
+                cm__call_finish_from_callback(c, code, resp);
+            code = CM_PENDING; /* finished above, or later by cm_call_respond */
         } else {
             code = m->start(c, req);
         }
@@ -715,8 +732,9 @@ static void cm__on_request(cm_call_t *c, int ok) {
     }
     if (code != CM_PENDING) cm__call_finish_from_callback(c, code, NULL);
     /* Reset before the first receive is posted: its completion may run on another worker at once
-     * and decode into this arena. */
-    cm_arena_reset(&c->arena);
+     * and decode into this arena. A parked async unary call keeps it (cm_call_respond may already
+     * be running on another thread: touch nothing of the call but the ops count). */
+    if (!parked) cm_arena_reset(&c->arena);
     if (code == CM_PENDING && (m->kind == CM_RPC_CLIENT_STREAM || m->kind == CM_RPC_BIDI)) cm__post_recv(c);
     cm_trace_set_current(prev);
     cm__call_op_done(c);

@@ -28,4 +28,18 @@ static inline void cm_abstime_in(struct timespec *ts, int64_t ms) {
     }
 }
 
+/* Wall-clock milliseconds since the Unix epoch (timestamps that leave the process). */
+static inline int64_t cm_wall_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Monotonic nanoseconds (durations and deadlines inside the process). */
+static inline int64_t cm_mono_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 #endif
