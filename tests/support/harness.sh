@@ -34,9 +34,13 @@ harness_start_postgres() {
     harness_as_pg "$bin/initdb" -D "$harness_pg_data/data" -U postgres -A trust --no-sync >"$harness_dir/initdb.log" 2>&1 ||
         { echo "harness: initdb failed, see $harness_dir/initdb.log" >&2; cat "$harness_dir/initdb.log" >&2; return 1; }
     # No TCP at all: the socket lives in the scratch directory, so parallel runs cannot collide.
+    # Exported so that a test can stop and restart this same server (tests/support/pg_stop_start.sh).
+    IOT_TEST_PG_CTL="$bin/pg_ctl"
+    IOT_TEST_PG_DATA="$harness_pg_data/data"
+    IOT_TEST_PG_OPTS="-k $harness_pg_data -c listen_addresses= -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+    export IOT_TEST_PG_CTL IOT_TEST_PG_DATA IOT_TEST_PG_OPTS
     harness_as_pg "$bin/pg_ctl" -D "$harness_pg_data/data" -l "$harness_pg_data/server.log" -w -t 60 \
-        -o "-k $harness_pg_data -c listen_addresses= -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-        start >/dev/null ||
+        -o "$IOT_TEST_PG_OPTS" start >/dev/null ||
         { echo "harness: postgres did not start" >&2; cat "$harness_pg_data/server.log" >&2; return 1; }
     harness_as_pg "$bin/createdb" -h "$harness_pg_data" -U postgres iot_test || return 1
     IOT_TEST_PG="host=$harness_pg_data dbname=iot_test user=postgres"
