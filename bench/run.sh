@@ -4,9 +4,11 @@
 # grpc++ callback. Each scenario runs ROUNDS times in the order ours, async, callback, ours, ...
 # (A B C A B C) and reports medians and ratios ours/reference. Then memory: idle RSS of a service
 # with default settings, and with 10,000 idle client streams open. Then the registry: Discover
-# against raw Redis reads, and instance death to watcher event.
+# against raw Redis reads, and instance death to watcher event. Then device-mgmt against raw
+# COPY/Redis/SQL, and ingest against raw COPY (points/s, ack latency, RSS, 10,000 open streams).
 #   BENCH_THREADS (2)  worker threads for ours and the async reference (callback: grpc's pool)
 #   ROUNDS (3), SECONDS_PER_RUN (2), IDLE_STREAMS (10000)
+#   ING_DEVICES (1000), ING_POINTS (2000 per device and round), ING_STREAMS (10000)
 set -uo pipefail
 B=${1:?usage: bench/run.sh BUILD_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -162,3 +164,44 @@ printf '%-40s %8.0f/s  p99 %s us   grpc++ async echo %8.0f/s  (ratio %.2f)\n' "A
     "$(field p99_us <"$tmp/dm_auth" | median)" "$e" "$(awk -v x="$a" -v y="$e" 'BEGIN{print (y>0)?x/y:0}')"
 printf '%-40s %8.0f/s  p99 %s us   grpc++ async echo %8.0f/s  (ratio %.2f)\n' "GetDevice cached (loadgen, c64)" "$g" \
     "$(field p99_us <"$tmp/dm_get" | median)" "$e" "$(awk -v x="$g" -v y="$e" 'BEGIN{print (y>0)?x/y:0}')"
+
+echo
+echo "== ingest (services/ingest with device-mgmt, same Postgres and Redis)"
+# Reference: raw binary COPY of the same number of rows (encoded by ingest's own encoder before the
+# clock starts) into the same table, with 1 connection and with as many as ingest's committers.
+# Ours: ING_DEVICES devices, each on its own StreamTelemetry, one batch of 100 in flight per device,
+# counting acknowledged (committed) points. Order per round: copy x1, copy xN, ours.
+ING_DEVICES=${ING_DEVICES:-1000}
+ING_POINTS=${ING_POINTS:-2000}     # per device and round
+ING_STREAMS=${ING_STREAMS:-10000}  # concurrent open streams for the memory figure
+ING_COMMITTERS=2
+start ingest env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_REDIS_ADDR="$IOT_TEST_REDIS" \
+    IOT_INGEST_PG_SCHEMA=ingbench IOT_INGEST_STREAM_PREFIX="ingbench:" IOT_INGEST_DM_ADDR="127.0.0.1:$P_DM" \
+    IOT_INGEST_COMMITTERS=$ING_COMMITTERS IOT_GRPC_THREADS=4 IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 \
+    "$B/services/ingest/ingest"
+P_ING=$PORT
+PID_ING=$PID
+"$B/bench/ingest_bench" setup "127.0.0.1:$P_DM" "$(( ING_STREAMS > ING_DEVICES ? ING_STREAMS : ING_DEVICES ))" ib "$tmp/tokens" || exit 1
+head -n "$ING_DEVICES" "$tmp/tokens" >"$tmp/load_tokens"
+n=$((ING_DEVICES * ING_POINTS))
+for r in $(seq "$ROUNDS"); do
+    "$B/bench/ingest_bench" copy "$IOT_TEST_PG" ingbench "$n" "$ING_DEVICES" 1 >>"$tmp/ing_copy1" || exit 1
+    "$B/bench/ingest_bench" copy "$IOT_TEST_PG" ingbench "$n" "$ING_DEVICES" "$ING_COMMITTERS" >>"$tmp/ing_copyn" || exit 1
+    "$B/bench/ingest_bench" load "127.0.0.1:$P_ING" "$tmp/load_tokens" "$ING_POINTS" 100 4 >>"$tmp/ing_load" || exit 1
+done
+c1=$(field pps <"$tmp/ing_copy1" | median)
+cn=$(field pps <"$tmp/ing_copyn" | median)
+l=$(field pps <"$tmp/ing_load" | median)
+rss=$(awk '/VmRSS/ {print $2}' "/proc/$PID_ING/status")
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$PID_ING/status")
+printf '%-40s %8.0f points/s\n' "raw COPY, 1 connection" "$c1"
+printf '%-40s %8.0f points/s\n' "raw COPY, $ING_COMMITTERS connections" "$cn"
+printf '%-40s %8.0f points/s  p50 ack %s ms  p99 ack %s ms\n' "ingest, $ING_DEVICES device streams" "$l" \
+    "$(field p50_ms <"$tmp/ing_load" | median)" "$(field p99_ms <"$tmp/ing_load" | median)"
+printf '%-40s ours/COPYx1 %.2f   ours/COPYx%d %.2f   (targets: >= 100000 points/s, >= 0.6)\n' "ratio" \
+    "$(awk -v x="$l" -v y="$c1" 'BEGIN{print (y>0)?x/y:0}')" "$ING_COMMITTERS" "$(awk -v x="$l" -v y="$cn" 'BEGIN{print (y>0)?x/y:0}')"
+printf '%-40s %s kB now, %s kB peak\n' "ingest RSS after the load" "$rss" "$hwm"
+"$B/bench/ingest_bench" open "127.0.0.1:$P_ING" "$tmp/tokens" "$ING_STREAMS" "$PID_ING" | tee "$tmp/ing_open"
+printf '%-40s %s kB with %s streams open (%s kB before; %s bytes per stream)\n' "ingest RSS, open device streams" \
+    "$(field rss_open_kb <"$tmp/ing_open")" "$(field streams <"$tmp/ing_open")" "$(field rss_before_kb <"$tmp/ing_open")" \
+    "$(field per_stream_bytes <"$tmp/ing_open")"
