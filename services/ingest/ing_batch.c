@@ -13,7 +13,6 @@
 const char ing_copy_header[19] = "PGCOPY\n\377\r\n\0\0\0\0\0\0\0\0\0";
 const char ing_copy_trailer[2] = "\377\377";
 
-#define ING__MAX_METRIC 128
 #define ING__MAX_STRING 1024
 #define ING__MAX_LABELS 16
 #define ING__MAX_LABEL_KEY 64
@@ -21,7 +20,7 @@ const char ing_copy_trailer[2] = "\377\377";
 /* Microseconds between the Unix epoch and Postgres' epoch (2000-01-01 UTC). */
 #define ING__PG_EPOCH_US 946684800000000LL
 
-static int ing__name_ok(const char *s, size_t max) {
+int ing_name_ok(const char *s, size_t max) {
     size_t n = 0;
     for (; s[n]; n++) {
         unsigned char ch = (unsigned char)s[n];
@@ -35,7 +34,7 @@ static int ing__name_ok(const char *s, size_t max) {
 
 /* Well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF) and no NUL: what a
  * Postgres text column in a UTF-8 database accepts. Returns the length, or -1. */
-static long ing__utf8_len(const char *str, size_t max) {
+long ing_utf8_len(const char *str, size_t max) {
     const unsigned char *s = (const unsigned char *)str;
     size_t i = 0;
     while (s[i]) {
@@ -104,7 +103,7 @@ static void ing__json_str(cm_buf_t *b, const char *s) {
     cm_buf_append(b, "\"", 1);
 }
 
-static void ing__varint(cm_buf_t *b, uint64_t v) {
+void ing_varint(cm_buf_t *b, uint64_t v) {
     char x[10];
     size_t n = 0;
     do {
@@ -147,8 +146,8 @@ ing_batch_t *ing_batch_new(const char *device_id, Iot__Ingest__V1__Point *const 
             ING__FAIL("points[%zu].seq: %llu does not increase (points[%zu].seq is %llu); seq must increase within a batch",
                       i, (unsigned long long)p->seq, i - 1, (unsigned long long)b->seq[i - 1]);
         b->seq[i] = p->seq;
-        if (!ing__name_ok(p->metric, ING__MAX_METRIC))
-            ING__FAIL("points[%zu].metric: must be 1-%d characters of A-Z a-z 0-9 _ . : / -", i, ING__MAX_METRIC);
+        if (!ing_name_ok(p->metric, ING_MAX_METRIC))
+            ING__FAIL("points[%zu].metric: must be 1-%d characters of A-Z a-z 0-9 _ . : / -", i, ING_MAX_METRIC);
         if (p->time_ms < lo || p->time_ms > hi)
             ING__FAIL("points[%zu].time_ms: %lld is outside the accepted window %lld..%lld (now %lld; see IOT_INGEST_MAX_PAST and IOT_INGEST_MAX_FUTURE)",
                       i, (long long)p->time_ms, (long long)lo, (long long)hi, (long long)now_ms);
@@ -160,7 +159,7 @@ ing_batch_t *ing_batch_new(const char *device_id, Iot__Ingest__V1__Point *const 
             if (!isfinite(p->double_value)) ING__FAIL("points[%zu].double_value: must be a finite number", i);
             break;
         case IOT__INGEST__V1__POINT__VALUE_STRING_VALUE:
-            slen = ing__utf8_len(p->string_value, ING__MAX_STRING);
+            slen = ing_utf8_len(p->string_value, ING__MAX_STRING);
             if (slen < 0) ING__FAIL("points[%zu].string_value: must be valid UTF-8 without NUL, at most %d bytes", i, ING__MAX_STRING);
             break;
         case IOT__INGEST__V1__POINT__VALUE_INT_VALUE:
@@ -173,10 +172,10 @@ ing_batch_t *ing_batch_new(const char *device_id, Iot__Ingest__V1__Point *const 
         cm_buf_reset(&json);
         for (size_t j = 0; j < p->n_labels; j++) {
             const char *k = p->labels[j]->key, *v = p->labels[j]->value;
-            if (!ing__name_ok(k, ING__MAX_LABEL_KEY))
+            if (!ing_name_ok(k, ING__MAX_LABEL_KEY))
                 ING__FAIL("points[%zu].labels: key \"%.64s\" must be 1-%d characters of A-Z a-z 0-9 _ . : / -", i, k,
                           ING__MAX_LABEL_KEY);
-            if (ing__utf8_len(v, ING__MAX_LABEL_VALUE) < 0)
+            if (ing_utf8_len(v, ING__MAX_LABEL_VALUE) < 0)
                 ING__FAIL("points[%zu].labels[%s]: value must be valid UTF-8 without NUL, at most %d bytes", i, k,
                           ING__MAX_LABEL_VALUE);
             cm_buf_append(&json, j ? "," : "{", 1);
@@ -238,7 +237,7 @@ ing_batch_t *ing_batch_new(const char *device_id, Iot__Ingest__V1__Point *const 
         b->pb_off[i] = (uint32_t)b->pb.len;
         size_t sz = protobuf_c_message_get_packed_size(&p->base);
         cm_buf_append(&b->pb, "\x12", 1);
-        ing__varint(&b->pb, sz);
+        ing_varint(&b->pb, sz);
         size_t at = b->pb.len;
         if (b->pb.cap < at + sz + 1) {
             b->pb.cap = (at + sz + 1) * 2;

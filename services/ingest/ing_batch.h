@@ -19,6 +19,7 @@
 
 #define ING_MAX_POINTS 10000
 #define ING_MAX_DEVICE_ID 128
+#define ING_MAX_METRIC 128
 
 typedef struct ing_batch_s ing_batch_t;
 
@@ -51,6 +52,15 @@ typedef struct ing_limits_s {
 ing_batch_t *ing_batch_new(const char *device_id, Iot__Ingest__V1__Point *const *points, size_t n,
                            const ing_limits_t *lim, int64_t now_ms, char *err, size_t err_cap);
 void ing_batch_free(ing_batch_t *b);
+
+/* 1..max characters of A-Z a-z 0-9 _ . : / - (metric names, label keys). */
+int ing_name_ok(const char *s, size_t max);
+/* Well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF) without NUL, at most
+ * max bytes: what a Postgres text column in a UTF-8 database accepts. The length, or -1. */
+long ing_utf8_len(const char *s, size_t max);
+
+/* Appends v as a protobuf varint (the publisher frames PublishedBatch fields around the points). */
+void ing_varint(cm_buf_t *b, uint64_t v);
 
 /* Postgres binary COPY framing for telemetry rows. */
 extern const char ing_copy_header[19];

@@ -118,18 +118,6 @@ static ing__dev_t *ing__dev_find(ing__dev_t *devs, size_t n, const char *id) {
     return bsearch(&key, devs, n, sizeof *devs, ing__dev_cmp);
 }
 
-static void ing__varint(cm_buf_t *b, uint64_t v) {
-    char x[10];
-    size_t n = 0;
-    do {
-        x[n] = (char)(v & 0x7F);
-        v >>= 7;
-        if (v) x[n] |= (char)0x80;
-        n++;
-    } while (v);
-    cm_buf_append(b, x, n);
-}
-
 /* Publishes the stored part of each batch: one XADD per batch, pipelined. 0 or CM_EREDIS. */
 static int ing__publish(ing__committer_t *c, ing_batch_t *list, char *err, size_t err_cap) {
     const ing_config_t *cfg = c->all->cfg;
@@ -151,11 +139,11 @@ static int ing__publish(ing__committer_t *c, ing_batch_t *list, char *err, size_
         cm_buf_reset(&payload);
         size_t dl = strlen(b->device_id);
         cm_buf_append(&payload, "\x0a", 1);
-        ing__varint(&payload, dl);
+        ing_varint(&payload, dl);
         cm_buf_append(&payload, b->device_id, dl);
         cm_buf_append(&payload, b->pb.data + b->pb_off[k], b->pb_off[b->n] - b->pb_off[k]);
         cm_buf_append(&payload, "\x18", 1);
-        ing__varint(&payload, (uint64_t)now);
+        ing_varint(&payload, (uint64_t)now);
         const char *argv[] = {"XADD", key, "MAXLEN", "~", maxlen, "*", "device", b->device_id, "first_seq", first,
                               "last_seq", last, "count", count, "batch", payload.data};
         size_t lens[16];

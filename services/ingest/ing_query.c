@@ -18,7 +18,6 @@
 #include "cm_log.h"
 #include "ing_batch.h"
 
-#define ING__MAX_METRIC 128
 #define ING__ACQUIRE_MS 5000
 /* Telemetry only exists within ingest's skew window of "now", so clipping query ranges to years
  * 1..9999 loses nothing and keeps every bound printable as a 4-digit-year timestamp. */
@@ -59,50 +58,9 @@ static void ing__ts_text(char *out, size_t cap, int64_t us) {
              y, m, d, sod / 3600, sod / 60 % 60, sod % 60, frac);
 }
 
-/* Well-formed UTF-8 of 1..max bytes: anything else would make Postgres fail the query with an
- * encoding error, which the caller would see as INTERNAL instead of a bad argument. */
-static int ing__utf8_ok(const char *str, size_t max) {
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-    while (s[i]) {
-        unsigned c = s[i];
-        size_t k;
-        unsigned cp;
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if (c >= 0xC2 && c <= 0xDF) k = 1, cp = c & 0x1F;
-        else if (c >= 0xE0 && c <= 0xEF) k = 2, cp = c & 0x0F;
-        else if (c >= 0xF0 && c <= 0xF4) k = 3, cp = c & 0x07;
-        else return 0;
-        for (size_t j = 1; j <= k; j++) {
-            if ((s[i + j] & 0xC0) != 0x80) return 0; /* also stops at the NUL */
-            cp = (cp << 6) | (s[i + j] & 0x3F);
-        }
-        if ((k == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (k == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
-            return 0;
-        i += k + 1;
-    }
-    return i > 0 && i <= max;
-}
-
-/* The metric rule of PushTelemetry (ing_batch.c): a query for anything else cannot match. */
-static int ing__metric_ok(const char *s) {
-    size_t n = 0;
-    for (; s[n]; n++) {
-        unsigned char ch = (unsigned char)s[n];
-        if (n >= ING__MAX_METRIC) return 0;
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
-              ch == '.' || ch == ':' || ch == '/' || ch == '-'))
-            return 0;
-    }
-    return n > 0;
-}
-
 static int ing__device_or_fail(cm_call_t *call, const char *device_id) {
     if (!*device_id) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: required");
-    if (!ing__utf8_ok(device_id, ING_MAX_DEVICE_ID))
+    if (ing_utf8_len(device_id, ING_MAX_DEVICE_ID) <= 0)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: must be 1-%d bytes of UTF-8 (got %zu bytes)",
                             ING_MAX_DEVICE_ID, strlen(device_id));
     return 0;
@@ -408,9 +366,9 @@ int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__Que
     int code = ing__device_or_fail(call, req->device_id);
     if (code) return code;
     if (!*req->metric) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metric: required");
-    if (!ing__metric_ok(req->metric))
+    if (!ing_name_ok(req->metric, ING_MAX_METRIC))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metric: must be 1-%d characters of A-Z a-z 0-9 _ . : / -",
-                            ING__MAX_METRIC);
+                            ING_MAX_METRIC);
     if (req->from_ms >= req->to_ms)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
                             "to_ms: must be greater than from_ms (from_ms %" PRId64 ", to_ms %" PRId64 "; to_ms is exclusive)",
