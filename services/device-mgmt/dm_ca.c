@@ -457,7 +457,7 @@ out:
 
 /* RFC 5280 5.3.1 reason codes valid in a full CRL: 7 is unassigned and 8 (removeFromCRL) only
  * belongs in delta CRLs. */
-static int dm__reason_ok(int reason) { return reason >= 0 && reason <= 10 && reason != 7 && reason != 8; }
+int dm_ca_reason_ok(int reason) { return reason >= 0 && reason <= 10 && reason != 7 && reason != 8; }
 
 /* One CRL entry; CM_EINVAL for bad input, CM_EIO when OpenSSL fails. */
 static int dm__add_revoked(X509_CRL *crl, const dm_revoked_t *r, size_t i, char *err, size_t err_cap) {
@@ -471,7 +471,7 @@ static int dm__add_revoked(X509_CRL *crl, const dm_revoked_t *r, size_t i, char 
         dm__fail(err, err_cap, "CRL: entry %zu: malformed serial \"%.48s\"", i, r->serial_hex ? r->serial_hex : "");
         return CM_EINVAL;
     }
-    if (r->revoked_unix < 0 || r->revoked_unix > DM__MAX_UNIX || !dm__reason_ok(r->reason)) {
+    if (r->revoked_unix < 0 || r->revoked_unix > DM__MAX_UNIX || !dm_ca_reason_ok(r->reason)) {
         dm__fail(err, err_cap, "CRL: entry %zu: revocation time or reason code %d out of range", i, r->reason);
         ASN1_INTEGER_free(sn);
         return CM_EINVAL;

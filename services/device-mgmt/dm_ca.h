@@ -51,6 +51,14 @@ typedef struct dm_revoked_s {
     int reason; /* RFC 5280 CRLReason code: 0 unspecified, 1 keyCompromise, 4 superseded, 5 cessationOfOperation */
 } dm_revoked_t;
 
+/* 1 when dm_ca_crl accepts reason in a CRL entry: an RFC 5280 CRLReason valid in a full CRL
+ * (DM_CA_REASONS); 0 for 7 (unassigned), 8 (removeFromCRL: delta CRLs only) and anything else.
+ * RevokeCertificate checks with it, so that a stored reason can never make the CRL unbuildable. */
+int dm_ca_reason_ok(int reason);
+#define DM_CA_REASONS                                                                                            \
+    "0 unspecified, 1 keyCompromise, 2 cACompromise, 3 affiliationChanged, 4 superseded, "                      \
+    "5 cessationOfOperation, 6 certificateHold, 9 privilegeWithdrawn, 10 aACompromise"
+
 /* A CRL (v2, with a CRL number extension and the authority key identifier) listing the revoked
  * serials, thisUpdate now, nextUpdate now + next_update_hours. Returns 0 and a PEM in *crl_pem,
  * CM_EINVAL for a malformed serial, CM_EIO on failure. */

@@ -23,6 +23,8 @@
     "coalesce((extract(epoch from c.delivered_at) * 1000000)::int8, 0), "                                       \
     "coalesce((extract(epoch from c.acked_at) * 1000000)::int8, 0), c.result::text, coalesce(c.error, '')"
 
+#define DM__CMD_NCOLS 11
+
 #define DM__DELIVER_BATCH 100
 
 static Google__Protobuf__Struct *dm__struct_from_text(ProtobufCAllocator *a, const char *text) {
@@ -245,11 +247,22 @@ void dm_commands_expire(dm_store_t *s) {
 
 /* ---- the watch hub --------------------------------------------------------------------------- */
 
+/* What a watcher has sent, and why it is not a cursor. Command ids come from one sequence, taken
+ * at INSERT and visible at COMMIT, so a command with a lower id can become visible after a higher
+ * one was sent (two SendCommands racing, or one in a slow transaction): a cursor "id > last sent"
+ * would skip it on this stream for good. Instead a pass asks for the device's open commands
+ * (pending or delivered, unexpired) whose ids are not in `sent`, the ids this stream has sent.
+ * `sent` only needs the ids of commands that are still open, since a command never reopens once
+ * acknowledged or expired, so it is trimmed to those whenever it has doubled: it stays as small as
+ * the device's unacknowledged backlog. */
 typedef struct dm__watcher_s {
     cm_call_t *call;
     char device_id[132];
-    pthread_mutex_t mu; /* serialises delivery to this watcher */
-    int64_t cursor;     /* highest command id sent */
+    pthread_mutex_t mu; /* serialises delivery to this watcher; guards the fields up to refs */
+    int64_t *sent;      /* ids sent on this stream (of commands open when last trimmed) */
+    size_t nsent, capsent, trim_at;
+    int64_t full_since_ms; /* since when passes find the send queue full, taking nothing; 0: not */
+    int backlog;        /* atomic: the last pass stopped at a full send queue; the tailer retries soon */
     int refs;           /* hub list + deliveries in progress; guarded by the hub's mu */
     struct dm_cmd_hub_s *hub;
 } dm__watcher_t;
@@ -263,10 +276,13 @@ struct dm_cmd_hub_s {
     dm__watcher_t **w;
     size_t nw, capw;
     int closing;
-    int64_t last_poll_ms;
+    int64_t last_poll_ms, last_backlog_ms;
     cm_gauge_t *gauge;
     cm_counter_t *delivered;
 };
+
+#define DM__SENT_TRIM_MIN 256
+#define DM__BACKLOG_RETRY_MS 200
 
 static void dm__watcher_unref(dm_cmd_hub_t *h, dm__watcher_t *w) {
     pthread_mutex_lock(&h->mu);
@@ -275,67 +291,154 @@ static void dm__watcher_unref(dm_cmd_hub_t *h, dm__watcher_t *w) {
     if (!last) return;
     cm_call_unref(w->call);
     pthread_mutex_destroy(&w->mu);
+    cm_free(w->sent);
     cm_free(w);
 }
 
-/* Sends what is deliverable past the watcher's cursor, oldest first. Marks them delivered. */
+static int64_t dm__mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Postgres array literal of ids: {1,2,3}. */
+static void dm__ids_literal(cm_buf_t *b, const int64_t *ids, size_t n) {
+    cm_buf_puts(b, "{");
+    for (size_t i = 0; i < n; i++) cm_buf_printf(b, "%s%" PRId64, i ? "," : "", ids[i]);
+    cm_buf_puts(b, "}");
+}
+
+/* Drops from w->sent the ids of commands no longer open. On failure keeps them all (correct,
+ * only larger) and tries again at the next doubling. */
+static void dm__trim_sent(cm_pg_conn_t *c, dm__watcher_t *w) {
+    cm_buf_t lit = CM_BUF_INIT;
+    dm__ids_literal(&lit, w->sent, w->nsent);
+    const char *p[] = {lit.data};
+    PGresult *r = NULL;
+    if (cm_pg_exec(c, &r,
+                   "SELECT id FROM commands WHERE id = ANY($1::int8[]) AND status IN (1, 2) AND expires_at > now() "
+                   "ORDER BY id",
+                   1, p) == 0) {
+        int n = PQntuples(r);
+        for (int i = 0; i < n; i++) w->sent[i] = dm__int(r, i, 0);
+        w->nsent = (size_t)n;
+    } else {
+        cm_log_kv(CM_LOG_WARN, "command watcher trim failed", "error", cm_pg_error(c), NULL);
+    }
+    PQclear(r);
+    cm_buf_free(&lit);
+    w->trim_at = 2 * w->nsent > DM__SENT_TRIM_MIN ? 2 * w->nsent : DM__SENT_TRIM_MIN;
+}
+
+static void dm__sent_add(dm__watcher_t *w, int64_t id) {
+    if (w->nsent == w->capsent)
+        w->sent = cm_realloc(w->sent, (w->capsent = w->capsent ? 2 * w->capsent : 64) * sizeof *w->sent);
+    w->sent[w->nsent++] = id;
+}
+
+/* The send queue is full (the client has not taken what is queued yet). The pass stops and the
+ * commands stay pending; the tailer retries the watcher a few times a second, and notifications
+ * and the poll run passes too. A full queue alone is no reason to end the stream (a backlog of
+ * more than the queue holds is normal after a device was offline); only a queue found full, with
+ * nothing taken, for a whole poll interval means the client stopped reading: it is cut off then
+ * rather than buffered for without bound. */
+static void dm__send_queue_full(dm_cmd_hub_t *h, dm__watcher_t *w) {
+    int64_t now = dm__mono_ms();
+    if (w->full_since_ms && now - w->full_since_ms >= h->store->cfg->command_poll_ms) {
+        cm_call_abort(w->call, CM_STATUS_RESOURCE_EXHAUSTED,
+                      "device is not reading its commands; watch again to get the unacknowledged ones");
+        __atomic_store_n(&w->backlog, 0, __ATOMIC_RELAXED);
+        return;
+    }
+    if (!w->full_since_ms) w->full_since_ms = now;
+    __atomic_store_n(&w->backlog, 1, __ATOMIC_RELAXED);
+}
+
+/* Sends the device's open commands not yet sent on this stream, oldest first, as far as the send
+ * queue takes them, and marks those sent as delivered. */
 static void dm__deliver(dm_cmd_hub_t *h, dm__watcher_t *w) {
     pthread_mutex_lock(&w->mu);
+    __atomic_store_n(&w->backlog, 0, __ATOMIC_RELAXED);
+    dm_err_t e;
+    cm_pg_conn_t *c = dm__pg(h->store, &e);
+    if (!c) {
+        /* Postgres is down: the poll tries again. */
+        pthread_mutex_unlock(&w->mu);
+        return;
+    }
+    if (w->nsent >= w->trim_at) dm__trim_sent(c, w);
+    int full = 0;
     for (int more = 1; more;) {
         more = 0;
-        dm_err_t e;
-        cm_pg_conn_t *c = dm__pg(h->store, &e);
-        if (!c) break;
-        char cur[24], lim[16];
-        snprintf(cur, sizeof cur, "%" PRId64, w->cursor);
+        cm_buf_t sent = CM_BUF_INIT;
+        dm__ids_literal(&sent, w->sent, w->nsent);
+        char lim[16];
         snprintf(lim, sizeof lim, "%d", DM__DELIVER_BATCH);
-        const char *p[] = {w->device_id, cur, lim};
+        const char *p[] = {w->device_id, sent.data, lim};
         PGresult *r = NULL;
-        if (cm_pg_exec(c, &r,
-                       "WITH due AS (SELECT id FROM commands WHERE device_id = $1 AND id > $2::int8 AND status IN (1, 2) "
-                       "  AND expires_at > now() ORDER BY id LIMIT $3), "
-                       "upd AS (UPDATE commands c SET status = 2, delivered_at = now() FROM due WHERE c.id = due.id "
-                       "  RETURNING c.*) "
-                       "SELECT " DM__CMD_COLS " FROM upd c ORDER BY c.id",
-                       3, p)) {
+        /* Rows as they will be once marked (status delivered, delivered_at this statement's
+         * now()), with that time as text in the last column for the UPDATE below. Marked after
+         * sending, so that only commands that did go out are marked. */
+        int rc = cm_pg_exec(c, &r,
+                            "SELECT " DM__CMD_COLS ", now()::text FROM (SELECT id, device_id, name, payload, 2 AS status, "
+                            "  created_at, expires_at, now() AS delivered_at, acked_at, result, error FROM commands "
+                            "  WHERE device_id = $1 AND status IN (1, 2) AND expires_at > now() AND id <> ALL($2::int8[]) "
+                            "  ORDER BY id LIMIT $3) c ORDER BY c.id",
+                            3, p);
+        cm_buf_free(&sent);
+        if (rc) {
             cm_log_kv(CM_LOG_WARN, "command delivery query failed", "error", cm_pg_error(c), NULL);
-            cm_pg_release(h->store->pg, c);
             break;
         }
-        cm_pg_release(h->store->pg, c);
-        int n = PQntuples(r);
+        int n = PQntuples(r), nsent = 0, stop = 0;
         cm_arena_t ar;
         cm_arena_init(&ar, NULL, 0);
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < n && !stop; i++) {
             dm_command_t *cmd = dm__cmd_from_row(&ar.pb, r, i);
-            int rc = cm_call_send(w->call, &cmd->base);
-            if (rc == CM_EFULL) {
-                cm_call_abort(w->call, CM_STATUS_RESOURCE_EXHAUSTED,
-                              "device is not reading its commands; watch again to get the unacknowledged ones");
-                n = 0;
-                break;
+            int src = cm_call_send(w->call, &cmd->base);
+            if (src == CM_EFULL) {
+                dm__send_queue_full(h, w);
+                full = stop = 1;
+            } else if (src) {
+                stop = 1; /* the call ended: its done callback forgets the watcher */
+            } else {
+                w->full_since_ms = 0;
+                dm__sent_add(w, dm__int(r, i, 0));
+                nsent++;
             }
-            if (rc) {
-                n = 0;
-                break;
-            }
-            w->cursor = dm__int(r, i, 0);
-            cm_counter_add(h->delivered, 1);
         }
         cm_arena_free(&ar);
+        if (nsent) {
+            cm_counter_add(h->delivered, (uint64_t)nsent);
+            /* Acknowledged meanwhile (status 3, 4) or expired (5): left as they are. */
+            cm_buf_t ids = CM_BUF_INIT;
+            dm__ids_literal(&ids, w->sent + w->nsent - nsent, (size_t)nsent);
+            const char *q[] = {ids.data, PQgetvalue(r, 0, DM__CMD_NCOLS)};
+            if (cm_pg_exec(c, NULL,
+                           "UPDATE commands SET status = 2, delivered_at = $2::timestamptz "
+                           "WHERE id = ANY($1::int8[]) AND status IN (1, 2)",
+                           2, q))
+                cm_log_kv(CM_LOG_WARN, "marking commands delivered failed", "error", cm_pg_error(c), NULL);
+            cm_buf_free(&ids);
+        }
         PQclear(r);
-        more = n == DM__DELIVER_BATCH;
+        more = !stop && n == DM__DELIVER_BATCH;
     }
+    /* A stall is only a run of passes that all found the queue full. */
+    if (!full) w->full_since_ms = 0;
+    cm_pg_release(h->store->pg, c);
     pthread_mutex_unlock(&w->mu);
 }
 
-/* Delivers to every local watcher of device_id (NULL: every watcher, for the poll). */
-static void dm__notify(dm_cmd_hub_t *h, const char *device_id) {
+/* Delivers to every local watcher of device_id (NULL: every watcher, for the poll); with
+ * backlog_only, only to those whose last pass stopped at a full send queue. */
+static void dm__notify(dm_cmd_hub_t *h, const char *device_id, int backlog_only) {
     pthread_mutex_lock(&h->mu);
     size_t n = 0;
     dm__watcher_t **todo = cm_malloc(sizeof *todo * (h->nw ? h->nw : 1));
     for (size_t i = 0; i < h->nw; i++)
-        if (!device_id || strcmp(h->w[i]->device_id, device_id) == 0) {
+        if ((!device_id || strcmp(h->w[i]->device_id, device_id) == 0) &&
+            (!backlog_only || __atomic_load_n(&h->w[i]->backlog, __ATOMIC_RELAXED))) {
             h->w[i]->refs++;
             todo[n++] = h->w[i];
         }
@@ -347,12 +450,6 @@ static void dm__notify(dm_cmd_hub_t *h, const char *device_id) {
     cm_free(todo);
 }
 
-static int64_t dm__mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void *dm__tail_loop(void *arg) {
     dm_cmd_hub_t *h = arg;
     char key[96], last[48] = "$";
@@ -362,7 +459,13 @@ static void *dm__tail_loop(void *arg) {
     while (!__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE)) {
         if (dm__mono_ms() - h->last_poll_ms >= h->store->cfg->command_poll_ms) {
             h->last_poll_ms = dm__mono_ms();
-            dm__notify(h, NULL);
+            dm__notify(h, NULL, 0);
+        }
+        /* Watchers whose backlog did not fit in their send queue go on as the client reads,
+         * without waiting for a notification or the poll; a few times a second at most. */
+        if (dm__mono_ms() - h->last_backlog_ms >= DM__BACKLOG_RETRY_MS) {
+            h->last_backlog_ms = dm__mono_ms();
+            dm__notify(h, NULL, 1);
         }
         /* Short blocks so that stop is noticed within half a second. */
         const char *argv[] = {"XREAD", "COUNT", "500", "BLOCK", "500", "STREAMS", key, last};
@@ -382,7 +485,7 @@ static void *dm__tail_loop(void *arg) {
             cm_log_kv(CM_LOG_INFO, "command notifications reconnected to redis", NULL);
             down = 0;
             snprintf(last, sizeof last, "$");
-            dm__notify(h, NULL);
+            dm__notify(h, NULL, 0);
         }
         if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 && rep->element[0]->elements == 2) {
             redisReply *entries = rep->element[0]->element[1];
@@ -392,7 +495,7 @@ static void *dm__tail_loop(void *arg) {
                 snprintf(last, sizeof last, "%s", en->element[0]->str);
                 redisReply *f = en->element[1];
                 for (size_t k = 0; k + 1 < f->elements; k += 2)
-                    if (strcmp(f->element[k]->str, "device_id") == 0) dm__notify(h, f->element[k + 1]->str);
+                    if (strcmp(f->element[k]->str, "device_id") == 0) dm__notify(h, f->element[k + 1]->str, 0);
             }
         }
         freeReplyObject(rep);
@@ -417,6 +520,7 @@ int dm_cmd_hub_watch(dm_cmd_hub_t *h, cm_call_t *call, const char *device_id) {
     w->call = call;
     w->hub = h;
     w->refs = 2; /* the list, and this first delivery */
+    w->trim_at = DM__SENT_TRIM_MIN;
     snprintf(w->device_id, sizeof w->device_id, "%s", device_id);
     pthread_mutex_init(&w->mu, NULL);
     pthread_mutex_lock(&h->mu);
@@ -433,7 +537,7 @@ int dm_cmd_hub_watch(dm_cmd_hub_t *h, cm_call_t *call, const char *device_id) {
     cm_call_set_user(call, w);
     pthread_mutex_unlock(&h->mu);
     /* Joined first, delivered second: a command sent in between is found by one or the other,
-     * and the cursor keeps it from being sent twice. */
+     * and the sent set keeps it from being sent twice. */
     dm__deliver(h, w);
     dm__watcher_unref(h, w);
     return CM_PENDING;

@@ -4,7 +4,9 @@
  * the command, then appends the device id to the Redis stream P cmdq; each hub's tailer thread
  * follows that stream and delivers to its local watchers of that device. Watchers also look for
  * new commands every IOT_DM_COMMAND_POLL, so a notification lost to a Redis outage delays a
- * command but never loses it. Delivery to one watcher is serialised and ordered by command id. */
+ * command but never loses it. Delivery to one watcher is serialised, oldest first, each command
+ * once per stream (one committed after a newer one was sent comes after it); a backlog larger than
+ * the stream's send queue goes out as the client reads (see dm__deliver). */
 #ifndef DM_COMMANDS_H
 #define DM_COMMANDS_H
 

@@ -5,8 +5,9 @@
  * SHA-256 is stored (a slow password hash buys nothing for a secret this long). Authentication
  * is one Redis round trip on the hot path: a Lua script reads the token's cache entry and the
  * device's cached status together. Revocation overwrites the entry with a "-" tombstone that
- * lives as long as any positive entry could, and read-through fills only ever SET NX, so a fill
- * racing with a revocation cannot bring the token back. */
+ * lives as long as any positive entry could, and positive entries (read-through fills, and the
+ * write-through of a new token) are only ever SET NX, so a write racing with a revocation or a
+ * device deletion cannot bring the token back. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -136,6 +137,19 @@ static int dm__insert_token(cm_pg_conn_t *c, const char *device_id, int ttl_s, P
     return CM_STATUS_OK;
 }
 
+/* The cache entry of a token just created, written only if the key is absent (SET NX). Its hash
+ * is of 256 fresh random bits, so no entry can be there unless a DeleteDevice that committed after
+ * our INSERT has already tombstoned it: an unconditional SET would overwrite that tombstone and
+ * the token would come back with a device re-created under the same id. Failures are logged:
+ * authentication falls back to Postgres on a miss. */
+static void dm__token_write_through(dm_store_t *s, const char *hash, const char *device_id, const dm_token_t *t) {
+    char entry[256];
+    dm__token_entry(entry, sizeof entry, device_id, t->id, t->expires_us);
+    dm_err_t ignored;
+    if (dm__token_cache_set(s, hash, entry, dm__positive_ttl(s, t->expires_us), 1, &ignored))
+        cm_log_kv(CM_LOG_WARN, "token cache write failed", "token_id", t->id, "error", ignored.msg, NULL);
+}
+
 int dm_store_issue_token(dm_store_t *s, const char *device_id, int ttl_s, ProtobufCAllocator *a, dm_token_t *out,
                          dm_err_t *e) {
     cm_pg_conn_t *c = dm__pg(s, e);
@@ -144,12 +158,7 @@ int dm_store_issue_token(dm_store_t *s, const char *device_id, int ttl_s, Protob
     int code = dm__insert_token(c, device_id, ttl_s, a, out, hash, e);
     cm_pg_release(s->pg, c);
     if (code) return code;
-    /* Write-through, unconditionally: replaces a negative entry left by someone guessing. */
-    char entry[256];
-    dm__token_entry(entry, sizeof entry, device_id, out->id, out->expires_us);
-    dm_err_t ignored;
-    if (dm__token_cache_set(s, hash, entry, dm__positive_ttl(s, out->expires_us), 0, &ignored))
-        cm_log_kv(CM_LOG_WARN, "token cache write failed", "token_id", out->id, "error", ignored.msg, NULL);
+    dm__token_write_through(s, hash, device_id, out);
     return CM_STATUS_OK;
 }
 
@@ -186,10 +195,7 @@ int dm_store_rotate_token(dm_store_t *s, const char *token_id, int ttl_s, Protob
     if (code) cm_pg_rollback(c);
     cm_pg_release(s->pg, c);
     if (code) return code;
-    char entry[256];
-    dm__token_entry(entry, sizeof entry, device_id, out->id, out->expires_us);
-    dm_err_t ignored;
-    dm__token_cache_set(s, hash, entry, dm__positive_ttl(s, out->expires_us), 0, &ignored);
+    dm__token_write_through(s, hash, device_id, out);
     /* The old token must stop working now: as for RevokeToken, a cache failure is reported so
      * the caller retries (rotating again is harmless: the old one stays revoked). */
     if (dm__token_cache_set(s, old_hash, "-", s->cfg->cache_ttl_ms, 0, e)) {
@@ -398,13 +404,19 @@ int dm_store_sign_certificate(dm_store_t *s, const char *device_id, const char *
     if (!c) return CM_STATUS_UNAVAILABLE;
     const char *p[] = {device_id};
     PGresult *r = NULL;
-    int code = CM_STATUS_OK;
-    if (cm_pg_exec(c, &r, "SELECT status FROM devices WHERE id = $1", 1, p)) {
+    /* Check and insert in one transaction holding the device row FOR SHARE: DeleteDevice and
+     * UpdateDevice take it FOR UPDATE, so neither can commit between the check and the INSERT.
+     * A delete that comes after us revokes this certificate with the others; one that came
+     * before leaves no row (or a decommissioned one) for the check to refuse. Signing inside the
+     * transaction holds the lock for the millisecond or so that ECDSA takes. */
+    int code = cm_pg_begin(c) ? dm__pg_fail(c, "device", e) : CM_STATUS_OK;
+    if (!code && cm_pg_exec(c, &r, "SELECT status FROM devices WHERE id = $1 FOR SHARE", 1, p))
         code = dm__pg_fail(c, "device", e);
-    } else if (PQntuples(r) == 0) {
+    if (!code && PQntuples(r) == 0) {
         snprintf(e->msg, sizeof e->msg, "device \"%s\" not found", device_id);
         code = CM_STATUS_NOT_FOUND;
-    } else if (atoi(PQgetvalue(r, 0, 0)) == IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED) {
+    }
+    if (!code && atoi(PQgetvalue(r, 0, 0)) == IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED) {
         snprintf(e->msg, sizeof e->msg, "device \"%s\" is decommissioned", device_id);
         code = CM_STATUS_FAILED_PRECONDITION;
     }
@@ -431,9 +443,11 @@ int dm_store_sign_certificate(dm_store_t *s, const char *device_id, const char *
         if (cm_pg_exec(c, NULL,
                        "INSERT INTO certificates (serial, device_id, pem, not_before, not_after) "
                        "VALUES ($1, $2, $3, to_timestamp($4::int8), to_timestamp($5::int8))",
-                       5, q))
+                       5, q) ||
+            cm_pg_commit(c))
             code = dm__pg_fail(c, "certificate", e);
     }
+    if (code) cm_pg_rollback(c);
     cm_pg_release(s->pg, c);
     if (!code) {
         Iot__Device__V1__Certificate *ct = a->alloc(a->allocator_data, sizeof *ct);

@@ -10,6 +10,7 @@
 
 #include "cm_err.h"
 #include "cm_selector.h"
+#include "dm_ca.h"
 
 #define DM_BATCH_MAX 10000
 #define DM_MAP_MAX 64
@@ -46,17 +47,6 @@ static int dm__text_ok(const char *s, size_t max) {
     }
     return 1;
 }
-
-/* 1..max characters: an ASCII letter or digit first, then letters, digits or `extra`. */
-static int dm__name_ok(const char *s, size_t max, const char *extra) {
-    size_t n = strlen(s);
-    if (n == 0 || n > max || !isalnum((unsigned char)s[0])) return 0;
-    for (size_t i = 1; i < n; i++)
-        if (!isalnum((unsigned char)s[i]) && !strchr(extra, s[i])) return 0;
-    return 1;
-}
-
-static int dm__id_ok(const char *s) { return dm__name_ok(s, 128, "._:-"); }
 
 #define DM_ID_RULE "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-', starting with a letter or digit"
 
@@ -485,8 +475,11 @@ static int dm_revoke_certificate(cm_call_t *call, const ProtobufCMessage *req_, 
     (void)resp_;
     if (!dm__serial_ok(req->serial))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "serial: 1-40 lowercase hex digits, as SignCertificate returned it");
-    if (req->reason < 0 || req->reason > 10 || req->reason == 7)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reason: %d is not an RFC 5280 CRLReason", req->reason);
+    /* The CRL builder's own rule: a reason it refuses would be stored and then break every
+     * GetRevocationList (8, removeFromCRL, is a CRLReason but belongs only in delta CRLs). */
+    if (!dm_ca_reason_ok(req->reason))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reason: %d is not allowed; use one of " DM_CA_REASONS,
+                            req->reason);
     dm_err_t e;
     int code = dm_store_revoke_certificate(dm__store(call), req->serial, req->reason, &e);
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;

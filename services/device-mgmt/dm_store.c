@@ -3,6 +3,7 @@
  * dm_shadow.c, commands in dm_commands.c. */
 #include "dm_store.h"
 
+#include <ctype.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +78,16 @@ int dm__param(dm__params_t *p, const char *value) {
     p->v[p->n++] = value;
     return p->n;
 }
+
+int dm__name_ok(const char *s, size_t max, const char *extra) {
+    size_t n = strlen(s);
+    if (n == 0 || n > max || !isalnum((unsigned char)s[0])) return 0;
+    for (size_t i = 1; i < n; i++)
+        if (!isalnum((unsigned char)s[i]) && !strchr(extra, s[i])) return 0;
+    return 1;
+}
+
+int dm__id_ok(const char *s) { return dm__name_ok(s, 128, "._:-"); }
 
 int64_t dm__now_us(void) {
     struct timespec ts;
@@ -382,9 +393,19 @@ void dm__events_kick(dm_store_t *s) {
     if (s->relay) cm_loop_kick(s->relay);
 }
 
-/* One relay pass: publishes up to 1000 outbox rows in order and deletes them. Replicas take turns
- * through a transaction-scoped advisory lock so the stream keeps commit order; a crash between
- * XADD and DELETE publishes those events again (at least once: consumers dedupe on event_id). */
+/* One relay pass: publishes up to 1000 outbox rows in id order and deletes exactly those rows.
+ * Replicas take turns through a transaction-scoped advisory lock, so a pass never races another.
+ *
+ * Ids are not commit order: a writer takes its id at INSERT and its row becomes visible at COMMIT,
+ * so a row with a lower id (a long BatchCreateDevices, say) can commit after this pass has read
+ * and published higher ones. Deleting "id <= the highest published" would then delete it
+ * unpublished (the DELETE runs with a newer snapshot than the SELECT); deleting the published ids
+ * only leaves it for the next pass. Per device the stream keeps order all the same: every writer of
+ * a device's events holds that device's row lock (FOR UPDATE, or the unique index for a create)
+ * from before it takes an event id until it commits, so a device's later event has a higher id and
+ * commits after its earlier one, which any pass that sees the later one also sees (or already
+ * published). A crash between XADD and DELETE publishes those events again (at least once:
+ * consumers dedupe on event_id). */
 static int dm__relay_once(dm_store_t *s, int *more) {
     *more = 0;
     dm_err_t e;
@@ -427,8 +448,13 @@ static int dm__relay_once(dm_store_t *s, int *more) {
         }
         if (rd) cm_redis_pool_release(s->redis, rd);
         if (ok) {
-            const char *p[] = {PQgetvalue(r, n - 1, 0)};
-            rc = cm_pg_exec(c, NULL, "DELETE FROM events WHERE id <= $1", 1, p);
+            cm_buf_t ids = CM_BUF_INIT;
+            cm_buf_puts(&ids, "{");
+            for (int i = 0; i < n; i++) cm_buf_printf(&ids, "%s%s", i ? "," : "", PQgetvalue(r, i, 0));
+            cm_buf_puts(&ids, "}");
+            const char *p[] = {ids.data};
+            rc = cm_pg_exec(c, NULL, "DELETE FROM events WHERE id = ANY($1::bigint[])", 1, p);
+            cm_buf_free(&ids);
             cm_counter_add(dm__events_published, (uint64_t)n);
             *more = n == 1000;
         } else {
@@ -1020,7 +1046,9 @@ static int dm__page_token_parse(const char *tok, uint32_t h, char *last, size_t 
         snprintf(e->msg, sizeof e->msg, "page_token: it belongs to a different filter; start again without a page_token");
         return CM_STATUS_INVALID_ARGUMENT;
     }
-    if (strlen(buf + 9) >= cap) goto bad;
+    /* The id part is checked like a request id: a forged token must not carry bytes (invalid
+     * UTF-8, say) that Postgres would reject as an internal error rather than a bad argument. */
+    if (strlen(buf + 9) >= cap || !dm__id_ok(buf + 9)) goto bad;
     snprintf(last, cap, "%s", buf + 9);
     return CM_STATUS_OK;
 bad:
@@ -1225,6 +1253,11 @@ int dm_store_update_group(dm_store_t *s, const dm_group_t *upd, const char *cons
             snprintf(e->msg, sizeof e->msg, "group.filter: group \"%s\" is static; only dynamic groups have a filter",
                      upd->id);
             code = CM_STATUS_FAILED_PRECONDITION;
+        } else if (!upd->filter) {
+            /* Named in the mask but absent would store no filter, and a dynamic group without
+             * one matches every device: refused as CreateGroup refuses it. */
+            snprintf(e->msg, sizeof e->msg, "group.filter: a dynamic group needs a filter");
+            code = CM_STATUS_INVALID_ARGUMENT;
         } else {
             code = dm__check_filter(s, c, upd->filter, e);
             g->filter = upd->filter;

@@ -128,6 +128,12 @@ typedef struct dm__params_s {
     const char *v[160];
     int n;
 } dm__params_t;
+/* 1..max characters: an ASCII letter or digit first, then letters, digits or `extra`. */
+int dm__name_ok(const char *s, size_t max, const char *extra);
+/* The rule for every id a client names (devices, groups, tokens): 1-128 characters of A-Z, a-z,
+ * 0-9, '.', '_', ':', '-', starting with a letter or digit. Handlers check request fields with it,
+ * and the store checks what it decodes from page tokens, so no other text reaches a query. */
+int dm__id_ok(const char *s);
 /* Appends a parameter and returns its number ($n). */
 int dm__param(dm__params_t *p, const char *value);
 /* Acquires a Postgres connection or fails with UNAVAILABLE. */

@@ -12,8 +12,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <libpq-fe.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/sha.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
@@ -979,6 +981,488 @@ static void test_presence_online_offline_and_events(void) {
     dm_stop(&d);
 }
 
+/* ---- regressions: races made deterministic with the test's own Postgres connection ---- */
+
+/* Runs sql on the test's own connection; fails the test unless it succeeded. Caller PQclears. */
+static PGresult *pg(PGconn *c, const char *sql, int n, const char *const *p) {
+    PGresult *r = PQexecParams(c, sql, n, NULL, p, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(r));
+        PQclear(r);
+        TEST__FAIL("%s: %s", sql, msg);
+    }
+    return r;
+}
+
+static void pg_run(PGconn *c, const char *sql, int n, const char *const *p) { PQclear(pg(c, sql, n, p)); }
+
+/* The first column of the first row as an integer. */
+static long long pg_int(PGconn *c, const char *sql, int n, const char *const *p) {
+    PGresult *r = pg(c, sql, n, p);
+    long long v = PQntuples(r) ? atoll(PQgetvalue(r, 0, 0)) : -1;
+    PQclear(r);
+    return v;
+}
+
+/* A connection of the test's own to the service's schema (after dm_start: the service makes it). */
+static PGconn *pg_open(void) {
+    PGconn *c = PQconnectdb(test_env("IOT_TEST_PG"));
+    if (PQstatus(c) != CONNECTION_OK) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", PQerrorMessage(c));
+        PQfinish(c);
+        TEST__FAIL("postgres: %s", msg);
+    }
+    const char *p[] = {strchr(schema_env, '=') + 1};
+    pg_run(c, "SELECT set_config('search_path', $1, false)", 1, p);
+    return c;
+}
+
+static void redis_ok(cm_redis_t *rd, const char *a, const char *b, const char *c, const char *d) {
+    redisReply *rep = cm_redis_cmdv(rd, a, b, c, d, NULL);
+    ASSERT(rep && rep->type != REDIS_REPLY_ERROR);
+    freeReplyObject(rep);
+}
+
+/* 1 when the device event stream holds an entry with this event_id. */
+static int stream_has_event(cm_redis_t *rd, const char *event_id) {
+    char key[96];
+    snprintf(key, sizeof key, "%sevents", prefix);
+    redisReply *rep = cm_redis_cmdv(rd, "XRANGE", key, "-", "+", NULL);
+    ASSERT(rep && rep->type == REDIS_REPLY_ARRAY);
+    int found = 0;
+    for (size_t i = 0; i < rep->elements && !found; i++) {
+        redisReply *f = rep->element[i]->element[1];
+        for (size_t k = 0; k + 1 < f->elements; k += 2)
+            if (!strcmp(f->element[k]->str, "event_id") && !strcmp(f->element[k + 1]->str, event_id)) found = 1;
+    }
+    freeReplyObject(rep);
+    return found;
+}
+
+/* An outbox row that takes its id, then commits only after the relay has read (and is publishing)
+ * a higher one: the relay must publish it later, not delete it with the ones it published. */
+static void test_relay_keeps_late_committed_events(void) {
+    fresh_names("relay");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    PGconn *late = pg_open(), *other = pg_open();
+    cm_redis_t *rd = cm_redis_new(test_env("IOT_TEST_REDIS"), 5000, NULL);
+    pg_run(late, "BEGIN", 0, NULL);
+    char late_id[24], early_id[24];
+    snprintf(late_id, sizeof late_id, "%lld",
+             pg_int(late, "INSERT INTO events (type, device_id, status, version) VALUES ('updated', 'late', 1, 1) RETURNING id",
+                    0, NULL));
+    /* Writes wait in Redis, so the relay stops between reading the outbox and deleting from it. */
+    redis_ok(rd, "CLIENT", "PAUSE", "3000", "WRITE");
+    snprintf(early_id, sizeof early_id, "%lld",
+             pg_int(other, "INSERT INTO events (type, device_id, status, version) VALUES ('updated', 'early', 1, 2) RETURNING id",
+                    0, NULL));
+    ASSERT(atoll(early_id) > atoll(late_id));
+    /* The relay has read the outbox and waits on XADD: idle in its transaction after the SELECT,
+     * for longer than a pass that found nothing would be. */
+    int reading = 0;
+    for (int i = 0; i < 200 && !reading; i++) {
+        reading = pg_int(other,
+                         "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                         "AND query LIKE 'SELECT id, type, device_id%FROM events%' "
+                         "AND state_change < clock_timestamp() - interval '200 milliseconds'",
+                         0, NULL) > 0;
+        if (!reading) usleep(20000);
+    }
+    ASSERT(reading);
+    pg_run(late, "COMMIT", 0, NULL);
+    redis_ok(rd, "CLIENT", "UNPAUSE", NULL, NULL);
+    int published = 0;
+    for (int i = 0; i < 100 && !published; i++) {
+        published = stream_has_event(rd, early_id) && stream_has_event(rd, late_id);
+        if (!published) usleep(50000);
+    }
+    ASSERT(published);
+    long long left = -1;
+    for (int i = 0; i < 100 && left != 0; i++) {
+        left = pg_int(other, "SELECT count(*) FROM events", 0, NULL);
+        if (left) usleep(50000);
+    }
+    ASSERT_INT_EQ(left, 0);
+    cm_redis_free(rd);
+    PQfinish(late);
+    PQfinish(other);
+    dm_stop(&d);
+}
+
+/* A command whose id is below one already delivered on the stream, committed after it. */
+static void test_watch_delivers_late_committed_command(void) {
+    fresh_names("cmdlate");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    pbfree(create(&d, "valve-7", "valve", NULL));
+    Iot__Device__V1__IssueTokenResponse *t = issue(&d, "valve-7");
+    PGconn *late = pg_open();
+    pg_run(late, "BEGIN", 0, NULL);
+    char late_id[24];
+    snprintf(late_id, sizeof late_id, "%lld",
+             pg_int(late,
+                    "INSERT INTO commands (device_id, name, expires_at) VALUES ('valve-7', 'late', now() + interval '1 hour') "
+                    "RETURNING id",
+                    0, NULL));
+    cm_stream_t *s = watch(&d, t->token);
+    Iot__Device__V1__Command *b = send_cmd(&d, "early", 60), *got = NULL;
+    ASSERT(atoll(b->id) > atoll(late_id));
+    ASSERT_INT_EQ(cm_stream_recv(s, &iot__device__v1__command__descriptor, (ProtobufCMessage **)&got), 1);
+    ASSERT_STR_EQ(got->id, b->id);
+    pbfree(got);
+    pg_run(late, "COMMIT", 0, NULL);
+    /* The next notification's pass finds it (it is open and was not sent on this stream), and
+     * does not send b again. */
+    Iot__Device__V1__Command *c = send_cmd(&d, "after", 60);
+    ASSERT_INT_EQ(cm_stream_recv(s, &iot__device__v1__command__descriptor, (ProtobufCMessage **)&got), 1);
+    ASSERT_STR_EQ(got->id, late_id);
+    ASSERT_STR_EQ(got->name, "late");
+    ASSERT_INT_EQ(got->status, IOT__DEVICE__V1__COMMAND_STATUS__COMMAND_STATUS_DELIVERED);
+    pbfree(got);
+    ASSERT_INT_EQ(cm_stream_recv(s, &iot__device__v1__command__descriptor, (ProtobufCMessage **)&got), 1);
+    ASSERT_STR_EQ(got->id, c->id);
+    pbfree(got);
+    /* Marked delivered in storage too (just after it was sent, so perhaps a moment later). */
+    const char *p[] = {late_id};
+    long long st = 0;
+    for (int i = 0; i < 100 && st != 2; i++) {
+        st = pg_int(late, "SELECT status FROM commands WHERE id = $1::int8", 1, p);
+        if (st != 2) usleep(20000);
+    }
+    ASSERT_INT_EQ(st, 2);
+    cm_stream_cancel(s);
+    cm_stream_finish(s, NULL);
+    pbfree(b);
+    pbfree(c);
+    pbfree(t);
+    PQfinish(late);
+    dm_stop(&d);
+}
+
+/* A backlog far larger than the per-call send queue (1024) is delivered, in order, as the device
+ * reads; a device that stops reading is still cut off. */
+static void test_watch_backlog_over_send_queue(void) {
+    fresh_names("backlog");
+    dm_proc_t d;
+    dm_start(&d, "IOT_DM_COMMAND_POLL=1s");
+    pbfree(create(&d, "valve-7", "valve", NULL));
+    Iot__Device__V1__IssueTokenResponse *t = issue(&d, "valve-7");
+    PGconn *c = pg_open();
+    enum { N = 3000 };
+    char n[16];
+    snprintf(n, sizeof n, "%d", N);
+    const char *p[] = {n};
+    pg_run(c,
+           "INSERT INTO commands (device_id, name, payload, expires_at) "
+           "SELECT 'valve-7', 'c' || g, jsonb_build_object('blob', repeat('x', 4000)), now() + interval '1 hour' "
+           "FROM generate_series(1, $1::int) g",
+           1, p);
+    cm_stream_t *s = watch(&d, t->token);
+    usleep(500000); /* not reading yet: the transport window and the send queue fill up */
+    long long last = 0;
+    int got_n = 0;
+    for (; got_n < N; got_n++) {
+        Iot__Device__V1__Command *got = NULL;
+        int rc = cm_stream_recv(s, &iot__device__v1__command__descriptor, (ProtobufCMessage **)&got);
+        if (rc != 1) break;
+        ASSERT(atoll(got->id) > last); /* oldest first, none twice */
+        last = atoll(got->id);
+        pbfree(got);
+    }
+    ASSERT_INT_EQ(got_n, N);
+    cm_stream_cancel(s);
+    cm_stream_finish(s, NULL);
+
+    /* All of them are delivered and unacknowledged now: a new watch gets them again. One that
+     * never reads is ended once its queue has stayed full, taking nothing, for a poll interval. */
+    s = watch(&d, t->token);
+    sleep(4);
+    cm_rpc_status_t st = {0};
+    ASSERT_INT_EQ(cm_stream_finish(s, &st), CM_STATUS_RESOURCE_EXHAUSTED);
+    cm_rpc_status_clear(&st);
+    pbfree(t);
+    PQfinish(c);
+    dm_stop(&d);
+}
+
+typedef struct sign_arg_s {
+    dm_proc_t *d;
+    const char *device_id;
+    const char *csr;
+    int code;
+    atomic_int done;
+} sign_arg_t;
+
+static void *sign_thread(void *p) {
+    sign_arg_t *a = p;
+    Iot__Device__V1__SignCertificateRequest req = IOT__DEVICE__V1__SIGN_CERTIFICATE_REQUEST__INIT;
+    req.device_id = (char *)a->device_id;
+    req.csr_pem = (char *)a->csr;
+    Iot__Device__V1__SignCertificateResponse *r = NULL;
+    a->code = call(a->d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &r);
+    pbfree(r);
+    atomic_store(&a->done, 1);
+    return NULL;
+}
+
+/* SignCertificate racing with a decommissioning or a deletion that has locked the device row and
+ * not yet committed: it must wait for it and then refuse, not issue a certificate for a device
+ * that is gone by the time the certificate exists. */
+static void test_sign_certificate_waits_for_device_change(void) {
+    fresh_names("signrace");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    EVP_PKEY *key;
+    char *csr = make_csr(&key);
+    PGconn *hold = pg_open(), *look = pg_open();
+    static const struct {
+        const char *id, *sql;
+        int want;
+    } cases[] = {
+        {"gw-decom", "UPDATE devices SET status = 6, version = nextval('version_seq') WHERE id = $1",
+         CM_STATUS_FAILED_PRECONDITION},
+        {"gw-gone", "DELETE FROM devices WHERE id = $1", CM_STATUS_NOT_FOUND},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        pbfree(create(&d, cases[k].id, "gateway", NULL));
+        const char *p[] = {cases[k].id};
+        /* What UpdateDevice and DeleteDevice do: lock the row, change it, commit later. */
+        pg_run(hold, "BEGIN", 0, NULL);
+        pg_run(hold, "SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", 1, p);
+        pg_run(hold, cases[k].sql, 1, p);
+        sign_arg_t a = {.d = &d, .device_id = cases[k].id, .csr = csr};
+        atomic_init(&a.done, 0);
+        pthread_t th;
+        pthread_create(&th, NULL, sign_thread, &a);
+        /* Commit once the signer is waiting for the row (or, wrongly, has already answered). */
+        int waiting = 0;
+        for (int i = 0; i < 250 && !waiting && !atomic_load(&a.done); i++) {
+            waiting = pg_int(look,
+                             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND query LIKE '%FROM devices WHERE id = $1 FOR SHARE%'",
+                             0, NULL) > 0;
+            if (!waiting) usleep(20000);
+        }
+        pg_run(hold, "COMMIT", 0, NULL);
+        pthread_join(th, NULL);
+        ASSERT_INT_EQ(a.code, cases[k].want);
+        ASSERT_INT_EQ(pg_int(look, "SELECT count(*) FROM certificates WHERE device_id = $1", 1, p), 0);
+    }
+    /* The plain rule, without a race: a decommissioned device gets no certificate. */
+    pbfree(create(&d, "gw-old", "gateway", NULL));
+    Iot__Device__V1__Device upd = IOT__DEVICE__V1__DEVICE__INIT;
+    upd.id = (char *)"gw-old";
+    upd.status = IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED;
+    char *paths[] = {(char *)"status"};
+    Google__Protobuf__FieldMask mask = GOOGLE__PROTOBUF__FIELD_MASK__INIT;
+    mask.paths = paths;
+    mask.n_paths = 1;
+    Iot__Device__V1__UpdateDeviceRequest ureq = IOT__DEVICE__V1__UPDATE_DEVICE_REQUEST__INIT;
+    ureq.device = &upd;
+    ureq.update_mask = &mask;
+    Iot__Device__V1__Device *u = NULL;
+    ASSERT_INT_EQ(call(&d, "UpdateDevice", &ureq, DEV_DESC, &u), CM_STATUS_OK);
+    pbfree(u);
+    sign_arg_t a = {.d = &d, .device_id = "gw-old", .csr = csr};
+    sign_thread(&a);
+    ASSERT_INT_EQ(a.code, CM_STATUS_FAILED_PRECONDITION);
+    ASSERT(strstr(last_msg, "decommissioned"));
+    EVP_PKEY_free(key);
+    free(csr);
+    PQfinish(hold);
+    PQfinish(look);
+    dm_stop(&d);
+}
+
+/* The window this guards (after IssueToken/RotateToken commit, before their cache write, a
+ * DeleteDevice tombstones the new token) cannot be held open from outside the process, so the
+ * rule is checked instead: the write-through of a new token is SET ... NX, which never replaces
+ * a tombstone, while revoking the old one on rotation overwrites. Redis MONITOR shows both. */
+static int monitor_find_set(cm_redis_t *mon, const char *token, char *line, size_t cap) {
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)token, strlen(token), md);
+    char want[200];
+    int o = snprintf(want, sizeof want, "\"SET\" \"%st:", prefix);
+    for (size_t i = 0; i < sizeof md; i++) o += snprintf(want + o, sizeof want - (size_t)o, "%02x", md[i]);
+    for (int i = 0; i < 1000; i++) {
+        redisReply *rep = NULL;
+        if (cm_redis_get_reply(mon, &rep) != 0) return 0;
+        int hit = rep->type == REDIS_REPLY_STATUS && strstr(rep->str, want);
+        if (hit) snprintf(line, cap, "%s", rep->str);
+        freeReplyObject(rep);
+        if (hit) return 1;
+    }
+    return 0;
+}
+
+static void test_token_write_through_keeps_tombstone(void) {
+    fresh_names("tokcache");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    pbfree(create(&d, "cam-2", "camera", NULL));
+    cm_redis_t *mon = cm_redis_new(test_env("IOT_TEST_REDIS"), 5000, NULL);
+    redis_ok(mon, "MONITOR", NULL, NULL, NULL);
+    Iot__Device__V1__IssueTokenResponse *t = issue(&d, "cam-2");
+    char line[1024];
+    ASSERT(monitor_find_set(mon, t->token, line, sizeof line));
+    ASSERT(strstr(line, "\"NX\""));
+    Iot__Device__V1__RotateTokenRequest rr = IOT__DEVICE__V1__ROTATE_TOKEN_REQUEST__INIT;
+    rr.token_id = t->token_id;
+    Iot__Device__V1__IssueTokenResponse *t2 = NULL;
+    ASSERT_INT_EQ(call(&d, "RotateToken", &rr, &iot__device__v1__issue_token_response__descriptor, &t2), CM_STATUS_OK);
+    ASSERT(monitor_find_set(mon, t2->token, line, sizeof line));
+    ASSERT(strstr(line, "\"NX\""));
+    ASSERT(monitor_find_set(mon, t->token, line, sizeof line)); /* the old one's tombstone */
+    ASSERT(strstr(line, "\"-\"") && !strstr(line, "\"NX\""));
+    cm_redis_free(mon);
+    /* And the outcome the rule protects: the new token works, then dies with its device. */
+    ASSERT_INT_EQ(authenticate(&d, t2->token, NULL), CM_STATUS_OK);
+    Iot__Device__V1__DeleteDeviceRequest dreq = IOT__DEVICE__V1__DELETE_DEVICE_REQUEST__INIT;
+    dreq.id = (char *)"cam-2";
+    ProtobufCMessage *ignored = NULL;
+    ASSERT_INT_EQ(call(&d, "DeleteDevice", &dreq, &iot__device__v1__delete_device_response__descriptor, &ignored), CM_STATUS_OK);
+    pbfree(ignored);
+    pbfree(create(&d, "cam-2", "camera", NULL));
+    ASSERT_INT_EQ(authenticate(&d, t2->token, NULL), CM_STATUS_UNAUTHENTICATED);
+    pbfree(t);
+    pbfree(t2);
+    dm_stop(&d);
+}
+
+static void test_revoke_reason_remove_from_crl_refused(void) {
+    fresh_names("crlreason");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    pbfree(create(&d, "gw-5", "gateway", NULL));
+    EVP_PKEY *key;
+    char *csr = make_csr(&key);
+    Iot__Device__V1__SignCertificateRequest req = IOT__DEVICE__V1__SIGN_CERTIFICATE_REQUEST__INIT;
+    req.device_id = (char *)"gw-5";
+    req.csr_pem = csr;
+    Iot__Device__V1__SignCertificateResponse *r = NULL;
+    ASSERT_INT_EQ(call(&d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &r), CM_STATUS_OK);
+    Iot__Device__V1__RevokeCertificateRequest rv = IOT__DEVICE__V1__REVOKE_CERTIFICATE_REQUEST__INIT;
+    rv.serial = r->certificate->serial;
+    ProtobufCMessage *ignored = NULL;
+    static const int refused[] = {8, 7, 11, -1};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        rv.reason = refused[i];
+        ASSERT_INT_EQ(call(&d, "RevokeCertificate", &rv, &iot__device__v1__revoke_certificate_response__descriptor, &ignored),
+                      CM_STATUS_INVALID_ARGUMENT);
+        ASSERT(strstr(last_msg, "reason") && strstr(last_msg, "cessationOfOperation"));
+    }
+    rv.reason = 9; /* privilegeWithdrawn: valid in a full CRL */
+    ASSERT_INT_EQ(call(&d, "RevokeCertificate", &rv, &iot__device__v1__revoke_certificate_response__descriptor, &ignored),
+                  CM_STATUS_OK);
+    pbfree(ignored);
+    Iot__Device__V1__GetRevocationListRequest lr = IOT__DEVICE__V1__GET_REVOCATION_LIST_REQUEST__INIT;
+    Iot__Device__V1__GetRevocationListResponse *crl = NULL;
+    ASSERT_INT_EQ(call(&d, "GetRevocationList", &lr, &iot__device__v1__get_revocation_list_response__descriptor, &crl),
+                  CM_STATUS_OK);
+    ASSERT_INT_EQ(crl->n_revoked_serials, 1);
+    pbfree(crl);
+    pbfree(r);
+    EVP_PKEY_free(key);
+    free(csr);
+    dm_stop(&d);
+}
+
+static char *hex_token(const char *raw, size_t n) {
+    char *out = malloc(2 * n + 1);
+    for (size_t i = 0; i < n; i++) snprintf(out + 2 * i, 3, "%02x", (unsigned char)raw[i]);
+    return out;
+}
+
+static void test_forged_page_token_invalid_argument(void) {
+    fresh_names("forged");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    pbfree(create(&d, "m-1", "meter", NULL));
+    /* The right shape for "no filter" (hash 00000000), with a last id that is not an id: invalid
+     * UTF-8, and text that is valid UTF-8 but no id either. */
+    static const char forged1[] = "00000000:m-\xc3\x28", forged2[] = "00000000:m 1'";
+    const char *forged[] = {forged1, forged2};
+    size_t lens[] = {sizeof forged1 - 1, sizeof forged2 - 1};
+    for (int i = 0; i < 2; i++) {
+        char *tok = hex_token(forged[i], lens[i]);
+        Iot__Device__V1__ListDevicesRequest req = IOT__DEVICE__V1__LIST_DEVICES_REQUEST__INIT;
+        req.page_token = tok;
+        Iot__Device__V1__ListDevicesResponse *r = NULL;
+        int code = call(&d, "ListDevices", &req, &iot__device__v1__list_devices_response__descriptor, &r);
+        pbfree(r);
+        Iot__Device__V1__ListGroupsRequest greq = IOT__DEVICE__V1__LIST_GROUPS_REQUEST__INIT;
+        greq.page_token = tok;
+        Iot__Device__V1__ListGroupsResponse *gr = NULL;
+        int gcode = call(&d, "ListGroups", &greq, &iot__device__v1__list_groups_response__descriptor, &gr);
+        pbfree(gr);
+        free(tok);
+        ASSERT_INT_EQ(code, CM_STATUS_INVALID_ARGUMENT);
+        ASSERT_INT_EQ(gcode, CM_STATUS_INVALID_ARGUMENT);
+        ASSERT(strstr(last_msg, "page_token"));
+    }
+    /* A token the service issued still pages. */
+    Iot__Device__V1__DeviceFilter all = IOT__DEVICE__V1__DEVICE_FILTER__INIT;
+    pbfree(create(&d, "m-2", "meter", NULL));
+    size_t n;
+    char **ids = list_all(&d, &all, 1, &n, NULL);
+    ASSERT_INT_EQ(n, 2);
+    free_ids(ids, n);
+    dm_stop(&d);
+}
+
+static void test_update_group_cannot_drop_filter(void) {
+    fresh_names("grpfilter");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    pbfree(create(&d, "m-1", "meter", NULL));
+    pbfree(create(&d, "v-1", "valve", NULL));
+    Iot__Device__V1__DeviceFilter f = IOT__DEVICE__V1__DEVICE_FILTER__INIT;
+    f.type = (char *)"meter";
+    Iot__Device__V1__Group grp = IOT__DEVICE__V1__GROUP__INIT;
+    grp.id = (char *)"meters";
+    grp.kind = IOT__DEVICE__V1__GROUP_KIND__GROUP_KIND_DYNAMIC;
+    grp.filter = &f;
+    Iot__Device__V1__CreateGroupRequest greq = IOT__DEVICE__V1__CREATE_GROUP_REQUEST__INIT;
+    greq.group = &grp;
+    Iot__Device__V1__Group *gout = NULL;
+    ASSERT_INT_EQ(call(&d, "CreateGroup", &greq, &iot__device__v1__group__descriptor, &gout), CM_STATUS_OK);
+    pbfree(gout);
+    Iot__Device__V1__Group upd = IOT__DEVICE__V1__GROUP__INIT;
+    upd.id = (char *)"meters";
+    char *paths[] = {(char *)"filter"};
+    Google__Protobuf__FieldMask mask = GOOGLE__PROTOBUF__FIELD_MASK__INIT;
+    mask.paths = paths;
+    mask.n_paths = 1;
+    Iot__Device__V1__UpdateGroupRequest ureq = IOT__DEVICE__V1__UPDATE_GROUP_REQUEST__INIT;
+    ureq.group = &upd;
+    ureq.update_mask = &mask;
+    ASSERT_INT_EQ(call(&d, "UpdateGroup", &ureq, &iot__device__v1__group__descriptor, &gout), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "group.filter"));
+    /* Still the meters only. */
+    Iot__Device__V1__DeviceFilter byg = IOT__DEVICE__V1__DEVICE_FILTER__INIT;
+    byg.group_id = (char *)"meters";
+    size_t n;
+    char **ids = list_all(&d, &byg, 10, &n, NULL);
+    ASSERT_INT_EQ(n, 1);
+    ASSERT_STR_EQ(ids[0], "m-1");
+    free_ids(ids, n);
+    /* Replacing the filter with another one is fine. */
+    Iot__Device__V1__DeviceFilter f2 = IOT__DEVICE__V1__DEVICE_FILTER__INIT;
+    f2.type = (char *)"valve";
+    upd.filter = &f2;
+    ASSERT_INT_EQ(call(&d, "UpdateGroup", &ureq, &iot__device__v1__group__descriptor, &gout), CM_STATUS_OK);
+    pbfree(gout);
+    ids = list_all(&d, &byg, 10, &n, NULL);
+    ASSERT_INT_EQ(n, 1);
+    ASSERT_STR_EQ(ids[0], "v-1");
+    free_ids(ids, n);
+    dm_stop(&d);
+}
+
 static void test_help_and_bad_config(void) {
     char bin[1024];
     snprintf(bin, sizeof bin, "%s/services/device-mgmt/device-mgmt", test_env("IOT_BUILD_DIR"));
@@ -1001,4 +1485,8 @@ TEST_MAIN(TEST_ENTRY(test_device_crud_and_validation), TEST_ENTRY(test_list_filt
           TEST_ENTRY(test_batch_10000_and_groups), TEST_ENTRY(test_tokens_issue_rotate_revoke),
           TEST_ENTRY(test_certificates_sign_and_revoke), TEST_ENTRY(test_shadow_delta_and_versions),
           TEST_ENTRY(test_commands_watch_ack_expire), TEST_ENTRY(test_presence_online_offline_and_events),
+          TEST_ENTRY(test_relay_keeps_late_committed_events), TEST_ENTRY(test_watch_delivers_late_committed_command),
+          TEST_ENTRY(test_watch_backlog_over_send_queue), TEST_ENTRY(test_sign_certificate_waits_for_device_change),
+          TEST_ENTRY(test_token_write_through_keeps_tombstone), TEST_ENTRY(test_revoke_reason_remove_from_crl_refused),
+          TEST_ENTRY(test_forged_page_token_invalid_argument), TEST_ENTRY(test_update_group_cannot_drop_filter),
           TEST_ENTRY(test_help_and_bad_config))
