@@ -388,14 +388,25 @@ static void *ing__committer_main(void *arg) {
         c->queued -= pts;
         pthread_mutex_unlock(&c->mu);
 
+        if (atomic_load(&all->stopping)) {
+            /* After the drain: the calls are gone, and a dead Postgres must not hold up the exit. */
+            ing__answer(c, list, CM_STATUS_UNAVAILABLE, "ingest is shutting down: reconnect and resend from your last acknowledgement");
+            continue;
+        }
         int code = ing__commit(c, list, msg, sizeof msg);
         cm_counter_add(code == CM_STATUS_OK ? all->groups : all->failures, 1);
-        if (code != CM_STATUS_OK) cm_log_kv(CM_LOG_WARN, "commit failed", "committer", idx, "why", msg, NULL);
-        if (code == CM_STATUS_UNAVAILABLE) {
+        if (code != CM_STATUS_OK) {
+            /* Whatever failed (connection, timeout, disk full), the batches queued behind this group
+             * must not commit before their devices resend the failed ones: a later batch would move
+             * a device's mark past points that were never stored. So every failure goes down the
+             * outage path: refuse new batches, answer the queue, probe (at once successful for a
+             * transient error), resume. UNAVAILABLE tells devices to resend. */
+            cm_log_kv(CM_LOG_WARN, "commit failed", "committer", idx, "why", msg, NULL);
+            code = CM_STATUS_UNAVAILABLE;
             pthread_mutex_lock(&c->mu);
             snprintf(c->down_why, sizeof c->down_why, "%.400s", msg);
-            pthread_mutex_unlock(&c->mu);
             atomic_store(&c->down, 1);
+            pthread_mutex_unlock(&c->mu);
         }
         ing__answer(c, list, code, code == CM_STATUS_OK ? NULL : msg);
     }
@@ -417,14 +428,28 @@ ing_committers_t *ing_committers_start(const ing_config_t *cfg, ing_store_t *sto
     all->refused_full = cm_metrics_counter("ingest_refused_total", "batches refused before queuing", "reason=\"backpressure\"");
     all->refused_down = cm_metrics_counter("ingest_refused_total", "batches refused before queuing", "reason=\"store_down\"");
     all->pending_g = cm_metrics_gauge("ingest_pending_points", "points accepted and not yet committed", NULL);
+    int ok = 1;
+    for (int i = 0; i < all->n; i++) {
+        ing__committer_t *c = &all->c[i];
+        c->pg = cm_pg_new(cfg->pg_dsn, cfg->pg_schema, 1, NULL);
+        c->redis = cm_redis_new(cfg->redis_addr, (int)cfg->redis_timeout_ms, NULL);
+        ok = ok && c->pg && c->redis;
+    }
+    if (!ok) {
+        for (int i = 0; i < all->n; i++) {
+            cm_pg_free(all->c[i].pg);
+            cm_redis_free(all->c[i].redis);
+        }
+        cm_free(all->c);
+        cm_free(all);
+        return NULL;
+    }
     for (int i = 0; i < all->n; i++) {
         ing__committer_t *c = &all->c[i];
         c->all = all;
         c->idx = i;
         pthread_mutex_init(&c->mu, NULL);
         cm_cond_init_monotonic(&c->cv);
-        c->pg = cm_pg_new(cfg->pg_dsn, cfg->pg_schema, 1, NULL);
-        c->redis = cm_redis_new(cfg->redis_addr, (int)cfg->redis_timeout_ms, NULL);
         pthread_create(&c->th, NULL, ing__committer_main, c);
     }
     return all;

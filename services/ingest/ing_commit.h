@@ -22,13 +22,15 @@
 
 typedef struct ing_committers_s ing_committers_t;
 
+/* NULL when the Postgres or Redis address cannot be used (nothing is started then). */
 ing_committers_t *ing_committers_start(const ing_config_t *cfg, ing_store_t *store, ing_devices_t *devices);
 /* Queues b and returns CM_STATUS_OK (b->done follows later, from a committer thread), or refuses
  * with RESOURCE_EXHAUSTED / UNAVAILABLE, a message and a retry hint; b then stays the caller's. */
 int ing_commit_submit(ing_committers_t *c, ing_batch_t *b, char *msg, size_t msg_cap, int64_t *retry_ms);
 /* Refuses new batches (UNAVAILABLE) and waits up to timeout_ms for the queued ones to commit. */
 void ing_committers_drain(ing_committers_t *c, int64_t timeout_ms);
-/* Stops the threads; batches still queued are answered UNAVAILABLE. Accepts NULL. */
+/* Stops the threads (call after the drain and after the server stopped); batches still queued are
+ * answered UNAVAILABLE without being committed. Accepts NULL. */
 void ing_committers_stop(ing_committers_t *c);
 /* Points accepted and not yet answered. */
 int64_t ing_committers_pending(const ing_committers_t *c);

@@ -156,19 +156,27 @@ static int ing__stream_submit(cm_call_t *call, ing__stream_t *s, Iot__Ingest__V1
     if (code) return code;
     b->done = ing__stream_done_batch;
     b->arg = s;
-    atomic_fetch_add(&s->refs, 1);
-    pthread_mutex_lock(&s->mu);
-    s->pending++;
-    pthread_mutex_unlock(&s->mu);
     char msg[512];
     int64_t retry = 0;
-    code = ing_commit_submit(s->ctx->commit, b, msg, sizeof msg, &retry);
-    if (code) {
-        pthread_mutex_lock(&s->mu);
-        s->pending--;
+    /* Checked and queued under the stream's lock: once a failed batch has ended the stream, no
+     * later message of it may reach a committer, or that batch could commit while the failed one
+     * is never resent, and the device's mark would pass points that were never stored. */
+    pthread_mutex_lock(&s->mu);
+    if (s->finished) {
         pthread_mutex_unlock(&s->mu);
         ing_batch_free(b);
-        ing__stream_unref(s);
+        return cm_call_fail(call, CM_STATUS_UNAVAILABLE, "stream already ended: reconnect");
+    }
+    atomic_fetch_add(&s->refs, 1);
+    s->pending++;
+    code = ing_commit_submit(s->ctx->commit, b, msg, sizeof msg, &retry);
+    if (code) {
+        s->pending--;
+        atomic_fetch_sub(&s->refs, 1); /* not the last: the call holds one */
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (code) {
+        ing_batch_free(b);
         ing__retry_hint(call, retry);
         return cm_call_fail(call, code, "%s", msg);
     }

@@ -68,17 +68,26 @@ static int ing__load_parts(ing_store_t *s, cm_pg_conn_t *c, char *err, size_t er
     return 0;
 }
 
-/* Whether the known partitions cover ms (caller holds part_mu). */
-static int ing__covered_locked(const ing_store_t *s, int64_t ms) {
-    size_t lo = 0, hi = s->n_parts;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (s->parts[mid].to_ms <= ms)
-            lo = mid + 1;
-        else
-            hi = mid;
+/* The first gap in [from, to) not covered by known partitions, as [*g0, *g1); 0 when none.
+ * Caller holds part_mu. Partitions are sorted by from_ms and never overlap (Postgres refuses). */
+static int ing__gap_locked(const ing_store_t *s, int64_t from, int64_t to, int64_t *g0, int64_t *g1) {
+    int64_t cur = from;
+    for (size_t i = 0; i < s->n_parts && cur < to; i++) {
+        const ing__part_t *p = &s->parts[i];
+        if (p->to_ms <= cur) continue;
+        if (p->from_ms > cur) {
+            *g0 = cur;
+            *g1 = p->from_ms < to ? p->from_ms : to;
+            return 1;
+        }
+        cur = p->to_ms;
     }
-    return lo < s->n_parts && s->parts[lo].from_ms <= ms;
+    if (cur < to) {
+        *g0 = cur;
+        *g1 = to;
+        return 1;
+    }
+    return 0;
 }
 
 static int ing__create_part(cm_pg_conn_t *c, int64_t from_ms, int64_t to_ms) {
@@ -94,42 +103,56 @@ static int ing__create_part(cm_pg_conn_t *c, int64_t from_ms, int64_t to_ms) {
 
 int ing_store_cover(ing_store_t *s, cm_pg_conn_t *c, int64_t from_ms, int64_t to_ms, char *err, size_t err_cap) {
     int64_t step = s->cfg->partition_ms;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int missing = 0;
-        for (int64_t t = ing__floor(from_ms, step); t <= to_ms; t += step) {
+    /* Whole slots: a partition is never created for less than the slot it falls in, unless an
+     * existing partition (of another IOT_INGEST_PARTITION, from an earlier configuration) bounds
+     * it, in which case the new one fills exactly the gap. */
+    int64_t lo = ing__floor(from_ms, step), hi = ing__floor(to_ms, step) + step;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        int64_t g0, g1;
+        int created = 0, failed = 0;
+        for (;;) {
             pthread_mutex_lock(&s->part_mu);
-            int have = ing__covered_locked(s, t < from_ms ? from_ms : t);
+            int gap = ing__gap_locked(s, lo, hi, &g0, &g1);
+            if (gap) {
+                /* One slot at a time; remember it as known so the next gap search moves on. */
+                int64_t end = ing__floor(g0, step) + step;
+                if (end < g1) g1 = end;
+                if (s->n_parts == s->cap_parts) {
+                    s->cap_parts = s->cap_parts ? s->cap_parts * 2 : 16;
+                    s->parts = cm_realloc(s->parts, s->cap_parts * sizeof *s->parts);
+                }
+                size_t at = 0;
+                while (at < s->n_parts && s->parts[at].from_ms < g0) at++;
+                memmove(&s->parts[at + 1], &s->parts[at], (s->n_parts - at) * sizeof *s->parts);
+                s->parts[at] = (ing__part_t){g0, g1, ""};
+                s->n_parts++;
+            }
             pthread_mutex_unlock(&s->part_mu);
-            if (have) continue;
-            missing = 1;
-            if (attempt == 0 && ing__create_part(c, t, t + step) != 0) {
-                /* Another replica won the race (42P07 duplicate table), or a partition of another
-                 * size overlaps (42P17) after IOT_INGEST_PARTITION changed: the catalog says
-                 * which; the second pass only checks. */
+            if (!gap) break;
+            if (ing__create_part(c, g0, g1) != 0) {
+                /* Another replica won the race (42P07), or created a partition of another size
+                 * that overlaps (42P17): the catalog reload below says what exists. */
                 CM_LOG(CM_LOG_DEBUG, "creating a partition: %s", cm_pg_error(c));
                 if (cm_pg_conn_lost(c)) {
                     snprintf(err, err_cap, "creating a partition: %s", cm_pg_error(c));
+                    ing__load_parts(s, c, err, err_cap);
                     return CM_EPG;
                 }
+                failed = 1;
             }
+            created = 1;
         }
-        if (!missing) return 0;
+        if (!created) return 0;
+        /* Names and exact bounds come from the catalog, which also drops optimistic entries of
+         * partitions that could not be created. */
         int rc = ing__load_parts(s, c, err, err_cap);
         if (rc) return rc;
+        if (!failed) return 0;
     }
-    /* Recheck after the reload. */
-    for (int64_t t = ing__floor(from_ms, step); t <= to_ms; t += step) {
-        pthread_mutex_lock(&s->part_mu);
-        int have = ing__covered_locked(s, t < from_ms ? from_ms : t);
-        pthread_mutex_unlock(&s->part_mu);
-        if (!have) {
-            char when[40];
-            ing__utc(t, when, sizeof when, 0);
-            snprintf(err, err_cap, "no telemetry partition covers %s and none could be created", when);
-            return CM_EPG;
-        }
-    }
-    return 0;
+    char when[40];
+    ing__utc(lo, when, sizeof when, 0);
+    snprintf(err, err_cap, "telemetry partitions for the range from %s cannot be created (see the log)", when);
+    return CM_EPG;
 }
 
 int ing_store_upkeep(ing_store_t *s) {

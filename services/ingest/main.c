@@ -42,6 +42,12 @@ int main(int argc, char **argv) {
      * is left for the calls to end. */
     ctx.drain_ms = app.cfg.grace_ms / 2;
     ctx.commit = ing_committers_start(&cfg, &store, devices);
+    if (!ctx.commit) {
+        cm_log_kv(CM_LOG_ERROR, "IOT_REDIS_ADDR is not host:port or unix:/path", "value", cfg.redis_addr, NULL);
+        ing_devices_free(devices);
+        ing_store_close(&store);
+        return 2;
+    }
     cm_service_t svc;
     ing_service_init(&svc, &ctx);
     const cm_service_t *svcs[] = {&svc};

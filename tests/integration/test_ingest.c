@@ -486,6 +486,67 @@ static void test_resend_and_stream_resume(void) {
     svc_stop(&dm);
 }
 
+/* Regression: a commit group that failed for a reason other than a lost connection was answered
+ * INTERNAL while the same device's next batch, queued behind it, committed and moved the mark past
+ * the failed points. A trigger makes the first batch fail deterministically. */
+static void test_failed_commit_blocks_later_batches(void) {
+    fresh_names("fail");
+    svc_t dm, in;
+    dm_start(&dm);
+    char **tok = make_devices(&dm, "fail", 1);
+    ing_start(&in, dm.p.grpc_port, NULL);
+    PGconn *pg = pg_open();
+    static pts_t b;
+    int64_t t0 = now_ms() - 60000;
+    Iot__Ingest__V1__TelemetryAck *ack = NULL;
+    fill(&b, 1, 100, t0);
+    ASSERT_INT_EQ(push(in.ch, tok[0], &b, 100, &ack), 0);
+    pbfree(ack);
+    PQclear(PQexec(pg, "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                       "IF NEW.seq = 150 THEN RAISE EXCEPTION 'disk on fire'; END IF; RETURN NEW; END $$"));
+    PGresult *r = PQexec(pg, "CREATE TRIGGER boom BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION boom()");
+    ASSERT(PQresultStatus(r) == PGRES_COMMAND_OK);
+    PQclear(r);
+
+    uint64_t resume = 0, acked = 0;
+    cm_stream_t *s = open_stream(in.ch, tok[0], &resume);
+    ASSERT(s);
+    ASSERT_INT_EQ(resume, 100);
+    for (uint64_t from = 101; from <= 1000; from += 100) { /* all sent at once: 150 fails */
+        fill(&b, from, 100, t0 + (int64_t)from);
+        if (stream_send(s, &b, 100)) break;
+    }
+    cm_stream_close_send(s);
+    while (stream_ack(s, &acked) == 1) {
+    }
+    cm_rpc_status_t st = {0};
+    int code = cm_stream_finish(s, &st);
+    cm_rpc_status_clear(&st);
+    ASSERT_INT_EQ(code, CM_STATUS_UNAVAILABLE);
+    ASSERT_INT_EQ(pg_int(pg, "SELECT seq FROM device_seq WHERE device_id = $1", "dev-fail-0"), 100);
+    check_exact(pg, "dev-fail-0", 100);
+
+    /* Fixed: resending from the ack stores everything once. */
+    PQclear(PQexec(pg, "DROP TRIGGER boom ON telemetry"));
+    s = open_stream(in.ch, tok[0], &resume);
+    ASSERT(s);
+    ASSERT_INT_EQ(resume, 100);
+    for (uint64_t from = 101; from <= 1000; from += 100) {
+        fill(&b, from, 100, t0 + (int64_t)from);
+        ASSERT_INT_EQ(stream_send(s, &b, 100), 0);
+    }
+    cm_stream_close_send(s);
+    while (stream_ack(s, &acked) == 1) {
+    }
+    ASSERT_INT_EQ(cm_stream_finish(s, NULL), 0);
+    ASSERT_INT_EQ(acked, 1000);
+    check_exact(pg, "dev-fail-0", 1000);
+    PQfinish(pg);
+    free_tokens(tok, 1);
+    svc_stop(&in);
+    svc_stop(&dm);
+}
+
 /* ---- loaders ----------------------------------------------------------------------------------- */
 
 typedef struct loader_s {
@@ -850,6 +911,39 @@ static void test_retention_and_aggregations(void) {
     svc_stop(&dm);
 }
 
+/* Regression: with hourly partitions in place, a restart with daily partitions could not create
+ * the day's partition (it overlaps the hourly ones) and refused every batch of that day. Gaps are
+ * now filled with partitions bounded by the existing ones. */
+static void test_partition_size_change(void) {
+    fresh_names("part");
+    svc_t dm, in;
+    dm_start(&dm);
+    char **tok = make_devices(&dm, "part", 1);
+    const char *hourly[] = {"IOT_INGEST_PARTITION=1h", NULL};
+    ing_start(&in, dm.p.grpc_port, hourly);
+    static pts_t b;
+    Iot__Ingest__V1__TelemetryAck *ack = NULL;
+    int64_t now = now_ms();
+    fill(&b, 1, 1, now - 1000);
+    ASSERT_INT_EQ(push(in.ch, tok[0], &b, 1, &ack), 0);
+    pbfree(ack);
+    svc_stop(&in);
+    const char *daily[] = {"IOT_INGEST_PARTITION=24h", NULL};
+    ing_start(&in, dm.p.grpc_port, daily);
+    const int64_t ago[] = {26 * 3600000LL, 5 * 3600000LL, 3600000LL, 1000};
+    for (int i = 0; i < 4; i++) {
+        fill(&b, (uint64_t)i + 2, 1, now - ago[i]);
+        if (push(in.ch, tok[0], &b, 1, &ack) != 0) TEST__FAIL("point %d hours ago: %s", (int)(ago[i] / 3600000), last_msg);
+        pbfree(ack);
+    }
+    PGconn *pg = pg_open();
+    check_exact(pg, "dev-part-0", 5);
+    PQfinish(pg);
+    free_tokens(tok, 1);
+    svc_stop(&in);
+    svc_stop(&dm);
+}
+
 static void test_help_and_bad_config(void) {
     char bin[1024];
     snprintf(bin, sizeof bin, "%s/services/ingest/ingest", test_env("IOT_BUILD_DIR"));
@@ -872,5 +966,7 @@ static void test_help_and_bad_config(void) {
 }
 
 TEST_MAIN(TEST_ENTRY(test_push_codes_and_nothing_partial), TEST_ENTRY(test_resend_and_stream_resume),
+          TEST_ENTRY(test_failed_commit_blocks_later_batches),
           TEST_ENTRY(test_kill9_under_load_keeps_every_ack), TEST_ENTRY(test_postgres_outage_under_load),
-          TEST_ENTRY(test_retention_and_aggregations), TEST_ENTRY(test_help_and_bad_config))
+          TEST_ENTRY(test_retention_and_aggregations), TEST_ENTRY(test_partition_size_change),
+          TEST_ENTRY(test_help_and_bad_config))
