@@ -17,6 +17,7 @@
 #include "cm_redis.h"
 #include "cm_rpc.h"
 #include "cm_time.h"
+#include "ing_query.h"
 
 /* How long a committer that lost Postgres waits before probing again; submits are refused
  * (UNAVAILABLE, with this as the retry hint) meanwhile. */
@@ -46,7 +47,7 @@ struct ing_committers_s {
     ing__committer_t *c;
     atomic_llong pending;
     atomic_int draining, stopping;
-    cm_counter_t *stored, *dups, *batches, *groups, *failures, *refused_full, *refused_down;
+    cm_counter_t *stored, *dups, *batches, *groups, *failures, *publish_failures, *refused_full, *refused_down;
     cm_gauge_t *pending_g;
 };
 
@@ -105,8 +106,11 @@ static void ing__array_add(cm_buf_t *b, const char *s) {
 
 typedef struct ing__dev_s {
     const char *id;
-    uint64_t seq;     /* the mark: as locked, then moved by this group */
-    uint64_t locked;  /* the mark as locked */
+    uint64_t seq;       /* the mark: as locked, then moved by this group */
+    uint64_t locked;    /* the mark as locked */
+    uint64_t published; /* the publication mark as locked */
+    int64_t pending_us; /* earliest time among stored points not yet published (0: unknown) */
+    int64_t min_ms;     /* earliest time among points this group stores (INT64_MAX: none) */
 } ing__dev_t;
 
 static int ing__dev_cmp(const void *a, const void *b) {
@@ -114,51 +118,41 @@ static int ing__dev_cmp(const void *a, const void *b) {
 }
 
 static ing__dev_t *ing__dev_find(ing__dev_t *devs, size_t n, const char *id) {
-    ing__dev_t key = {id, 0, 0};
+    ing__dev_t key = {.id = id};
     return bsearch(&key, devs, n, sizeof *devs, ing__dev_cmp);
 }
 
-/* Publishes the stored part of each batch: one XADD per batch, pipelined. 0 or CM_EREDIS. */
-static int ing__publish(ing__committer_t *c, ing_batch_t *list, char *err, size_t err_cap) {
+/* Appends one XADD of a PublishedBatch to the pipeline: device_id (1), the points (2, already
+ * encoded as `points` fields), ingested_ms (3). */
+static int ing__xadd(ing__committer_t *c, cm_buf_t *payload, const char *device, uint64_t first, uint64_t last,
+                     int count, const char *points, size_t points_len) {
     const ing_config_t *cfg = c->all->cfg;
-    char maxlen[24];
+    char key[96], maxlen[24], sfirst[24], slast[24], scount[16];
+    snprintf(key, sizeof key, "%s{%" PRIu64 "}", cfg->stream_prefix, cm_hash64(device, strlen(device)) % (uint64_t)cfg->shards);
     snprintf(maxlen, sizeof maxlen, "%" PRId64, cfg->stream_maxlen);
-    int64_t now = cm_wall_ms();
-    cm_buf_t payload = CM_BUF_INIT;
-    int sent = 0;
-    for (ing_batch_t *b = list; b; b = b->next) {
-        if (!b->stored) continue;
-        size_t k = b->n - (size_t)b->stored;
-        char key[96], first[24], last[24], count[16];
-        snprintf(key, sizeof key, "%s{%" PRIu64 "}", cfg->stream_prefix,
-                 cm_hash64(b->device_id, strlen(b->device_id)) % (uint64_t)cfg->shards);
-        snprintf(first, sizeof first, "%" PRIu64, b->seq[k]);
-        snprintf(last, sizeof last, "%" PRIu64, b->seq[b->n - 1]);
-        snprintf(count, sizeof count, "%d", b->stored);
-        /* PublishedBatch: device_id (1), the stored points (2, pre-encoded), ingested_ms (3). */
-        cm_buf_reset(&payload);
-        size_t dl = strlen(b->device_id);
-        cm_buf_append(&payload, "\x0a", 1);
-        ing_varint(&payload, dl);
-        cm_buf_append(&payload, b->device_id, dl);
-        cm_buf_append(&payload, b->pb.data + b->pb_off[k], b->pb_off[b->n] - b->pb_off[k]);
-        cm_buf_append(&payload, "\x18", 1);
-        ing_varint(&payload, (uint64_t)now);
-        const char *argv[] = {"XADD", key, "MAXLEN", "~", maxlen, "*", "device", b->device_id, "first_seq", first,
-                              "last_seq", last, "count", count, "batch", payload.data};
-        size_t lens[16];
-        for (int i = 0; i < 15; i++) lens[i] = strlen(argv[i]);
-        lens[15] = payload.len;
-        if (cm_redis_append(c->redis, 16, argv, lens)) {
-            snprintf(err, err_cap, "redis: %s", cm_redis_error(c->redis));
-            cm_buf_free(&payload);
-            return CM_EREDIS;
-        }
-        sent++;
-    }
-    cm_buf_free(&payload);
+    snprintf(sfirst, sizeof sfirst, "%" PRIu64, first);
+    snprintf(slast, sizeof slast, "%" PRIu64, last);
+    snprintf(scount, sizeof scount, "%d", count);
+    cm_buf_reset(payload);
+    size_t dl = strlen(device);
+    cm_buf_append(payload, "\x0a", 1);
+    ing_varint(payload, dl);
+    cm_buf_append(payload, device, dl);
+    cm_buf_append(payload, points, points_len);
+    cm_buf_append(payload, "\x18", 1);
+    ing_varint(payload, (uint64_t)cm_wall_ms());
+    const char *argv[] = {"XADD", key, "MAXLEN", "~", maxlen, "*", "device", device, "first_seq", sfirst,
+                          "last_seq", slast, "count", scount, "batch", payload->data};
+    size_t lens[16];
+    for (int i = 0; i < 15; i++) lens[i] = strlen(argv[i]);
+    lens[15] = payload->len;
+    return cm_redis_append(c->redis, 16, argv, lens);
+}
+
+/* Reads n pipelined replies. 0 or CM_EREDIS (err says why). */
+static int ing__replies(ing__committer_t *c, int n, char *err, size_t err_cap) {
     int rc = 0;
-    for (int i = 0; i < sent; i++) {
+    for (int i = 0; i < n; i++) {
         redisReply *r = NULL;
         if (cm_redis_get_reply(c->redis, &r) || !r) {
             snprintf(err, err_cap, "redis: %s", cm_redis_error(c->redis));
@@ -173,8 +167,122 @@ static int ing__publish(ing__committer_t *c, ing_batch_t *list, char *err, size_
     return rc;
 }
 
-/* Commits one group. Returns a gRPC status; on failure msg says why. */
-static int ing__commit(ing__committer_t *c, ing_batch_t *list, char *msg, size_t msg_cap) {
+#define ING__CATCHUP_CHUNK 1000
+
+/* Republishes d's stored points above its publication mark, oldest first, read back from
+ * Postgres: what a crash or a Redis failure between a commit and its publication left out.
+ * Runs on the device's committer before its new points are published, so the stream stays in
+ * seq order. 0, CM_EPG or CM_EREDIS. */
+static int ing__catch_up(ing__committer_t *c, cm_pg_conn_t *pc, const ing__dev_t *d, char *err, size_t err_cap) {
+    char from[24], to[24], since[24];
+    snprintf(from, sizeof from, "%" PRIu64, d->published);
+    snprintf(to, sizeof to, "%" PRIu64, d->locked);
+    snprintf(since, sizeof since, "%" PRId64, d->pending_us);
+    const char *p[] = {d->id, from, to, since};
+    PGresult *r = NULL;
+    /* The time bound lets partition pruning skip all but the partitions the points went to. */
+    if (cm_pg_exec(pc, &r,
+                   "SELECT " ING_POINT_COLS ", t.metric FROM telemetry t WHERE t.device_id = $1 AND t.seq > $2::int8 "
+                   "AND t.seq <= $3::int8 AND ($4::int8 = 0 OR t.ts >= to_timestamp($4::int8 / 1000000.0) - interval '1 millisecond') "
+                   "ORDER BY t.seq",
+                   4, p)) {
+        snprintf(err, err_cap, "reading points to republish: %s", cm_pg_error(pc));
+        return CM_EPG;
+    }
+    int n = PQntuples(r), sent = 0, rc = 0;
+    cm_buf_t points = CM_BUF_INIT, payload = CM_BUF_INIT;
+    for (int i0 = 0; i0 < n && rc == 0; i0 += ING__CATCHUP_CHUNK) {
+        int k = n - i0 < ING__CATCHUP_CHUNK ? n - i0 : ING__CATCHUP_CHUNK;
+        cm_arena_t ar;
+        cm_arena_init(&ar, NULL, 0);
+        cm_buf_reset(&points);
+        for (int i = i0; i < i0 + k; i++) {
+            int64_t us;
+            char *metric = PQgetvalue(r, i, ING_POINT_NCOLS);
+            Iot__Ingest__V1__Point *pt = ing_point_from_row(&ar.pb, r, i, metric, &us);
+            size_t sz = protobuf_c_message_get_packed_size(&pt->base);
+            cm_buf_append(&points, "\x12", 1);
+            ing_varint(&points, sz);
+            uint8_t *tmp = cm_arena_alloc(&ar, sz ? sz : 1);
+            protobuf_c_message_pack(&pt->base, tmp);
+            cm_buf_append(&points, (const char *)tmp, sz);
+        }
+        cm_arena_free(&ar);
+        if (ing__xadd(c, &payload, d->id, strtoull(PQgetvalue(r, i0, 0), NULL, 10),
+                      strtoull(PQgetvalue(r, i0 + k - 1, 0), NULL, 10), k, points.data, points.len)) {
+            snprintf(err, err_cap, "redis: %s", cm_redis_error(c->redis));
+            rc = CM_EREDIS;
+        } else {
+            sent++;
+        }
+    }
+    if (rc == 0) rc = ing__replies(c, sent, err, err_cap);
+    if (rc == 0 && n) cm_log_kv(CM_LOG_INFO, "republished stored points missing from the stream", "device", d->id, NULL);
+    PQclear(r);
+    cm_buf_free(&points);
+    cm_buf_free(&payload);
+    return rc;
+}
+
+/* After the commit: the group's devices that lag behind on the stream first, then the group's new
+ * points, then the publication marks. 0, or CM_EPG/CM_EREDIS with err: the points are committed
+ * either way, and whatever was not published is republished by the device's next commit. */
+static int ing__publish(ing__committer_t *c, cm_pg_conn_t *pc, ing_batch_t *list, ing__dev_t *devs, size_t nd,
+                        char *err, size_t err_cap) {
+    for (size_t i = 0; i < nd; i++) {
+        if (devs[i].published >= devs[i].locked) continue;
+        int rc = ing__catch_up(c, pc, &devs[i], err, err_cap);
+        if (rc) return rc;
+    }
+    cm_buf_t payload = CM_BUF_INIT;
+    int sent = 0;
+    for (ing_batch_t *b = list; b; b = b->next) {
+        if (!b->stored) continue;
+        size_t k = b->n - (size_t)b->stored;
+        if (ing__xadd(c, &payload, b->device_id, b->seq[k], b->seq[b->n - 1], b->stored, b->pb.data + b->pb_off[k],
+                      b->pb_off[b->n] - b->pb_off[k])) {
+            snprintf(err, err_cap, "redis: %s", cm_redis_error(c->redis));
+            cm_buf_free(&payload);
+            return CM_EREDIS;
+        }
+        sent++;
+    }
+    cm_buf_free(&payload);
+    int rc = ing__replies(c, sent, err, err_cap);
+    if (rc) return rc;
+    /* Marks of devices now fully on the stream. A crash right here republishes them (at least
+     * once), never loses them. */
+    cm_buf_reset(&c->ids);
+    cm_buf_reset(&c->seqs);
+    cm_buf_append(&c->ids, "{", 1);
+    cm_buf_append(&c->seqs, "{", 1);
+    int any = 0;
+    for (size_t i = 0; i < nd; i++) {
+        if (devs[i].published >= devs[i].seq) continue;
+        ing__array_add(&c->ids, devs[i].id);
+        cm_buf_printf(&c->seqs, "%s%" PRIu64, any ? "," : "", devs[i].seq);
+        any = 1;
+    }
+    cm_buf_append(&c->ids, "}", 1);
+    cm_buf_append(&c->seqs, "}", 1);
+    if (!any) return 0;
+    const char *p[] = {c->ids.data, c->seqs.data};
+    if (cm_pg_exec(pc, NULL,
+                   "UPDATE device_seq SET published = v.p, pending_from = CASE WHEN v.p >= device_seq.seq THEN NULL "
+                   "ELSE device_seq.pending_from END FROM unnest($1::text[], $2::bigint[]) AS v(d, p) "
+                   "WHERE device_seq.device_id = v.d AND device_seq.published < v.p",
+                   2, p)) {
+        snprintf(err, err_cap, "recording what was published: %s", cm_pg_error(pc));
+        return CM_EPG;
+    }
+    return 0;
+}
+
+/* Commits one group, then publishes it. Returns a gRPC status for the commit (on failure msg says
+ * why); *publish_rc is 0 or why the publication failed (in pub_err). */
+static int ing__commit(ing__committer_t *c, ing_batch_t *list, char *msg, size_t msg_cap, int *publish_rc,
+                       char *pub_err, size_t pub_err_cap) {
+    *publish_rc = 0;
     ing_committers_t *all = c->all;
     cm_pg_conn_t *pc = cm_pg_acquire(c->pg, 2000);
     if (!pc) {
@@ -198,7 +306,7 @@ static int ing__commit(ing__committer_t *c, ing_batch_t *list, char *msg, size_t
     /* The group's devices, sorted and unique. */
     ing__dev_t *devs = cm_malloc(nb * sizeof *devs);
     size_t nd = 0;
-    for (ing_batch_t *b = list; b; b = b->next) devs[nd++] = (ing__dev_t){b->device_id, 0, 0};
+    for (ing_batch_t *b = list; b; b = b->next) devs[nd++] = (ing__dev_t){.id = b->device_id, .min_ms = INT64_MAX};
     qsort(devs, nd, sizeof *devs, ing__dev_cmp);
     size_t u = 0;
     for (size_t i = 0; i < nd; i++)
@@ -214,10 +322,15 @@ static int ing__commit(ing__committer_t *c, ing_batch_t *list, char *msg, size_t
     if (cm_pg_begin(pc)) goto pg_fail;
     what = "locking sequence marks";
     const char *p1[] = {c->ids.data};
-    if (cm_pg_exec(pc, &r, "SELECT o_device_id, o_seq FROM claim_seq($1::text[])", 1, p1)) goto pg_fail;
+    if (cm_pg_exec(pc, &r, "SELECT o_device_id, o_seq, o_published, o_pending_from_us FROM claim_seq($1::text[])", 1,
+                   p1))
+        goto pg_fail;
     for (int i = 0; i < PQntuples(r); i++) {
         ing__dev_t *d = ing__dev_find(devs, nd, PQgetvalue(r, i, 0));
-        if (d) d->seq = d->locked = strtoull(PQgetvalue(r, i, 1), NULL, 10);
+        if (!d) continue;
+        d->seq = d->locked = strtoull(PQgetvalue(r, i, 1), NULL, 10);
+        d->published = strtoull(PQgetvalue(r, i, 2), NULL, 10);
+        d->pending_us = PQgetisnull(r, i, 3) ? 0 : strtoll(PQgetvalue(r, i, 3), NULL, 10);
     }
     PQclear(r);
 
@@ -240,44 +353,48 @@ static int ing__commit(ing__committer_t *c, ing_batch_t *list, char *msg, size_t
             }
             if (cm_pg_copy_put(pc, b->rows.data + b->row_off[k], b->row_off[b->n] - b->row_off[k])) goto pg_fail;
             d->seq = b->seq[b->n - 1];
+            if (b->min_ms < d->min_ms) d->min_ms = b->min_ms; /* of the whole batch: a safe lower bound */
         }
         b->acked_seq = d->seq;
     }
     if (copying) {
         if (cm_pg_copy_put(pc, ing_copy_trailer, sizeof ing_copy_trailer) || cm_pg_copy_end(pc)) goto pg_fail;
+        cm_buf_t mins = CM_BUF_INIT;
         cm_buf_reset(&c->ids);
         cm_buf_reset(&c->seqs);
         cm_buf_append(&c->ids, "{", 1);
         cm_buf_append(&c->seqs, "{", 1);
+        cm_buf_append(&mins, "{", 1);
         for (size_t i = 0; i < nd; i++) {
             if (devs[i].seq == devs[i].locked) continue;
             ing__array_add(&c->ids, devs[i].id);
             cm_buf_printf(&c->seqs, "%s%" PRIu64, c->seqs.len > 1 ? "," : "", devs[i].seq);
+            cm_buf_printf(&mins, "%s%" PRId64, mins.len > 1 ? "," : "", devs[i].min_ms);
         }
         cm_buf_append(&c->ids, "}", 1);
         cm_buf_append(&c->seqs, "}", 1);
+        cm_buf_append(&mins, "}", 1);
         what = "moving sequence marks";
-        const char *p2[] = {c->ids.data, c->seqs.data};
-        if (cm_pg_exec(pc,
-                       NULL,
-                       "UPDATE device_seq SET seq = v.s, updated_at = now() "
-                       "FROM unnest($1::text[], $2::bigint[]) AS v(d, s) WHERE device_seq.device_id = v.d",
-                       2, p2))
-            goto pg_fail;
-        /* Published before the commit: if the commit then fails the device resends and the
-         * stream sees those points again (consumers de-duplicate by device and seq); the other
-         * order could lose them from the stream for good on a crash between the two. */
-        char rerr[256];
-        if (ing__publish(c, list, rerr, sizeof rerr)) {
-            cm_pg_rollback(pc);
-            cm_pg_release(c->pg, pc);
-            cm_free(devs);
-            snprintf(msg, msg_cap, "%s", rerr);
-            return CM_STATUS_UNAVAILABLE;
-        }
+        const char *p2[] = {c->ids.data, c->seqs.data, mins.data};
+        /* pending_from: the earliest time among stored points not yet published, so that a
+         * republication reads only the partitions they went to. */
+        int urc = cm_pg_exec(pc, NULL,
+                             "UPDATE device_seq SET seq = v.s, updated_at = now(), pending_from = CASE "
+                             "WHEN device_seq.published >= device_seq.seq THEN to_timestamp(v.t / 1000.0) "
+                             "WHEN device_seq.pending_from IS NULL THEN NULL " /* unknown stays unknown */
+                             "ELSE least(device_seq.pending_from, to_timestamp(v.t / 1000.0)) END "
+                             "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(d, s, t) "
+                             "WHERE device_seq.device_id = v.d",
+                             3, p2);
+        cm_buf_free(&mins);
+        if (urc) goto pg_fail;
     }
     what = "commit";
     if (cm_pg_commit(pc)) goto pg_fail;
+    /* Published only now that the points are durable (a stream entry always means "stored").
+     * A failure here does not undo the commit: the batches are acknowledged, the committer stops
+     * taking new ones until Redis answers, and the device's next commit republishes the rest. */
+    *publish_rc = ing__publish(c, pc, list, devs, nd, pub_err, pub_err_cap);
     cm_pg_release(c->pg, pc);
     cm_free(devs);
     return CM_STATUS_OK;
@@ -393,8 +510,20 @@ static void *ing__committer_main(void *arg) {
             ing__answer(c, list, CM_STATUS_UNAVAILABLE, "ingest is shutting down: reconnect and resend from your last acknowledgement");
             continue;
         }
-        int code = ing__commit(c, list, msg, sizeof msg);
+        int publish_rc = 0;
+        char pub_err[512];
+        int code = ing__commit(c, list, msg, sizeof msg, &publish_rc, pub_err, sizeof pub_err);
         cm_counter_add(code == CM_STATUS_OK ? all->groups : all->failures, 1);
+        if (code == CM_STATUS_OK && publish_rc) {
+            /* Committed, so acknowledged; but nothing more is taken until the stream can be fed
+             * again, and the backlog is republished (in order) by each device's next commit. */
+            cm_log_kv(CM_LOG_WARN, "publishing committed points failed", "committer", idx, "why", pub_err, NULL);
+            cm_counter_add(all->publish_failures, 1);
+            pthread_mutex_lock(&c->mu);
+            snprintf(c->down_why, sizeof c->down_why, "%.400s", pub_err);
+            atomic_store(&c->down, 1);
+            pthread_mutex_unlock(&c->mu);
+        }
         if (code != CM_STATUS_OK) {
             /* Whatever failed (connection, timeout, disk full), the batches queued behind this group
              * must not commit before their devices resend the failed ones: a later batch would move
@@ -425,6 +554,7 @@ ing_committers_t *ing_committers_start(const ing_config_t *cfg, ing_store_t *sto
     all->batches = cm_metrics_counter("ingest_batches_total", "batches answered by the committers", NULL);
     all->groups = cm_metrics_counter("ingest_commit_groups_total", "group commits that succeeded", NULL);
     all->failures = cm_metrics_counter("ingest_commit_failures_total", "group commits that failed (their batches were answered with the error)", NULL);
+    all->publish_failures = cm_metrics_counter("ingest_publish_failures_total", "commit groups whose points could not be published at once (republished later)", NULL);
     all->refused_full = cm_metrics_counter("ingest_refused_total", "batches refused before queuing", "reason=\"backpressure\"");
     all->refused_down = cm_metrics_counter("ingest_refused_total", "batches refused before queuing", "reason=\"store_down\"");
     all->pending_g = cm_metrics_gauge("ingest_pending_points", "points accepted and not yet committed", NULL);

@@ -3,9 +3,11 @@
  * Handlers submit validated batches; each committer thread owns one Postgres and one Redis
  * connection and commits whatever queued up while it was busy (plus a short flush wait) as one
  * transaction: lock the devices' high-water marks, drop the already-stored prefix of each batch,
- * COPY the rest, move the marks, publish the stored points to the Redis stream shards, commit.
- * Only then is each batch's `done` called with OK, so an acknowledgement always means "in
- * Postgres". A device always maps to the same committer, which keeps its batches in order.
+ * COPY the rest, move the marks, commit. Then the stored points go to the Redis stream shards
+ * (after republishing whatever an earlier crash or Redis failure left off the stream, tracked by
+ * a publication mark per device), and each batch's `done` is called with OK: an acknowledgement
+ * always means "in Postgres". A device always maps to the same committer, which keeps its
+ * batches, and its stream entries, in order.
  *
  * Memory is bounded: submit refuses with RESOURCE_EXHAUSTED beyond IOT_INGEST_MAX_PENDING points
  * waiting, and with UNAVAILABLE while the committer cannot reach Postgres. */

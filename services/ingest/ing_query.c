@@ -30,12 +30,6 @@
 #define ING__TOKEN_VERSION 1
 #define ING__TOKEN_BYTES 25
 
-/* The columns ing__point_from_row reads, in its order; the table is aliased t. The time comes out
- * as exact integer microseconds (extract(epoch) is numeric). */
-#define ING__POINT_COLS                                                                                  \
-    "t.seq, (extract(epoch from t.ts) * 1000000)::int8 AS ts_us, t.kind, t.v_double, t.v_int, t.v_bool, " \
-    "t.v_text, t.labels::text AS labels"
-#define ING__POINT_NCOLS 8
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
@@ -112,7 +106,16 @@ static int ing__pg_fail(cm_call_t *call, cm_pg_conn_t *c, const char *what) {
 
 /* The stored labels (a jsonb object of strings, NULL when none) as map entries. ing_batch.c wrote
  * them, so an unreadable value is a bug: the point is still returned, without labels. */
-static void ing__labels_from_json(cm_call_t *call, const char *text, Iot__Ingest__V1__Point *p) {
+static void *ing__alloc(ProtobufCAllocator *a, size_t n) { return a->alloc(a->allocator_data, n); }
+
+static char *ing__strndup(ProtobufCAllocator *a, const char *s, size_t n) {
+    char *d = ing__alloc(a, n + 1);
+    memcpy(d, s, n);
+    d[n] = 0;
+    return d;
+}
+
+static void ing__labels_from_json(ProtobufCAllocator *a, const char *text, Iot__Ingest__V1__Point *p) {
     char err[128];
     json_t *j = cm_json_parse(text, strlen(text), err, sizeof err);
     if (!j || !json_is_object(j)) {
@@ -121,24 +124,24 @@ static void ing__labels_from_json(cm_call_t *call, const char *text, Iot__Ingest
         return;
     }
     size_t n = json_object_size(j), i = 0;
-    if (n) p->labels = cm_call_alloc(call, n * sizeof *p->labels);
+    if (n) p->labels = ing__alloc(a, n * sizeof *p->labels);
     const char *k;
     json_t *v;
     json_object_foreach(j, k, v) {
-        Iot__Ingest__V1__Point__LabelsEntry *en = cm_call_alloc(call, sizeof *en);
+        Iot__Ingest__V1__Point__LabelsEntry *en = ing__alloc(a, sizeof *en);
         iot__ingest__v1__point__labels_entry__init(en);
-        en->key = cm_call_strdup(call, k);
-        en->value = cm_call_strdup(call, json_is_string(v) ? json_string_value(v) : "");
+        en->key = ing__strndup(a, k, strlen(k));
+        const char *sv = json_is_string(v) ? json_string_value(v) : "";
+        en->value = ing__strndup(a, sv, strlen(sv));
         p->labels[i++] = en;
     }
     p->n_labels = i;
     json_decref(j);
 }
 
-/* One row of ING__POINT_COLS starting at column 0. *us receives the exact stored time. */
-static Iot__Ingest__V1__Point *ing__point_from_row(cm_call_t *call, const PGresult *r, int row, char *metric,
-                                                   int64_t *us) {
-    Iot__Ingest__V1__Point *p = cm_call_alloc(call, sizeof *p);
+Iot__Ingest__V1__Point *ing_point_from_row(ProtobufCAllocator *a, const PGresult *r, int row, char *metric,
+                                           int64_t *us) {
+    Iot__Ingest__V1__Point *p = ing__alloc(a, sizeof *p);
     iot__ingest__v1__point__init(p);
     p->seq = strtoull(PQgetvalue(r, row, 0), NULL, 10);
     p->metric = metric;
@@ -160,12 +163,12 @@ static Iot__Ingest__V1__Point *ing__point_from_row(cm_call_t *call, const PGresu
         break;
     case 4:
         p->value_case = IOT__INGEST__V1__POINT__VALUE_STRING_VALUE;
-        p->string_value = cm_call_strndup(call, PQgetvalue(r, row, 6), (size_t)PQgetlength(r, row, 6));
+        p->string_value = ing__strndup(a, PQgetvalue(r, row, 6), (size_t)PQgetlength(r, row, 6));
         break;
     default:
         break;
     }
-    if (!PQgetisnull(r, row, 7)) ing__labels_from_json(call, PQgetvalue(r, row, 7), p);
+    if (!PQgetisnull(r, row, 7)) ing__labels_from_json(a, PQgetvalue(r, row, 7), p);
     return p;
 }
 
@@ -249,7 +252,7 @@ bad:
 
 /* $5 seq: rows at exactly ts = $3 must have a larger seq (the cursor's tie-break; INT64_MIN on a
  * first page). Spelled out rather than as a row comparison so the index condition stays on ts. */
-static const char ing__raw_sql[] = "SELECT " ING__POINT_COLS " FROM telemetry t WHERE " ING__RANGE
+static const char ing__raw_sql[] = "SELECT " ING_POINT_COLS " FROM telemetry t WHERE " ING__RANGE
                                    " AND (t.ts > $3::timestamptz OR t.seq > $5::int8) ORDER BY t.ts, t.seq LIMIT $6::int4";
 
 /* Bucket number of a row: floor((ms - from_ms) / step_ms) in exact numeric arithmetic: ms is never
@@ -312,7 +315,7 @@ static int ing__query_raw(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__Q
         char *metric = cm_call_strdup(call, req->metric);
         int64_t last_us = 0;
         resp->points = cm_call_alloc(call, sizeof *resp->points * (size_t)(take ? take : 1));
-        for (int i = 0; i < take; i++) resp->points[i] = ing__point_from_row(call, r, i, metric, &last_us);
+        for (int i = 0; i < take; i++) resp->points[i] = ing_point_from_row(cm_call_pb_allocator(call), r, i, metric, &last_us);
         resp->n_points = (size_t)take;
         if (rows > page_size) resp->next_page_token = ing__token(call, req, last_us, resp->points[take - 1]->seq);
     }
@@ -426,7 +429,7 @@ static const char ing__latest_sql[] =
     "SELECT (SELECT t.metric FROM telemetry t WHERE t.device_id = $1 AND t.metric > m.metric ORDER BY t.metric LIMIT 1), "
     "m.n + 1 FROM m WHERE m.metric IS NOT NULL AND m.n < $2::int4) "
     "SELECT p.*, m.metric FROM m CROSS JOIN LATERAL ("
-    "SELECT " ING__POINT_COLS " FROM telemetry t WHERE t.device_id = $1 AND t.metric = m.metric "
+    "SELECT " ING_POINT_COLS " FROM telemetry t WHERE t.device_id = $1 AND t.metric = m.metric "
     "ORDER BY t.ts DESC, t.seq DESC LIMIT 1) p "
     "WHERE m.metric IS NOT NULL ORDER BY m.metric";
 
@@ -447,9 +450,9 @@ int ing_latest_values(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__Lates
         resp->points = cm_call_alloc(call, sizeof *resp->points * (size_t)(rows ? rows : 1));
         for (int i = 0; i < rows; i++) {
             int64_t us;
-            char *metric = cm_call_strndup(call, PQgetvalue(r, i, ING__POINT_NCOLS),
-                                           (size_t)PQgetlength(r, i, ING__POINT_NCOLS));
-            resp->points[i] = ing__point_from_row(call, r, i, metric, &us);
+            char *metric = cm_call_strndup(call, PQgetvalue(r, i, ING_POINT_NCOLS),
+                                           (size_t)PQgetlength(r, i, ING_POINT_NCOLS));
+            resp->points[i] = ing_point_from_row(cm_call_pb_allocator(call), r, i, metric, &us);
         }
         resp->n_points = (size_t)rows;
     }

@@ -54,4 +54,16 @@ int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__Que
 int ing_latest_values(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__LatestValuesRequest *req,
                       Iot__Ingest__V1__LatestValuesResponse *resp);
 
+/* The telemetry columns ing_point_from_row() reads, in its order; the table is aliased t. The
+ * time comes out as exact integer microseconds (extract(epoch) is numeric). */
+#define ING_POINT_COLS                                                                                   \
+    "t.seq, (extract(epoch from t.ts) * 1000000)::int8 AS ts_us, t.kind, t.v_double, t.v_int, t.v_bool, " \
+    "t.v_text, t.labels::text AS labels"
+#define ING_POINT_NCOLS 8
+
+/* One row of ING_POINT_COLS (from column 0) as a Point allocated from a (metric is used as is);
+ * *us receives the exact stored time. Also used to republish stored points (ing_commit.c). */
+Iot__Ingest__V1__Point *ing_point_from_row(ProtobufCAllocator *a, const PGresult *r, int row, char *metric,
+                                           int64_t *us);
+
 #endif

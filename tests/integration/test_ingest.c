@@ -547,6 +547,74 @@ static void test_failed_commit_blocks_later_batches(void) {
     svc_stop(&dm);
 }
 
+/* Pushes, retrying while the committer refuses (UNAVAILABLE) for a moment. */
+static void push_retry(cm_channel_t *ch, const char *token, pts_t *b, size_t n, uint64_t want_ack) {
+    Iot__Ingest__V1__TelemetryAck *ack = NULL;
+    int code = -1;
+    for (int i = 0; i < 100 && code != 0; i++) {
+        code = push(ch, token, b, n, &ack);
+        if (code == CM_STATUS_UNAVAILABLE) usleep(50000);
+    }
+    if (code) TEST__FAIL("push: %d %s", code, last_msg);
+    ASSERT_INT_EQ(ack->acked_seq, want_ack);
+    pbfree(ack);
+}
+
+/* The stream only ever carries committed points, and none is missing from it: points committed
+ * while publishing failed are republished, in seq order, by the device's next commit. */
+static void test_stream_republishes_after_publish_failure(void) {
+    fresh_names("pub");
+    svc_t dm, in;
+    dm_start(&dm);
+    char **tok = make_devices(&dm, "pub", 1);
+    const char *one_shard[] = {"IOT_INGEST_SHARDS=1", NULL};
+    ing_start(&in, dm.p.grpc_port, one_shard);
+    cm_redis_t *r = cm_redis_new(test_env("IOT_TEST_REDIS"), 2000, NULL);
+    char key[96];
+    snprintf(key, sizeof key, "%s{0}", stream_prefix);
+    static pts_t b;
+    int64_t t0 = now_ms() - 60000;
+    fill(&b, 1, 100, t0);
+    push_retry(in.ch, tok[0], &b, 100, 100);
+    /* Break publishing: the stream key holds a string, so XADD fails (WRONGTYPE). */
+    redisReply *x = cm_redis_cmdv(r, "SET", key, "not a stream", NULL);
+    freeReplyObject(x);
+    fill(&b, 101, 100, t0 + 101);
+    push_retry(in.ch, tok[0], &b, 100, 200); /* committed, so acknowledged */
+    fill(&b, 201, 100, t0 + 201);
+    push_retry(in.ch, tok[0], &b, 100, 300);
+    x = cm_redis_cmdv(r, "DEL", key, NULL);
+    freeReplyObject(x);
+    fill(&b, 301, 100, t0 + 301);
+    push_retry(in.ch, tok[0], &b, 100, 400);
+    /* The stream now holds 101..400, each once, in order. */
+    x = cm_redis_cmdv(r, "XRANGE", key, "-", "+", NULL);
+    ASSERT(x && x->type == REDIS_REPLY_ARRAY);
+    uint64_t next = 101;
+    for (size_t i = 0; i < x->elements; i++) {
+        redisReply *f = x->element[i]->element[1];
+        for (size_t j = 0; j + 1 < f->elements; j += 2) {
+            if (strcmp(f->element[j]->str, "batch") != 0) continue;
+            Iot__Ingest__V1__PublishedBatch *pb = iot__ingest__v1__published_batch__unpack(
+                NULL, f->element[j + 1]->len, (const uint8_t *)f->element[j + 1]->str);
+            ASSERT(pb);
+            for (size_t k = 0; k < pb->n_points; k++) {
+                if (pb->points[k]->seq != next || pb->points[k]->double_value != value_of(next))
+                    TEST__FAIL("stream point seq %llu, want %llu", (unsigned long long)pb->points[k]->seq,
+                               (unsigned long long)next);
+                next++;
+            }
+            protobuf_c_message_free_unpacked(&pb->base, NULL);
+        }
+    }
+    freeReplyObject(x);
+    cm_redis_free(r);
+    ASSERT_INT_EQ(next, 401);
+    free_tokens(tok, 1);
+    svc_stop(&in);
+    svc_stop(&dm);
+}
+
 /* ---- loaders ----------------------------------------------------------------------------------- */
 
 typedef struct loader_s {
@@ -966,7 +1034,7 @@ static void test_help_and_bad_config(void) {
 }
 
 TEST_MAIN(TEST_ENTRY(test_push_codes_and_nothing_partial), TEST_ENTRY(test_resend_and_stream_resume),
-          TEST_ENTRY(test_failed_commit_blocks_later_batches),
+          TEST_ENTRY(test_failed_commit_blocks_later_batches), TEST_ENTRY(test_stream_republishes_after_publish_failure),
           TEST_ENTRY(test_kill9_under_load_keeps_every_ack), TEST_ENTRY(test_postgres_outage_under_load),
           TEST_ENTRY(test_retention_and_aggregations), TEST_ENTRY(test_partition_size_change),
           TEST_ENTRY(test_help_and_bad_config))
