@@ -208,6 +208,18 @@ const char *cm_pg_error(const cm_pg_conn_t *c) { return c->err; }
 const char *cm_pg_sqlstate(const cm_pg_conn_t *c) { return c->sqlstate; }
 int cm_pg_conn_lost(const cm_pg_conn_t *c) { return c->lost; }
 
+int cm_pg_check(cm_pg_t *pg, int timeout_ms, char *why, size_t len) {
+    cm_pg_conn_t *c = cm_pg_acquire(pg, timeout_ms);
+    if (!c) {
+        snprintf(why, len, "postgres: %s", cm_pg_last_error(pg));
+        return 0;
+    }
+    int ok = cm_pg_exec(c, NULL, "SELECT 1", 0, NULL) == 0;
+    if (!ok) snprintf(why, len, "postgres: %s", cm_pg_error(c));
+    cm_pg_release(pg, c);
+    return ok;
+}
+
 int cm_pg_begin(cm_pg_conn_t *c) { return cm_pg_exec(c, NULL, "BEGIN", 0, NULL); }
 int cm_pg_commit(cm_pg_conn_t *c) { return cm_pg_exec(c, NULL, "COMMIT", 0, NULL); }
 int cm_pg_rollback(cm_pg_conn_t *c) { return cm_pg_exec(c, NULL, "ROLLBACK", 0, NULL); }

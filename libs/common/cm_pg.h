@@ -28,6 +28,9 @@ cm_pg_conn_t *cm_pg_acquire(cm_pg_t *pg, int timeout_ms);
 void cm_pg_release(cm_pg_t *pg, cm_pg_conn_t *c);
 /* Why the last acquire failed (thread-unsafe snapshot, for logs and readiness). */
 const char *cm_pg_last_error(cm_pg_t *pg);
+/* Readiness: 1 when a connection can be had within timeout_ms and answers a query; otherwise 0
+ * with "postgres: <reason>" in why. */
+int cm_pg_check(cm_pg_t *pg, int timeout_ms, char *why, size_t len);
 
 /* Runs sql with text parameters (NULL entries are SQL NULL). On success returns 0 and, when res is
  * non-NULL, the result (caller PQclear()s); otherwise the result is cleared here. On failure

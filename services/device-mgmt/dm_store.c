@@ -572,21 +572,13 @@ void dm_store_close(dm_store_t *s) {
 
 int dm_store_ready(void *store, char *why, size_t len) {
     dm_store_t *s = store;
-    cm_pg_conn_t *c = cm_pg_acquire(s->pg, 1000);
-    if (!c) {
-        snprintf(why, len, "postgres: %s", cm_pg_last_error(s->pg));
-        return 0;
-    }
-    int ok = cm_pg_exec(c, NULL, "SELECT 1", 0, NULL) == 0;
-    if (!ok) snprintf(why, len, "postgres: %s", cm_pg_error(c));
-    cm_pg_release(s->pg, c);
-    if (!ok) return 0;
+    if (!cm_pg_check(s->pg, 1000, why, len)) return 0;
     cm_redis_t *r = cm_redis_pool_acquire(s->redis, 1000);
     if (!r) {
         snprintf(why, len, "redis: no connection free");
         return 0;
     }
-    ok = cm_redis_ping(r) == 0;
+    int ok = cm_redis_ping(r) == 0;
     if (!ok) snprintf(why, len, "redis: %s", cm_redis_error(r));
     cm_redis_pool_release(s->redis, r);
     return ok;

@@ -410,14 +410,7 @@ pg_fail:
 
 /* While down: can we reach both stores again? */
 static int ing__probe(ing__committer_t *c, char *why, size_t cap) {
-    cm_pg_conn_t *pc = cm_pg_acquire(c->pg, 1000);
-    if (!pc) {
-        snprintf(why, cap, "postgres: %s", cm_pg_last_error(c->pg));
-        return 0;
-    }
-    int ok = cm_pg_exec(pc, NULL, "SELECT 1", 0, NULL) == 0;
-    if (!ok) snprintf(why, cap, "postgres: %s", cm_pg_error(pc));
-    cm_pg_release(c->pg, pc);
+    int ok = cm_pg_check(c->pg, 1000, why, cap);
     if (ok && cm_redis_ping(c->redis) != 0) {
         snprintf(why, cap, "redis: %s", cm_redis_error(c->redis));
         ok = 0;

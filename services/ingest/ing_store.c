@@ -230,16 +230,7 @@ void ing_store_close(ing_store_t *s) {
 }
 
 int ing_store_ready(void *store, char *why, size_t len) {
-    ing_store_t *s = store;
-    cm_pg_conn_t *c = cm_pg_acquire(s->pg, 1000);
-    if (!c) {
-        snprintf(why, len, "postgres: %s", cm_pg_last_error(s->pg));
-        return 0;
-    }
-    int ok = cm_pg_exec(c, NULL, "SELECT 1", 0, NULL) == 0;
-    if (!ok) snprintf(why, len, "postgres: %s", cm_pg_error(c));
-    cm_pg_release(s->pg, c);
-    return ok;
+    return cm_pg_check(((ing_store_t *)store)->pg, 1000, why, len);
 }
 
 int ing_store_device_seq(ing_store_t *s, const char *device_id, uint64_t *seq, int timeout_ms, char *err,
