@@ -12,6 +12,7 @@
 #include "cm_buf.h"
 #include "cm_err.h"
 #include "cm_log.h"
+#include "cm_loop.h"
 #include "cm_map.h"
 #include "cm_metrics.h"
 #include "cm_redis.h"
@@ -49,6 +50,7 @@ struct ing_committers_s {
     atomic_int draining, stopping;
     cm_counter_t *stored, *dups, *batches, *groups, *failures, *publish_failures, *refused_full, *refused_down;
     cm_gauge_t *pending_g;
+    cm_loop_t *sweep;
 };
 
 int64_t ing_committers_pending(const ing_committers_t *c) { return atomic_load(&((ing_committers_t *)c)->pending); }
@@ -535,6 +537,37 @@ static void *ing__committer_main(void *arg) {
     return NULL;
 }
 
+static void ing__sweep_done(ing_batch_t *b, int code, const char *msg) {
+    (void)code;
+    (void)msg;
+    ing_batch_free(b);
+}
+
+/* Devices whose committed points are not all on their stream (a crash or a Redis failure between
+ * commit and publish) are republished by their next commit; this finds those that have not sent
+ * since and gives each an empty batch, which takes the normal path: through the device's
+ * committer, under its row lock, in order with anything it sends meanwhile. */
+static int64_t ing__sweep_loop(void *arg) {
+    ing_committers_t *all = arg;
+    cm_pg_conn_t *pc = cm_pg_acquire(all->store->pg, 2000);
+    if (!pc) return all->cfg->republish_ms;
+    PGresult *r = NULL;
+    if (cm_pg_exec(pc, &r, "SELECT device_id FROM device_seq WHERE published < seq LIMIT 1000", 0, NULL) == 0) {
+        ing_limits_t lim = {0, 0};
+        char err[64], msg[256];
+        int64_t retry;
+        for (int i = 0; i < PQntuples(r); i++) {
+            ing_batch_t *b = ing_batch_new(PQgetvalue(r, i, 0), NULL, 0, &lim, 0, err, sizeof err);
+            if (!b) continue;
+            b->done = ing__sweep_done;
+            if (ing_commit_submit(all, b, msg, sizeof msg, &retry)) ing_batch_free(b);
+        }
+        PQclear(r);
+    }
+    cm_pg_release(all->store->pg, pc);
+    return all->cfg->republish_ms;
+}
+
 ing_committers_t *ing_committers_start(const ing_config_t *cfg, ing_store_t *store, ing_devices_t *devices) {
     ing_committers_t *all = cm_calloc(1, sizeof *all);
     all->cfg = cfg;
@@ -575,6 +608,7 @@ ing_committers_t *ing_committers_start(const ing_config_t *cfg, ing_store_t *sto
         cm_cond_init_monotonic(&c->cv);
         pthread_create(&c->th, NULL, ing__committer_main, c);
     }
+    all->sweep = cm_loop_start(ing__sweep_loop, all, cfg->republish_ms);
     return all;
 }
 
@@ -589,6 +623,7 @@ void ing_committers_drain(ing_committers_t *all, int64_t timeout_ms) {
 
 void ing_committers_stop(ing_committers_t *all) {
     if (!all) return;
+    cm_loop_stop(all->sweep);
     atomic_store(&all->stopping, 1);
     for (int i = 0; i < all->n; i++) {
         pthread_mutex_lock(&all->c[i].mu);

@@ -32,7 +32,8 @@ void ing_config_vars(ing_config_t *c, cm_config_var_t *out) {
         {"IOT_INGEST_PARTITION", CM_CFG_DURATION, "24h", "time range of one telemetry partition: whole hours dividing 24h, or whole days", 3600000, 8760 * ING__HOUR, &c->partition_ms},
         {"IOT_INGEST_MAINTENANCE_INTERVAL", CM_CFG_DURATION, "10m", "how often partitions are created ahead and old ones dropped", 100, 86400000, &c->maintenance_ms},
         {"IOT_INGEST_PRESENCE_INTERVAL", CM_CFG_DURATION, "10s", "how often last-seen times are reported to device-mgmt", 100, 3600000, &c->presence_ms},
-        {"IOT_INGEST_QUERY_POOL", CM_CFG_INT, "4", "Postgres connections for queries, partition upkeep and stream starts", 1, 256, &c->query_pool},
+        {"IOT_INGEST_QUERY_POOL", CM_CFG_INT, "4", "Postgres connections for queries and partition upkeep", 1, 256, &c->query_pool},
+        {"IOT_INGEST_REPUBLISH_INTERVAL", CM_CFG_DURATION, "30s", "how often devices with committed points missing from their stream are looked for (and republished)", 100, 3600000, &c->republish_ms},
     };
     memcpy(out, vars, sizeof vars);
 }

@@ -567,7 +567,7 @@ static void test_stream_republishes_after_publish_failure(void) {
     svc_t dm, in;
     dm_start(&dm);
     char **tok = make_devices(&dm, "pub", 1);
-    const char *one_shard[] = {"IOT_INGEST_SHARDS=1", NULL};
+    const char *one_shard[] = {"IOT_INGEST_SHARDS=1", "IOT_INGEST_REPUBLISH_INTERVAL=200ms", NULL};
     ing_start(&in, dm.p.grpc_port, one_shard);
     cm_redis_t *r = cm_redis_new(test_env("IOT_TEST_REDIS"), 2000, NULL);
     char key[96];
@@ -585,6 +585,15 @@ static void test_stream_republishes_after_publish_failure(void) {
     push_retry(in.ch, tok[0], &b, 100, 300);
     x = cm_redis_cmdv(r, "DEL", key, NULL);
     freeReplyObject(x);
+    /* The device sends nothing now: the sweep republishes 101..300 by itself. */
+    long long len = 0;
+    for (int i = 0; i < 50 && len == 0; i++) {
+        usleep(100000);
+        x = cm_redis_cmdv(r, "XLEN", key, NULL);
+        len = x && x->type == REDIS_REPLY_INTEGER ? x->integer : 0;
+        freeReplyObject(x);
+    }
+    ASSERT(len > 0);
     fill(&b, 301, 100, t0 + 301);
     push_retry(in.ch, tok[0], &b, 100, 400);
     /* The stream now holds 101..400, each once, in order. */
