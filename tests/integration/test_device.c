@@ -438,6 +438,23 @@ static void test_batch_10000_and_groups(void) {
 
 /* ---- tokens ---- */
 
+/* UpdateDevice with mask ["status"]: the device becomes decommissioned. */
+static void decommission(dm_proc_t *d, const char *id) {
+    Iot__Device__V1__Device upd = IOT__DEVICE__V1__DEVICE__INIT;
+    upd.id = (char *)id;
+    upd.status = IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED;
+    char *paths[] = {(char *)"status"};
+    Google__Protobuf__FieldMask mask = GOOGLE__PROTOBUF__FIELD_MASK__INIT;
+    mask.paths = paths;
+    mask.n_paths = 1;
+    Iot__Device__V1__UpdateDeviceRequest ureq = IOT__DEVICE__V1__UPDATE_DEVICE_REQUEST__INIT;
+    ureq.device = &upd;
+    ureq.update_mask = &mask;
+    Iot__Device__V1__Device *u = NULL;
+    ASSERT_INT_EQ(call(d, "UpdateDevice", &ureq, DEV_DESC, &u), CM_STATUS_OK);
+    pbfree(u);
+}
+
 static int authenticate(dm_proc_t *d, const char *token, char *device_out) {
     Iot__Device__V1__AuthenticateDeviceRequest req = IOT__DEVICE__V1__AUTHENTICATE_DEVICE_REQUEST__INIT;
     req.token = (char *)token;
@@ -507,19 +524,7 @@ static void test_tokens_issue_rotate_revoke(void) {
      * bring the old tokens back. */
     Iot__Device__V1__IssueTokenResponse *t3 = issue(&d, "cam-1");
     ASSERT_INT_EQ(authenticate(&d, t3->token, NULL), CM_STATUS_OK);
-    Iot__Device__V1__Device upd = IOT__DEVICE__V1__DEVICE__INIT;
-    upd.id = (char *)"cam-1";
-    upd.status = IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED;
-    char *paths[] = {(char *)"status"};
-    Google__Protobuf__FieldMask mask = GOOGLE__PROTOBUF__FIELD_MASK__INIT;
-    mask.paths = paths;
-    mask.n_paths = 1;
-    Iot__Device__V1__UpdateDeviceRequest ureq = IOT__DEVICE__V1__UPDATE_DEVICE_REQUEST__INIT;
-    ureq.device = &upd;
-    ureq.update_mask = &mask;
-    Iot__Device__V1__Device *u = NULL;
-    ASSERT_INT_EQ(call(&d, "UpdateDevice", &ureq, DEV_DESC, &u), CM_STATUS_OK);
-    pbfree(u);
+    decommission(&d, "cam-1");
     ASSERT_INT_EQ(authenticate(&d, t3->token, NULL), CM_STATUS_UNAUTHENTICATED);
     ASSERT(strstr(last_msg, "decommissioned"));
     Iot__Device__V1__DeleteDeviceRequest dreq = IOT__DEVICE__V1__DELETE_DEVICE_REQUEST__INIT;
@@ -1254,19 +1259,7 @@ static void test_sign_certificate_waits_for_device_change(void) {
     }
     /* The plain rule, without a race: a decommissioned device gets no certificate. */
     pbfree(create(&d, "gw-old", "gateway", NULL));
-    Iot__Device__V1__Device upd = IOT__DEVICE__V1__DEVICE__INIT;
-    upd.id = (char *)"gw-old";
-    upd.status = IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED;
-    char *paths[] = {(char *)"status"};
-    Google__Protobuf__FieldMask mask = GOOGLE__PROTOBUF__FIELD_MASK__INIT;
-    mask.paths = paths;
-    mask.n_paths = 1;
-    Iot__Device__V1__UpdateDeviceRequest ureq = IOT__DEVICE__V1__UPDATE_DEVICE_REQUEST__INIT;
-    ureq.device = &upd;
-    ureq.update_mask = &mask;
-    Iot__Device__V1__Device *u = NULL;
-    ASSERT_INT_EQ(call(&d, "UpdateDevice", &ureq, DEV_DESC, &u), CM_STATUS_OK);
-    pbfree(u);
+    decommission(&d, "gw-old");
     sign_arg_t a = {.d = &d, .device_id = "gw-old", .csr = csr};
     sign_thread(&a);
     ASSERT_INT_EQ(a.code, CM_STATUS_FAILED_PRECONDITION);
