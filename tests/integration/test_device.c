@@ -583,6 +583,15 @@ static int verify(X509 *ca, X509 *leaf, X509_CRL *crl) {
     return err;
 }
 
+/* SignCertificate for device_id with a PEM CSR; the status code, *out set on OK (caller frees). */
+static int sign(dm_proc_t *d, const char *device_id, const char *csr, Iot__Device__V1__SignCertificateResponse **out) {
+    Iot__Device__V1__SignCertificateRequest req = IOT__DEVICE__V1__SIGN_CERTIFICATE_REQUEST__INIT;
+    req.device_id = (char *)device_id;
+    req.csr_pem = (char *)csr;
+    *out = NULL;
+    return call(d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, out);
+}
+
 static void test_certificates_sign_and_revoke(void) {
     fresh_names("cert");
     dm_proc_t d;
@@ -590,11 +599,8 @@ static void test_certificates_sign_and_revoke(void) {
     pbfree(create(&d, "gw-9", "gateway", NULL));
     EVP_PKEY *key;
     char *csr = make_csr(&key);
-    Iot__Device__V1__SignCertificateRequest req = IOT__DEVICE__V1__SIGN_CERTIFICATE_REQUEST__INIT;
-    req.device_id = (char *)"gw-9";
-    req.csr_pem = csr;
     Iot__Device__V1__SignCertificateResponse *r = NULL;
-    ASSERT_INT_EQ(call(&d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &r), CM_STATUS_OK);
+    ASSERT_INT_EQ(sign(&d, "gw-9", csr, &r), CM_STATUS_OK);
     X509 *ca = pem_cert(r->ca_certificate_pem), *leaf = pem_cert(r->certificate->certificate_pem);
     ASSERT(ca && leaf);
     ASSERT_INT_EQ(verify(ca, leaf, NULL), 0);
@@ -606,7 +612,7 @@ static void test_certificates_sign_and_revoke(void) {
 
     /* A second certificate stays valid when the first is revoked. */
     Iot__Device__V1__SignCertificateResponse *r2 = NULL;
-    ASSERT_INT_EQ(call(&d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &r2), CM_STATUS_OK);
+    ASSERT_INT_EQ(sign(&d, "gw-9", csr, &r2), CM_STATUS_OK);
     X509 *leaf2 = pem_cert(r2->certificate->certificate_pem);
     Iot__Device__V1__RevokeCertificateRequest rv = IOT__DEVICE__V1__REVOKE_CERTIFICATE_REQUEST__INIT;
     rv.serial = r->certificate->serial;
@@ -630,15 +636,11 @@ static void test_certificates_sign_and_revoke(void) {
     ASSERT_INT_EQ(verify(ca, leaf2, crl), 0);
 
     /* Bad CSR, unknown device, unknown serial. */
-    req.csr_pem = (char *)"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
     Iot__Device__V1__SignCertificateResponse *none = NULL;
-    ASSERT_INT_EQ(call(&d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &none),
+    ASSERT_INT_EQ(sign(&d, "gw-9", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &none),
                   CM_STATUS_INVALID_ARGUMENT);
     ASSERT(strstr(last_msg, "csr_pem"));
-    req.csr_pem = csr;
-    req.device_id = (char *)"ghost";
-    ASSERT_INT_EQ(call(&d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &none),
-                  CM_STATUS_NOT_FOUND);
+    ASSERT_INT_EQ(sign(&d, "ghost", csr, &none), CM_STATUS_NOT_FOUND);
     rv.serial = (char *)"abc123";
     ASSERT_INT_EQ(call(&d, "RevokeCertificate", &rv, &iot__device__v1__revoke_certificate_response__descriptor, &ignored),
                   CM_STATUS_NOT_FOUND);
@@ -1204,11 +1206,8 @@ typedef struct sign_arg_s {
 
 static void *sign_thread(void *p) {
     sign_arg_t *a = p;
-    Iot__Device__V1__SignCertificateRequest req = IOT__DEVICE__V1__SIGN_CERTIFICATE_REQUEST__INIT;
-    req.device_id = (char *)a->device_id;
-    req.csr_pem = (char *)a->csr;
     Iot__Device__V1__SignCertificateResponse *r = NULL;
-    a->code = call(a->d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &r);
+    a->code = sign(a->d, a->device_id, a->csr, &r);
     pbfree(r);
     atomic_store(&a->done, 1);
     return NULL;
@@ -1333,11 +1332,8 @@ static void test_revoke_reason_remove_from_crl_refused(void) {
     pbfree(create(&d, "gw-5", "gateway", NULL));
     EVP_PKEY *key;
     char *csr = make_csr(&key);
-    Iot__Device__V1__SignCertificateRequest req = IOT__DEVICE__V1__SIGN_CERTIFICATE_REQUEST__INIT;
-    req.device_id = (char *)"gw-5";
-    req.csr_pem = csr;
     Iot__Device__V1__SignCertificateResponse *r = NULL;
-    ASSERT_INT_EQ(call(&d, "SignCertificate", &req, &iot__device__v1__sign_certificate_response__descriptor, &r), CM_STATUS_OK);
+    ASSERT_INT_EQ(sign(&d, "gw-5", csr, &r), CM_STATUS_OK);
     Iot__Device__V1__RevokeCertificateRequest rv = IOT__DEVICE__V1__REVOKE_CERTIFICATE_REQUEST__INIT;
     rv.serial = r->certificate->serial;
     ProtobufCMessage *ignored = NULL;

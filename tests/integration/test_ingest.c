@@ -145,6 +145,19 @@ static void free_tokens(char **t, int n) {
     free(t);
 }
 
+/* Fresh names for a test, device-mgmt started, n devices with tokens (dev-<tag>-<i>). */
+static char **start_dm(const char *tag, int n, svc_t *dm) {
+    fresh_names(tag);
+    dm_start(dm);
+    return make_devices(dm, tag, n);
+}
+
+static void stop_all(svc_t *dm, svc_t *in, char **tok, int n) {
+    free_tokens(tok, n);
+    svc_stop(in);
+    svc_stop(dm);
+}
+
 static int64_t now_ms(void) {
     struct timespec t;
     clock_gettime(CLOCK_REALTIME, &t);
@@ -223,10 +236,8 @@ static void check_exact(PGconn *c, const char *device, uint64_t acked) {
 /* ---- tests --------------------------------------------------------------------------------- */
 
 static void test_push_codes_and_nothing_partial(void) {
-    fresh_names("codes");
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "codes", 2);
+    char **tok = start_dm("codes", 2, &dm);
     const char *extra[] = {"IOT_INGEST_AUTH_CACHE_TTL=0", "IOT_INGEST_RATE_LIMIT=1000", NULL};
     ing_start(&in, dm.p.grpc_port, extra);
     PGconn *pg = pg_open();
@@ -371,9 +382,7 @@ static void test_push_codes_and_nothing_partial(void) {
     ASSERT(seen);
 
     PQfinish(pg);
-    free_tokens(tok, 2);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, 2);
 }
 
 /* Opens a telemetry stream; the first ack says where to resume. */
@@ -413,10 +422,8 @@ static int stream_ack(cm_stream_t *s, uint64_t *acked) {
 }
 
 static void test_resend_and_stream_resume(void) {
-    fresh_names("resume");
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "resume", 1);
+    char **tok = start_dm("resume", 1, &dm);
     ing_start(&in, dm.p.grpc_port, NULL);
     PGconn *pg = pg_open();
     static pts_t b;
@@ -481,19 +488,15 @@ static void test_resend_and_stream_resume(void) {
     check_exact(pg, "dev-resume-0", end);
 
     PQfinish(pg);
-    free_tokens(tok, 1);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, 1);
 }
 
 /* Regression: a commit group that failed for a reason other than a lost connection was answered
  * INTERNAL while the same device's next batch, queued behind it, committed and moved the mark past
  * the failed points. A trigger makes the first batch fail deterministically. */
 static void test_failed_commit_blocks_later_batches(void) {
-    fresh_names("fail");
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "fail", 1);
+    char **tok = start_dm("fail", 1, &dm);
     ing_start(&in, dm.p.grpc_port, NULL);
     PGconn *pg = pg_open();
     static pts_t b;
@@ -542,9 +545,7 @@ static void test_failed_commit_blocks_later_batches(void) {
     ASSERT_INT_EQ(acked, 1000);
     check_exact(pg, "dev-fail-0", 1000);
     PQfinish(pg);
-    free_tokens(tok, 1);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, 1);
 }
 
 /* Pushes, retrying while the committer refuses (UNAVAILABLE) for a moment. */
@@ -563,10 +564,8 @@ static void push_retry(cm_channel_t *ch, const char *token, pts_t *b, size_t n, 
 /* The stream only ever carries committed points, and none is missing from it: points committed
  * while publishing failed are republished, in seq order, by the device's next commit. */
 static void test_stream_republishes_after_publish_failure(void) {
-    fresh_names("pub");
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "pub", 1);
+    char **tok = start_dm("pub", 1, &dm);
     const char *one_shard[] = {"IOT_INGEST_SHARDS=1", "IOT_INGEST_REPUBLISH_INTERVAL=200ms", NULL};
     ing_start(&in, dm.p.grpc_port, one_shard);
     cm_redis_t *r = cm_redis_new(test_env("IOT_TEST_REDIS"), 2000, NULL);
@@ -619,9 +618,7 @@ static void test_stream_republishes_after_publish_failure(void) {
     freeReplyObject(x);
     cm_redis_free(r);
     ASSERT_INT_EQ(next, 401);
-    free_tokens(tok, 1);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, 1);
 }
 
 /* ---- loaders ----------------------------------------------------------------------------------- */
@@ -739,11 +736,9 @@ static long rss_kb(pid_t pid) {
 }
 
 static void test_kill9_under_load_keeps_every_ack(void) {
-    fresh_names("kill");
     enum { N = 8 };
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "kill", N);
+    char **tok = start_dm("kill", N, &dm);
     ing_start(&in, dm.p.grpc_port, NULL);
     static atomic_int port;
     atomic_store(&port, in.p.grpc_port);
@@ -770,9 +765,7 @@ static void test_kill9_under_load_keeps_every_ack(void) {
     PGconn *pg = pg_open();
     for (int i = 0; i < N; i++) check_exact(pg, ls[i].device, final_ack(in.ch, &ls[i]));
     PQfinish(pg);
-    free_tokens(tok, N);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, N);
 }
 
 static void pg_ctl(const char *what) {
@@ -783,11 +776,9 @@ static void pg_ctl(const char *what) {
 }
 
 static void test_postgres_outage_under_load(void) {
-    fresh_names("outage");
     enum { N = 6 };
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "outage", N);
+    char **tok = start_dm("outage", N, &dm);
     const char *extra[] = {"IOT_INGEST_MAX_PENDING=20000", NULL};
     ing_start(&in, dm.p.grpc_port, extra);
     static atomic_int port;
@@ -844,16 +835,12 @@ static void test_postgres_outage_under_load(void) {
     PGconn *pg = pg_open();
     for (int i = 0; i < N; i++) check_exact(pg, ls[i].device, final_ack(in.ch, &ls[i]));
     PQfinish(pg);
-    free_tokens(tok, N);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, N);
 }
 
 static void test_retention_and_aggregations(void) {
-    fresh_names("ret");
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "ret", 1);
+    char **tok = start_dm("ret", 1, &dm);
     const char *wide[] = {"IOT_INGEST_MAX_PAST=480h", "IOT_INGEST_RETENTION=480h", NULL};
     ing_start(&in, dm.p.grpc_port, wide);
     static pts_t b;
@@ -983,19 +970,15 @@ static void test_retention_and_aggregations(void) {
     strftime(old_name, sizeof old_name, "telemetry_p%Y%m%d00", &tm);
     ASSERT_INT_EQ(pg_int(pg, "SELECT count(*) FROM pg_class WHERE relname = $1", old_name), 0);
     PQfinish(pg);
-    free_tokens(tok, 1);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, 1);
 }
 
 /* Regression: with hourly partitions in place, a restart with daily partitions could not create
  * the day's partition (it overlaps the hourly ones) and refused every batch of that day. Gaps are
  * now filled with partitions bounded by the existing ones. */
 static void test_partition_size_change(void) {
-    fresh_names("part");
     svc_t dm, in;
-    dm_start(&dm);
-    char **tok = make_devices(&dm, "part", 1);
+    char **tok = start_dm("part", 1, &dm);
     const char *hourly[] = {"IOT_INGEST_PARTITION=1h", NULL};
     ing_start(&in, dm.p.grpc_port, hourly);
     static pts_t b;
@@ -1016,9 +999,7 @@ static void test_partition_size_change(void) {
     PGconn *pg = pg_open();
     check_exact(pg, "dev-part-0", 5);
     PQfinish(pg);
-    free_tokens(tok, 1);
-    svc_stop(&in);
-    svc_stop(&dm);
+    stop_all(&dm, &in, tok, 1);
 }
 
 static void test_help_and_bad_config(void) {
