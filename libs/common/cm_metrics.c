@@ -29,6 +29,14 @@ static pthread_mutex_t cm__metrics_mu = PTHREAD_MUTEX_INITIALIZER;
 static cm__metric_t *cm__metrics;
 #define CM__MAX_SERVERS 8
 static cm_server_t *cm__servers[CM__MAX_SERVERS];
+#define CM__MAX_COLLECTORS 8
+typedef struct cm__collector_s {
+    cm_metrics_collector_fn fn;
+    void *arg;
+} cm__collector_t;
+static cm__collector_t cm__collectors[CM__MAX_COLLECTORS];
+/* Held while a collector runs, so that remove waits for a render in progress. */
+static pthread_rwlock_t cm__collect_mu = PTHREAD_RWLOCK_INITIALIZER;
 
 static int cm__same(const char *a, const char *b) {
     return strcmp(a ? a : "", b ? b : "") == 0;
@@ -188,6 +196,27 @@ static void cm__render_process(cm_buf_t *b) {
                   rss * page, vsize, fds, threads, (double)(utime + stime) / (double)ticks);
 }
 
+int cm_metrics_add_collector(cm_metrics_collector_fn fn, void *arg) {
+    int rc = -1;
+    pthread_rwlock_wrlock(&cm__collect_mu);
+    for (int i = 0; i < CM__MAX_COLLECTORS; i++) {
+        if (!cm__collectors[i].fn) {
+            cm__collectors[i] = (cm__collector_t){fn, arg};
+            rc = 0;
+            break;
+        }
+    }
+    pthread_rwlock_unlock(&cm__collect_mu);
+    return rc;
+}
+
+void cm_metrics_remove_collector(cm_metrics_collector_fn fn, void *arg) {
+    pthread_rwlock_wrlock(&cm__collect_mu);
+    for (int i = 0; i < CM__MAX_COLLECTORS; i++)
+        if (cm__collectors[i].fn == fn && cm__collectors[i].arg == arg) cm__collectors[i] = (cm__collector_t){NULL, NULL};
+    pthread_rwlock_unlock(&cm__collect_mu);
+}
+
 void cm_metrics_render(cm_buf_t *b) {
     pthread_mutex_lock(&cm__metrics_mu);
     const cm__metric_t *prev = NULL;
@@ -207,5 +236,9 @@ void cm_metrics_render(cm_buf_t *b) {
     }
     cm__render_rpc(b);
     pthread_mutex_unlock(&cm__metrics_mu);
+    pthread_rwlock_rdlock(&cm__collect_mu);
+    for (int i = 0; i < CM__MAX_COLLECTORS; i++)
+        if (cm__collectors[i].fn) cm__collectors[i].fn(b, cm__collectors[i].arg);
+    pthread_rwlock_unlock(&cm__collect_mu);
     cm__render_process(b);
 }

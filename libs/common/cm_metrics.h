@@ -24,6 +24,12 @@ void cm_gauge_set(cm_gauge_t *g, double v);
 
 void cm_metrics_add_server(cm_server_t *srv);
 void cm_metrics_remove_server(cm_server_t *srv);
+/* A collector appends whole metric families (HELP, TYPE and samples) at render time, for series
+ * that come and go (per-rule metrics): fn runs without the registry lock held and must be thread
+ * safe. At most 8 collectors; remove one before what arg points at is freed. */
+typedef void (*cm_metrics_collector_fn)(cm_buf_t *b, void *arg);
+int cm_metrics_add_collector(cm_metrics_collector_fn fn, void *arg);
+void cm_metrics_remove_collector(cm_metrics_collector_fn fn, void *arg);
 /* Appends the whole exposition to b. */
 void cm_metrics_render(cm_buf_t *b);
 

@@ -276,6 +276,29 @@ static void test_metrics_registry_renders(void) {
     cm_buf_free(&out);
 }
 
+static void collect_two(cm_buf_t *b, void *arg) {
+    cm_buf_printf(b, "# TYPE iot_test_dynamic gauge\niot_test_dynamic{rule=\"%s\"} 1\n", (const char *)arg);
+}
+
+static void test_metrics_collectors_come_and_go(void) {
+    ASSERT_INT_EQ(cm_metrics_add_collector(collect_two, (void *)"r1"), 0);
+    cm_buf_t out = CM_BUF_INIT;
+    cm_metrics_render(&out);
+    ASSERT(strstr(out.data, "iot_test_dynamic{rule=\"r1\"} 1\n"));
+    cm_metrics_remove_collector(collect_two, (void *)"r1");
+    cm_buf_reset(&out);
+    cm_metrics_render(&out);
+    ASSERT(!strstr(out.data, "iot_test_dynamic"));
+    /* At most 8 at once: the ninth is refused, and removing one makes room. */
+    static const char *names[9] = {"a", "b", "c", "d", "e", "f", "g", "h", "i"};
+    for (int i = 0; i < 8; i++) ASSERT_INT_EQ(cm_metrics_add_collector(collect_two, (void *)names[i]), 0);
+    ASSERT(cm_metrics_add_collector(collect_two, (void *)names[8]) != 0);
+    cm_metrics_remove_collector(collect_two, (void *)names[0]);
+    ASSERT_INT_EQ(cm_metrics_add_collector(collect_two, (void *)names[8]), 0);
+    for (int i = 1; i < 9; i++) cm_metrics_remove_collector(collect_two, (void *)names[i]);
+    cm_buf_free(&out);
+}
+
 static int64_t loop_count(void *arg) {
     __atomic_add_fetch((int *)arg, 1, __ATOMIC_SEQ_CST);
     return 60000; /* a long sleep: kick and stop must not wait it out */
@@ -301,4 +324,5 @@ TEST_MAIN(TEST_ENTRY(test_arena_alignment_and_growth), TEST_ENTRY(test_arena_as_
           TEST_ENTRY(test_buf_printf_grows), TEST_ENTRY(test_errors_have_messages),
           TEST_ENTRY(test_config_defaults_and_env), TEST_ENTRY(test_config_errors_name_the_variable),
           TEST_ENTRY(test_log_lines_are_json), TEST_ENTRY(test_trace_parse_and_child), TEST_ENTRY(test_hostport_parse),
-          TEST_ENTRY(test_metrics_registry_renders), TEST_ENTRY(test_loop_kick_and_stop))
+          TEST_ENTRY(test_metrics_registry_renders), TEST_ENTRY(test_metrics_collectors_come_and_go),
+          TEST_ENTRY(test_loop_kick_and_stop))
