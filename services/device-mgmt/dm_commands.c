@@ -71,7 +71,7 @@ static char *dm__struct_text(const Google__Protobuf__Struct *st, const char *fie
 }
 
 int dm_store_send_command(dm_store_t *s, const char *device_id, const char *name, const Google__Protobuf__Struct *payload,
-                          int ttl_s, ProtobufCAllocator *a, dm_command_t **out, dm_err_t *e) {
+                          int ttl_s, const char *request_id, ProtobufCAllocator *a, dm_command_t **out, dm_err_t *e) {
     char *text = dm__struct_text(payload, "payload", e);
     if (!text) return CM_STATUS_INVALID_ARGUMENT;
     cm_pg_conn_t *c = dm__pg(s, e);
@@ -81,22 +81,38 @@ int dm_store_send_command(dm_store_t *s, const char *device_id, const char *name
     }
     char ttl[16];
     snprintf(ttl, sizeof ttl, "%d", ttl_s);
-    const char *p[] = {device_id, name, text, ttl};
+    const char *p[] = {device_id, name, text, ttl, request_id && *request_id ? request_id : NULL};
     PGresult *r = NULL;
-    int code = CM_STATUS_OK;
+    int code = CM_STATUS_OK, created = 1;
+    /* With a request_id, a repeat finds the first command: the insert does nothing and the select
+     * (a separate statement, so it sees a racing insert that committed meanwhile) returns it. */
     if (cm_pg_exec(c, &r,
-                   "INSERT INTO commands AS c (device_id, name, payload, expires_at) "
-                   "VALUES ($1, $2, $3::jsonb, now() + make_interval(secs => $4::int)) RETURNING " DM__CMD_COLS,
-                   4, p)) {
+                   "INSERT INTO commands AS c (device_id, name, payload, expires_at, request_id) "
+                   "VALUES ($1, $2, $3::jsonb, now() + make_interval(secs => $4::int), $5) "
+                   "ON CONFLICT (device_id, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING " DM__CMD_COLS,
+                   5, p)) {
         code = dm__pg_fail(c, "device", e);
         if (code == CM_STATUS_NOT_FOUND) snprintf(e->msg, sizeof e->msg, "device \"%s\" not found", device_id);
+    } else if (PQntuples(r) == 0) {
+        PQclear(r);
+        r = NULL;
+        created = 0;
+        const char *q[] = {device_id, request_id};
+        if (cm_pg_exec(c, &r, "SELECT " DM__CMD_COLS " FROM commands c WHERE c.device_id = $1 AND c.request_id = $2", 2, q))
+            code = dm__pg_fail(c, "command", e);
+        else if (PQntuples(r) == 1)
+            *out = dm__cmd_from_row(a, r, 0);
+        else {
+            snprintf(e->msg, sizeof e->msg, "command with request_id \"%s\" expired and was removed; use a new request_id", request_id);
+            code = CM_STATUS_FAILED_PRECONDITION;
+        }
     } else {
         *out = dm__cmd_from_row(a, r, 0);
     }
     PQclear(r);
     cm_pg_release(s->pg, c);
     cm_free(text);
-    if (code) return code;
+    if (code || !created) return code;
     /* Best effort: a lost notification is made up for by the watchers' poll. */
     char key[96];
     snprintf(key, sizeof key, "%scmdq", s->prefix);

@@ -16,7 +16,7 @@
 typedef Iot__Device__V1__Command dm_command_t;
 
 int dm_store_send_command(dm_store_t *s, const char *device_id, const char *name, const Google__Protobuf__Struct *payload,
-                          int ttl_s, ProtobufCAllocator *a, dm_command_t **out, dm_err_t *e);
+                          int ttl_s, const char *request_id, ProtobufCAllocator *a, dm_command_t **out, dm_err_t *e);
 int dm_store_get_command(dm_store_t *s, const char *id, ProtobufCAllocator *a, dm_command_t **out, dm_err_t *e);
 int dm_store_list_commands(dm_store_t *s, const char *device_id, const int *statuses, size_t n_statuses, int page_size,
                            const char *page_token, ProtobufCAllocator *a, dm_command_t ***out, size_t *n, char **next,

@@ -572,6 +572,15 @@ static int dm__command_id_or_fail(cm_call_t *call, const char *field, const char
     return ok ? 0 : cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "%s: a command id as SendCommand returned it", field);
 }
 
+/* Empty (none) or 1..128 printable ASCII characters. */
+static int dm__request_id_ok(const char *s) {
+    size_t n = s ? strlen(s) : 0;
+    if (n > 128) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] < 0x20 || s[i] > 0x7e) return 0;
+    return 1;
+}
+
 static int dm_send_command(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__SendCommandRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
@@ -582,9 +591,11 @@ static int dm_send_command(cm_call_t *call, const ProtobufCMessage *req_, Protob
     int ttl = req->ttl_seconds ? req->ttl_seconds : 3600;
     if (ttl < 1 || ttl > 604800)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "ttl_seconds: %d is not in 1..604800", req->ttl_seconds);
+    if (!dm__request_id_ok(req->request_id))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "request_id: at most 128 printable ASCII characters");
     dm_command_t *c;
     dm_err_t e;
-    int code = dm_store_send_command(dm__store(call), req->device_id, req->name, req->payload, ttl,
+    int code = dm_store_send_command(dm__store(call), req->device_id, req->name, req->payload, ttl, req->request_id,
                                      cm_call_pb_allocator(call), &c, &e);
     if (code) return dm__fail(call, code, &e);
     *(dm_command_t *)resp_ = *c;

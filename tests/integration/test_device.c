@@ -1452,6 +1452,43 @@ static void test_update_group_cannot_drop_filter(void) {
     dm_stop(&d);
 }
 
+static void test_send_command_request_id_queues_once(void) {
+    fresh_names("reqid");
+    dm_proc_t d;
+    dm_start(&d, NULL);
+    pbfree(create(&d, "valve-7", "valve", NULL));
+    Iot__Device__V1__SendCommandRequest req = IOT__DEVICE__V1__SEND_COMMAND_REQUEST__INIT;
+    req.device_id = (char *)"valve-7";
+    req.name = (char *)"shutdown";
+    req.request_id = (char *)"alert-42";
+    Iot__Device__V1__Command *a = NULL, *b = NULL, *c = NULL;
+    ASSERT_INT_EQ(call(&d, "SendCommand", &req, &iot__device__v1__command__descriptor, &a), 0);
+    req.name = (char *)"throttle"; /* other fields do not matter for a repeat */
+    ASSERT_INT_EQ(call(&d, "SendCommand", &req, &iot__device__v1__command__descriptor, &b), 0);
+    ASSERT_STR_EQ(a->id, b->id);
+    ASSERT_STR_EQ(b->name, "shutdown");
+    req.request_id = (char *)"alert-43";
+    ASSERT_INT_EQ(call(&d, "SendCommand", &req, &iot__device__v1__command__descriptor, &c), 0);
+    ASSERT(strcmp(a->id, c->id) != 0);
+    Iot__Device__V1__ListCommandsRequest lr = IOT__DEVICE__V1__LIST_COMMANDS_REQUEST__INIT;
+    lr.device_id = (char *)"valve-7";
+    Iot__Device__V1__ListCommandsResponse *l = NULL;
+    ASSERT_INT_EQ(call(&d, "ListCommands", &lr, &iot__device__v1__list_commands_response__descriptor, &l), 0);
+    ASSERT_INT_EQ(l->n_commands, 2);
+    char big[200];
+    memset(big, 'x', sizeof big - 1);
+    big[sizeof big - 1] = 0;
+    req.request_id = big;
+    ProtobufCMessage *none = NULL;
+    ASSERT_INT_EQ(call(&d, "SendCommand", &req, &iot__device__v1__command__descriptor, &none), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "request_id"));
+    pbfree(a);
+    pbfree(b);
+    pbfree(c);
+    pbfree(l);
+    dm_stop(&d);
+}
+
 static void test_help_and_bad_config(void) {
     char bin[1024];
     snprintf(bin, sizeof bin, "%s/services/device-mgmt/device-mgmt", test_env("IOT_BUILD_DIR"));
@@ -1478,4 +1515,4 @@ TEST_MAIN(TEST_ENTRY(test_device_crud_and_validation), TEST_ENTRY(test_list_filt
           TEST_ENTRY(test_watch_backlog_over_send_queue), TEST_ENTRY(test_sign_certificate_waits_for_device_change),
           TEST_ENTRY(test_token_write_through_keeps_tombstone), TEST_ENTRY(test_revoke_reason_remove_from_crl_refused),
           TEST_ENTRY(test_forged_page_token_invalid_argument), TEST_ENTRY(test_update_group_cannot_drop_filter),
-          TEST_ENTRY(test_help_and_bad_config))
+          TEST_ENTRY(test_send_command_request_id_queues_once), TEST_ENTRY(test_help_and_bad_config))
