@@ -6,8 +6,8 @@ $(PROC_BIN): $(patsubst %.c,$(B)/%.o,$(PROC_SRC)) $(LIBCOMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -lm -o $@
 
-#BINS += $(PROC_BIN)
-#SERVICES += processing
+BINS += $(PROC_BIN)
+SERVICES += processing
 
 # The window and detector core is unit-tested on its own.
 $(B)/tests/unit/test_proc_window.o: CPPFLAGS += -Iservices/processing

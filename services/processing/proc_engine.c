@@ -1186,8 +1186,9 @@ static void proc__entry(proc__shard_t *s, const proc_ruleset_t *rs, const redisR
     protobuf_c_message_free_unpacked(&pb->base, NULL);
 }
 
-/* Reads one batch of entries; returns how many, or -1 on a Redis failure. */
-static int proc__read(proc__shard_t *s, const proc_ruleset_t *rs, int64_t block_ms) {
+/* Reads one batch of entries (blocking up to block_ms for new ones); the reply, NULL on a Redis
+ * failure. The caller evaluates them with proc__process. */
+static redisReply *proc__read(proc__shard_t *s, int64_t block_ms) {
     const proc_config_t *cfg = s->e->cfg;
     char count[16], block[16];
     snprintf(count, sizeof count, "%" PRId64, cfg->read_count);
@@ -1197,13 +1198,19 @@ static int proc__read(proc__shard_t *s, const proc_ruleset_t *rs, int64_t block_
     redisReply *r = pel ? cm_redis_cmdv(s->redis, "XREADGROUP", "GROUP", cfg->group, cfg->member, "COUNT", count, "STREAMS",
                                         s->key, s->read_id, NULL)
                         : cm_redis_cmd(s->redis, 11, argv, NULL);
-    if (!r) return -1;
-    if (r->type == REDIS_REPLY_ERROR) {
-        /* NOGROUP: the stream was deleted under us; re-activate to recreate the group. */
+    if (r && r->type == REDIS_REPLY_ERROR) {
+        /* NOGROUP: the stream was deleted under us; re-activation recreates the group. */
         cm_log_kv(CM_LOG_WARN, "XREADGROUP failed", "stream", s->key, "error", r->str, NULL);
         freeReplyObject(r);
-        return -1;
+        return NULL;
     }
+    return r;
+}
+
+/* Evaluates the entries of a read with rs (taken after the read returned, so a rule a replica
+ * reports loaded applies to every point it evaluates afterwards). Returns how many entries. */
+static int proc__process(proc__shard_t *s, const proc_ruleset_t *rs, const redisReply *r) {
+    int pel = strcmp(s->read_id, ">") != 0;
     int n = 0;
     if (r->type == REDIS_REPLY_ARRAY && r->elements == 1 && r->element[0]->type == REDIS_REPLY_ARRAY &&
         r->element[0]->elements == 2) {
@@ -1215,8 +1222,7 @@ static int proc__read(proc__shard_t *s, const proc_ruleset_t *rs, int64_t block_
         if (pel && n) snprintf(s->read_id, sizeof s->read_id, "%s", s->acks[s->n_acks - 1]);
     }
     if (pel && n == 0) snprintf(s->read_id, sizeof s->read_id, ">");
-    freeReplyObject(r);
-    s->caught_up = !pel && n < cfg->read_count;
+    s->caught_up = !pel && n < s->e->cfg->read_count;
     return n;
 }
 
@@ -1315,19 +1321,21 @@ static void proc__publish_stats(proc__shard_t *s) {
 /* One round of an active shard: read, evaluate, flush and checkpoint when due. -1: reset. */
 static int proc__round(proc__shard_t *s) {
     const proc_config_t *cfg = s->e->cfg;
+    int64_t now = proc__mono_ms();
+    int64_t block = s->next_flush - now;
+    if (block > 100) block = 100;
+    redisReply *reply = proc__read(s, block);
     proc_ruleset_t *rs = proc_rules_get(s->e->rules);
     if (rs->gen != s->gen) {
         proc__reconcile_all(s, rs);
         s->gen = rs->gen;
     }
-    int64_t now = proc__mono_ms();
-    int64_t block = s->next_flush - now;
-    if (block > 100) block = 100;
-    int n = proc__read(s, rs, block);
     int rc = 0;
-    if (n < 0) {
+    if (!reply) {
         rc = -1;
     } else {
+        proc__process(s, rs, reply);
+        freeReplyObject(reply);
         now = proc__mono_ms();
         if (s->caught_up && now >= s->next_tick) {
             proc__tick(s);
@@ -1449,6 +1457,18 @@ static void proc__publish_rule_stats(proc_engine_t *e) {
     proc_ruleset_unref(rs);
 }
 
+/* MurmurHash3's 64-bit finalizer over FNV-1a: FNV alone orders "replica-a:<n>" above
+ * "replica-b:<n>" for every n (its high bits hardly depend on the last bytes), which would give
+ * one member every shard. */
+static uint64_t proc__mix(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return k;
+}
+
 static int64_t proc__lease_loop(void *arg) {
     proc_engine_t *e = arg;
     const proc_config_t *cfg = e->cfg;
@@ -1478,7 +1498,7 @@ static int64_t proc__lease_loop(void *arg) {
         for (size_t j = 0; j < m->elements; j++) {
             char k[256];
             int n = snprintf(k, sizeof k, "%s:%d", m->element[j]->str, i);
-            uint64_t h = cm_hash64(k, (size_t)n);
+            uint64_t h = proc__mix(cm_hash64(k, (size_t)n));
             if (!best || h > best_h || (h == best_h && strcmp(m->element[j]->str, best) < 0)) {
                 best = m->element[j]->str;
                 best_h = h;

@@ -4,7 +4,7 @@
  *
  * Shards and replicas. Every replica heartbeats into the sorted set <prefix>members (score: expiry,
  * now + IOT_PROC_LEASE_TTL). Each shard's owner is the live member with the highest
- * cm_hash64("<member>:<shard>") (rendezvous hashing: when a member joins or leaves only its share
+ * mix64(cm_hash64("<member>:<shard>")) (MurmurHash3 finalizer) (rendezvous hashing: when a member joins or leaves only its share
  * moves). A replica processes a shard only while it holds the lease <prefix>lease:<shard> (SET NX
  * PX, renewed every third of the TTL), so two replicas never consume one shard at once, and it
  * stops touching Postgres and the stream once its lease may have run out. A replica that should no

@@ -183,8 +183,9 @@ int proc_rule_check(const proc_rule_pb_t *r, char *why, size_t cap) {
     }
     if (r->command) {
         const Iot__Processing__V1__CommandAction *c = r->command;
-        if (!c->name || !*c->name || strlen(c->name) > 128 || !proc__printable(c->name, 128))
-            PROC__BAD("rule.command.name is required: 1..128 printable characters");
+        int ok = c->name && isalnum((unsigned char)c->name[0]) && strlen(c->name) <= 64;
+        for (size_t i = 1; ok && c->name[i]; i++) ok = isalnum((unsigned char)c->name[i]) || strchr("._-", c->name[i]);
+        if (!ok) PROC__BAD("rule.command.name is required: 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-' (as device-mgmt's SendCommand)");
         if (c->min_severity < PROC__SEV_MIN || c->min_severity > PROC__SEV_MAX) PROC__BAD("rule.command.min_severity is not a Severity");
         if (c->payload && protobuf_c_message_get_packed_size(&c->payload->base) > PROC_PAYLOAD_MAX)
             PROC__BAD("rule.command.payload is larger than 64 KiB");
