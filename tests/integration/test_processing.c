@@ -744,6 +744,227 @@ static void test_webhook_delivered_and_retried(void) {
     svc_stop(&dm);
 }
 
+static int rule_call(svc_t *pr, const char *method, const void *req, void *resp) {
+    return unary(pr->ch, method, req, &iot__processing__v1__rule__descriptor, resp, NULL);
+}
+
+static void test_api_rules_alerts_watch_and_errors(void) {
+    svc_t dm, in, pr;
+    fresh_names("api");
+    dm_start(&dm);
+    char **tok = make_devices(&dm, "ap", 1);
+    ing_start(&in, dm.p.grpc_port);
+    proc_start(&pr, dm.p.grpc_port, NULL);
+
+    /* Validation names the field. */
+    Iot__Processing__V1__ThresholdCondition th = IOT__PROCESSING__V1__THRESHOLD_CONDITION__INIT;
+    th.op = IOT__PROCESSING__V1__COMPARISON__COMPARISON_GT;
+    th.threshold = 50;
+    Iot__Processing__V1__Rule r = IOT__PROCESSING__V1__RULE__INIT;
+    r.id = (char *)"hot";
+    r.name = (char *)"hot";
+    r.enabled = 1;
+    r.condition_case = IOT__PROCESSING__V1__RULE__CONDITION_THRESHOLD;
+    r.threshold = &th;
+    Iot__Processing__V1__CreateRuleRequest cr = IOT__PROCESSING__V1__CREATE_RULE_REQUEST__INIT;
+    cr.rule = &r;
+    Iot__Processing__V1__Rule *out = NULL;
+    ASSERT_INT_EQ(rule_call(&pr, PROC "CreateRule", &cr, &out), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "rule.metric"));
+    r.metric = (char *)"temp";
+    r.condition_case = IOT__PROCESSING__V1__RULE__CONDITION__NOT_SET;
+    ASSERT_INT_EQ(rule_call(&pr, PROC "CreateRule", &cr, &out), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "condition"));
+    r.condition_case = IOT__PROCESSING__V1__RULE__CONDITION_THRESHOLD;
+    th.statistic = IOT__PROCESSING__V1__STATISTIC__STATISTIC_P95;
+    Iot__Processing__V1__WindowSpec w = IOT__PROCESSING__V1__WINDOW_SPEC__INIT;
+    w.width_ms = 1001; /* sliding: must be a multiple of 20 */
+    th.window = &w;
+    ASSERT_INT_EQ(rule_call(&pr, PROC "CreateRule", &cr, &out), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "width_ms"));
+    th.statistic = IOT__PROCESSING__V1__STATISTIC__STATISTIC_VALUE;
+    th.window = NULL;
+    char hot_id[64];
+    snprintf(hot_id, sizeof hot_id, "%s", create_rule(&pr, &r, NULL));
+    ASSERT_STR_EQ(hot_id, "hot");
+    ASSERT_INT_EQ(rule_call(&pr, PROC "CreateRule", &cr, &out), CM_STATUS_ALREADY_EXISTS);
+
+    /* Get, update with a mask and an etag, list with paging, disable, delete. */
+    Iot__Processing__V1__GetRuleRequest gr = IOT__PROCESSING__V1__GET_RULE_REQUEST__INIT;
+    gr.id = (char *)"nope";
+    ASSERT_INT_EQ(rule_call(&pr, PROC "GetRule", &gr, &out), CM_STATUS_NOT_FOUND);
+    gr.id = (char *)"bad id!";
+    ASSERT_INT_EQ(rule_call(&pr, PROC "GetRule", &gr, &out), CM_STATUS_INVALID_ARGUMENT);
+    gr.id = (char *)"hot";
+    ASSERT_INT_EQ(rule_call(&pr, PROC "GetRule", &gr, &out), 0);
+    ASSERT_INT_EQ(out->severity, IOT__PROCESSING__V1__SEVERITY__SEVERITY_WARNING); /* the default, filled in */
+    char etag[32];
+    snprintf(etag, sizeof etag, "%s", out->etag);
+    pbfree(out);
+    Iot__Processing__V1__Rule patch = IOT__PROCESSING__V1__RULE__INIT;
+    patch.id = (char *)"hot";
+    patch.name = (char *)"renamed";
+    patch.etag = (char *)"999999";
+    char *paths[] = {(char *)"name"}, *badpaths[] = {(char *)"nonsense"};
+    Google__Protobuf__FieldMask mask = GOOGLE__PROTOBUF__FIELD_MASK__INIT;
+    mask.n_paths = 1;
+    mask.paths = paths;
+    Iot__Processing__V1__UpdateRuleRequest ur = IOT__PROCESSING__V1__UPDATE_RULE_REQUEST__INIT;
+    ur.rule = &patch;
+    ur.update_mask = &mask;
+    ASSERT_INT_EQ(rule_call(&pr, PROC "UpdateRule", &ur, &out), CM_STATUS_FAILED_PRECONDITION);
+    patch.etag = etag;
+    mask.paths = badpaths;
+    ASSERT_INT_EQ(rule_call(&pr, PROC "UpdateRule", &ur, &out), CM_STATUS_INVALID_ARGUMENT);
+    mask.paths = paths;
+    ASSERT_INT_EQ(rule_call(&pr, PROC "UpdateRule", &ur, &out), 0);
+    ASSERT_STR_EQ(out->name, "renamed");
+    ASSERT_STR_EQ(out->metric, "temp"); /* untouched by the mask */
+    ASSERT(strcmp(out->etag, etag) != 0);
+    pbfree(out);
+    r.metric = (char *)"other"; /* so that only "hot" fires below */
+    for (int i = 0; i < 4; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "extra-%d", i);
+        r.id = id;
+        ASSERT_INT_EQ(rule_call(&pr, PROC "CreateRule", &cr, &out), 0);
+        pbfree(out);
+    }
+    Iot__Processing__V1__SetRuleEnabledRequest sr = IOT__PROCESSING__V1__SET_RULE_ENABLED_REQUEST__INIT;
+    sr.id = (char *)"extra-0";
+    ASSERT_INT_EQ(rule_call(&pr, PROC "SetRuleEnabled", &sr, &out), 0);
+    ASSERT(!out->enabled);
+    pbfree(out);
+    Iot__Processing__V1__ListRulesRequest lr = IOT__PROCESSING__V1__LIST_RULES_REQUEST__INIT;
+    lr.page_size = 2;
+    int seen = 0, pages = 0;
+    char token[512] = "";
+    do {
+        lr.page_token = token;
+        Iot__Processing__V1__ListRulesResponse *lp = NULL;
+        ASSERT_INT_EQ(unary(pr.ch, PROC "ListRules", &lr, &iot__processing__v1__list_rules_response__descriptor, &lp, NULL), 0);
+        seen += (int)lp->n_rules;
+        pages++;
+        snprintf(token, sizeof token, "%s", lp->next_page_token);
+        pbfree(lp);
+    } while (*token && pages < 10);
+    ASSERT_INT_EQ(seen, 5);
+    ASSERT_INT_EQ(pages, 3);
+    lr.page_token = (char *)"zz";
+    Iot__Processing__V1__ListRulesResponse *lp = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "ListRules", &lr, &iot__processing__v1__list_rules_response__descriptor, &lp, NULL),
+                  CM_STATUS_INVALID_ARGUMENT);
+    lr.page_token = (char *)"";
+    lr.page_size = 100;
+    lr.enabled_only = 1;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "ListRules", &lr, &iot__processing__v1__list_rules_response__descriptor, &lp, NULL), 0);
+    ASSERT_INT_EQ(lp->n_rules, 4);
+    pbfree(lp);
+    Iot__Processing__V1__DeleteRuleRequest dr = IOT__PROCESSING__V1__DELETE_RULE_REQUEST__INIT;
+    dr.id = (char *)"extra-1";
+    Iot__Processing__V1__DeleteRuleResponse *dresp = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "DeleteRule", &dr, &iot__processing__v1__delete_rule_response__descriptor, &dresp, NULL), 0);
+    pbfree(dresp);
+    ASSERT_INT_EQ(unary(pr.ch, PROC "DeleteRule", &dr, &iot__processing__v1__delete_rule_response__descriptor, &dresp, NULL),
+                  CM_STATUS_NOT_FOUND);
+    Iot__Processing__V1__GetWindowStatsRequest wr = IOT__PROCESSING__V1__GET_WINDOW_STATS_REQUEST__INIT;
+    wr.rule_id = (char *)"hot";
+    wr.device_id = (char *)"ap-0";
+    Iot__Processing__V1__WindowStats *ws = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "GetWindowStats", &wr, &iot__processing__v1__window_stats__descriptor, &ws, NULL),
+                  CM_STATUS_FAILED_PRECONDITION);
+
+    /* A watcher from now sees the alert fire and its acknowledgement; another resumes after the
+     * first event and sees only the acknowledgement. */
+    Iot__Processing__V1__WatchAlertsRequest war = IOT__PROCESSING__V1__WATCH_ALERTS_REQUEST__INIT;
+    cm_call_opts_t wo = {.timeout_ms = 20000};
+    cm_stream_t *ws1 = cm_stream_open(pr.ch, PROC "WatchAlerts", &wo);
+    ASSERT_INT_EQ(cm_stream_send(ws1, &war.base), 0);
+    cm_stream_close_send(ws1);
+    sleep_ms(200); /* registered before the alert */
+    for (int i = 0; i < 100 && rules_version(&pr) < 8; i++) sleep_ms(25);
+    double v[1] = {75};
+    push_values(&in, tok[0], "temp", 1, v, 1, now_ms() - 1000, 1000);
+    Iot__Processing__V1__Alert *ev = NULL;
+    ASSERT_INT_EQ(cm_stream_recv(ws1, &iot__processing__v1__alert__descriptor, (ProtobufCMessage **)&ev), 1);
+    ASSERT_STR_EQ(ev->rule_id, "hot");
+    ASSERT_INT_EQ(ev->state, IOT__PROCESSING__V1__ALERT_STATE__ALERT_STATE_FIRING);
+    char alert_id[32], first_event[32];
+    snprintf(alert_id, sizeof alert_id, "%s", ev->id);
+    snprintf(first_event, sizeof first_event, "%s", ev->event_id);
+    pbfree(ev);
+    Iot__Processing__V1__AckAlertRequest ar = IOT__PROCESSING__V1__ACK_ALERT_REQUEST__INIT;
+    ar.id = alert_id;
+    Iot__Processing__V1__Alert *acked = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "AckAlert", &ar, &iot__processing__v1__alert__descriptor, &acked, NULL), CM_STATUS_INVALID_ARGUMENT);
+    ar.by = (char *)"operator-jane";
+    ASSERT_INT_EQ(unary(pr.ch, PROC "AckAlert", &ar, &iot__processing__v1__alert__descriptor, &acked, NULL), 0);
+    ASSERT(acked->acknowledged && acked->acknowledged_time);
+    ASSERT_STR_EQ(acked->acknowledged_by, "operator-jane");
+    pbfree(acked);
+    ASSERT_INT_EQ(cm_stream_recv(ws1, &iot__processing__v1__alert__descriptor, (ProtobufCMessage **)&ev), 1);
+    ASSERT(ev->acknowledged);
+    ASSERT(atoll(ev->event_id) > atoll(first_event));
+    pbfree(ev);
+    cm_stream_cancel(ws1);
+    cm_stream_finish(ws1, NULL);
+    war.after_event_id = first_event;
+    cm_stream_t *ws2 = cm_stream_open(pr.ch, PROC "WatchAlerts", &wo);
+    ASSERT_INT_EQ(cm_stream_send(ws2, &war.base), 0);
+    cm_stream_close_send(ws2);
+    ASSERT_INT_EQ(cm_stream_recv(ws2, &iot__processing__v1__alert__descriptor, (ProtobufCMessage **)&ev), 1);
+    ASSERT(ev->acknowledged);
+    ASSERT_STR_EQ(ev->id, alert_id);
+    pbfree(ev);
+    cm_stream_cancel(ws2);
+    cm_stream_finish(ws2, NULL);
+
+    /* Alerts: get, bad ids, filters; rule stats; rollup arguments. */
+    Iot__Processing__V1__GetAlertRequest ga = IOT__PROCESSING__V1__GET_ALERT_REQUEST__INIT;
+    ga.id = (char *)"x1";
+    ASSERT_INT_EQ(unary(pr.ch, PROC "GetAlert", &ga, &iot__processing__v1__alert__descriptor, &acked, NULL), CM_STATUS_INVALID_ARGUMENT);
+    ga.id = (char *)"987654";
+    ASSERT_INT_EQ(unary(pr.ch, PROC "GetAlert", &ga, &iot__processing__v1__alert__descriptor, &acked, NULL), CM_STATUS_NOT_FOUND);
+    Iot__Processing__V1__ListAlertsRequest la = IOT__PROCESSING__V1__LIST_ALERTS_REQUEST__INIT;
+    la.device_id = (char *)"ap-0";
+    la.min_severity = IOT__PROCESSING__V1__SEVERITY__SEVERITY_HIGH;
+    Iot__Processing__V1__ListAlertsResponse *al = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "ListAlerts", &la, &iot__processing__v1__list_alerts_response__descriptor, &al, NULL), 0);
+    ASSERT_INT_EQ(al->n_alerts, 0); /* WARNING only */
+    pbfree(al);
+    Iot__Processing__V1__GetRuleStatsRequest gs = IOT__PROCESSING__V1__GET_RULE_STATS_REQUEST__INIT;
+    gs.rule_id = (char *)"gone";
+    Iot__Processing__V1__RuleStats *rs = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "GetRuleStats", &gs, &iot__processing__v1__rule_stats__descriptor, &rs, NULL), CM_STATUS_NOT_FOUND);
+    gs.rule_id = (char *)"hot";
+    for (int i = 0; i < 100; i++) {
+        pbfree(rs);
+        rs = NULL;
+        ASSERT_INT_EQ(unary(pr.ch, PROC "GetRuleStats", &gs, &iot__processing__v1__rule_stats__descriptor, &rs, NULL), 0);
+        if (rs->evaluations >= 1) break;
+        sleep_ms(50);
+    }
+    ASSERT_INT_EQ(rs->evaluations, 1);
+    ASSERT_INT_EQ(rs->matches, 1);
+    ASSERT_INT_EQ(rs->alerts_fired, 1);
+    ASSERT_INT_EQ(rs->windows, 1);
+    ASSERT(rs->memory_bytes > 0 && rs->memory_bytes < 1024);
+    pbfree(rs);
+    Iot__Processing__V1__QueryRollupsRequest qr = IOT__PROCESSING__V1__QUERY_ROLLUPS_REQUEST__INIT;
+    qr.device_id = (char *)"ap-0";
+    qr.metric = (char *)"temp";
+    qr.resolution_ms = 5000;
+    Iot__Processing__V1__QueryRollupsResponse *rr = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, PROC "QueryRollups", &qr, &iot__processing__v1__query_rollups_response__descriptor, &rr, NULL),
+                  CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "resolution_ms"));
+
+    free_tokens(tok, 1);
+    svc_stop(&pr);
+    svc_stop(&in);
+    svc_stop(&dm);
+}
+
 static int owned(svc_t *pr) {
     char body[65536];
     if (test_http_get(pr->p.admin_port, "/metrics", body, sizeof body) != 200) return -1;
@@ -811,7 +1032,7 @@ static void test_two_replicas_split_and_take_over(void) {
     svc_stop(&dm);
 }
 
-TEST_MAIN(TEST_ENTRY(test_window_stats_match_reference), TEST_ENTRY(test_zscore_fires_at_the_outlier_not_before),
+TEST_MAIN(TEST_ENTRY(test_api_rules_alerts_watch_and_errors), TEST_ENTRY(test_window_stats_match_reference), TEST_ENTRY(test_zscore_fires_at_the_outlier_not_before),
           TEST_ENTRY(test_stuck_rate_absence_fire_and_resolve), TEST_ENTRY(test_threshold_duration_once_per_episode_across_kill9),
           TEST_ENTRY(test_emergency_command_reaches_the_device), TEST_ENTRY(test_webhook_delivered_and_retried),
           TEST_ENTRY(test_two_replicas_split_and_take_over))
