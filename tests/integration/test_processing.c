@@ -824,7 +824,7 @@ static void test_api_rules_alerts_watch_and_errors(void) {
     pbfree(out);
     r.metric = (char *)"other"; /* so that only "hot" fires below */
     for (int i = 0; i < 4; i++) {
-        char id[16];
+        char id[32];
         snprintf(id, sizeof id, "extra-%d", i);
         r.id = id;
         ASSERT_INT_EQ(rule_call(&pr, PROC "CreateRule", &cr, &out), 0);
