@@ -965,6 +965,71 @@ static void test_api_rules_alerts_watch_and_errors(void) {
     svc_stop(&dm);
 }
 
+/* A rule selecting a device-mgmt group applies to its members only, and to a device added to the
+ * group once the selector is resolved again. */
+static void test_group_selector_resolved_through_device_mgmt(void) {
+    svc_t dm, in, pr;
+    fresh_names("group");
+    dm_start(&dm);
+    char **tok = make_devices(&dm, "gp", 3);
+    ing_start(&in, dm.p.grpc_port);
+    const char *extra[] = {"IOT_PROC_SELECTOR_REFRESH=300ms", NULL};
+    proc_start(&pr, dm.p.grpc_port, extra);
+    Iot__Device__V1__Group g = IOT__DEVICE__V1__GROUP__INIT;
+    g.id = (char *)"boilers";
+    g.kind = IOT__DEVICE__V1__GROUP_KIND__GROUP_KIND_STATIC;
+    Iot__Device__V1__CreateGroupRequest cg = IOT__DEVICE__V1__CREATE_GROUP_REQUEST__INIT;
+    cg.group = &g;
+    Iot__Device__V1__Group *gout = NULL;
+    ASSERT_INT_EQ(unary(dm.ch, DM "CreateGroup", &cg, &iot__device__v1__group__descriptor, &gout, NULL), 0);
+    pbfree(gout);
+    char *members[] = {(char *)"gp-0", (char *)"gp-2"};
+    Iot__Device__V1__GroupMembersRequest gm = IOT__DEVICE__V1__GROUP_MEMBERS_REQUEST__INIT;
+    gm.group_id = (char *)"boilers";
+    gm.n_device_ids = 1;
+    gm.device_ids = members;
+    Iot__Device__V1__GroupMembersResponse *gmr = NULL;
+    ASSERT_INT_EQ(unary(dm.ch, DM "AddGroupMembers", &gm, &iot__device__v1__group_members_response__descriptor, &gmr, NULL), 0);
+    pbfree(gmr);
+
+    Iot__Processing__V1__DeviceSelector sel = IOT__PROCESSING__V1__DEVICE_SELECTOR__INIT;
+    sel.group_id = (char *)"boilers";
+    sel.type = (char *)"sensor";
+    Iot__Processing__V1__ThresholdCondition th = IOT__PROCESSING__V1__THRESHOLD_CONDITION__INIT;
+    th.op = IOT__PROCESSING__V1__COMPARISON__COMPARISON_GT;
+    th.threshold = 100;
+    Iot__Processing__V1__Rule r = IOT__PROCESSING__V1__RULE__INIT;
+    r.name = (char *)"boiler overheat";
+    r.enabled = 1;
+    r.metric = (char *)"temp";
+    r.devices = &sel;
+    r.condition_case = IOT__PROCESSING__V1__RULE__CONDITION_THRESHOLD;
+    r.threshold = &th;
+    char id[160];
+    snprintf(id, sizeof id, "%s", create_rule(&pr, &r, NULL));
+    int64_t t0 = now_ms() - 60000;
+    double hot[2] = {120, 20};
+    for (int i = 0; i < 2; i++) push_values(&in, tok[i], "temp", 1, hot, 2, t0, 1000);
+    Iot__Processing__V1__ListAlertsResponse *l = wait_alerts(&pr, id, 1, 0, 5000);
+    ASSERT_STR_EQ(l->alerts[0]->device_id, "gp-0"); /* gp-1 is not in the group */
+    pbfree(l);
+
+    /* gp-2 joins; after the next resolution its crossing is alerted. */
+    gm.device_ids = members + 1;
+    ASSERT_INT_EQ(unary(dm.ch, DM "AddGroupMembers", &gm, &iot__device__v1__group_members_response__descriptor, &gmr, NULL), 0);
+    pbfree(gmr);
+    sleep_ms(1000);
+    push_values(&in, tok[2], "temp", 1, hot, 2, t0 + 5000, 1000);
+    l = wait_alerts(&pr, id, 2, 0, 5000);
+    ASSERT_STR_EQ(l->alerts[0]->device_id, "gp-2");
+    pbfree(l);
+
+    free_tokens(tok, 3);
+    svc_stop(&pr);
+    svc_stop(&in);
+    svc_stop(&dm);
+}
+
 static int owned(svc_t *pr) {
     char body[65536];
     if (test_http_get(pr->p.admin_port, "/metrics", body, sizeof body) != 200) return -1;
@@ -1035,4 +1100,4 @@ static void test_two_replicas_split_and_take_over(void) {
 TEST_MAIN(TEST_ENTRY(test_api_rules_alerts_watch_and_errors), TEST_ENTRY(test_window_stats_match_reference), TEST_ENTRY(test_zscore_fires_at_the_outlier_not_before),
           TEST_ENTRY(test_stuck_rate_absence_fire_and_resolve), TEST_ENTRY(test_threshold_duration_once_per_episode_across_kill9),
           TEST_ENTRY(test_emergency_command_reaches_the_device), TEST_ENTRY(test_webhook_delivered_and_retried),
-          TEST_ENTRY(test_two_replicas_split_and_take_over))
+          TEST_ENTRY(test_group_selector_resolved_through_device_mgmt), TEST_ENTRY(test_two_replicas_split_and_take_over))
