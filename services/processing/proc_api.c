@@ -58,10 +58,10 @@ static int proc__pg_fail(cm_call_t *call, proc_api_t *api, cm_pg_conn_t *c) {
     return code;
 }
 
-static Google__Protobuf__Timestamp *proc__ts(cm_call_t *call, const char *ms_text) {
-    if (!ms_text || !*ms_text) return NULL;
+/* *t = epoch milliseconds ms_text (a result column); 0 when the column is NULL (""). */
+static int proc__ts_fill(Google__Protobuf__Timestamp *t, const char *ms_text) {
+    if (!ms_text || !*ms_text) return 0;
     int64_t ms = strtoll(ms_text, NULL, 10);
-    Google__Protobuf__Timestamp *t = cm_call_alloc(call, sizeof *t);
     google__protobuf__timestamp__init(t);
     int64_t sec = ms / 1000, rem = ms % 1000;
     if (rem < 0) {
@@ -70,6 +70,14 @@ static Google__Protobuf__Timestamp *proc__ts(cm_call_t *call, const char *ms_tex
     }
     t->seconds = sec;
     t->nanos = (int32_t)(rem * 1000000);
+    return 1;
+}
+
+static Google__Protobuf__Timestamp *proc__ts(cm_call_t *call, const char *ms_text) {
+    Google__Protobuf__Timestamp tmp;
+    if (!proc__ts_fill(&tmp, ms_text)) return NULL;
+    Google__Protobuf__Timestamp *t = cm_call_alloc(call, sizeof *t);
+    *t = tmp;
     return t;
 }
 
@@ -620,24 +628,11 @@ static int64_t proc__poll(void *arg) {
         a.state = atoi(PQgetvalue(r, i, 5));
         a.value = strtod(PQgetvalue(r, i, 6), NULL);
         a.message = PQgetvalue(r, i, 7);
-        int64_t ms = strtoll(PQgetvalue(r, i, 8), NULL, 10);
-        ft.seconds = ms / 1000;
-        ft.nanos = (int32_t)(ms % 1000) * 1000000;
-        a.fired_time = &ft;
-        if (!PQgetisnull(r, i, 9)) {
-            ms = strtoll(PQgetvalue(r, i, 9), NULL, 10);
-            rt.seconds = ms / 1000;
-            rt.nanos = (int32_t)(ms % 1000) * 1000000;
-            a.resolved_time = &rt;
-        }
+        a.fired_time = proc__ts_fill(&ft, PQgetvalue(r, i, 8)) ? &ft : NULL;
+        a.resolved_time = proc__ts_fill(&rt, PQgetvalue(r, i, 9)) ? &rt : NULL;
         a.acknowledged = PQgetvalue(r, i, 10)[0] == 't';
         a.acknowledged_by = PQgetvalue(r, i, 11);
-        if (!PQgetisnull(r, i, 12)) {
-            ms = strtoll(PQgetvalue(r, i, 12), NULL, 10);
-            at.seconds = ms / 1000;
-            at.nanos = (int32_t)(ms % 1000) * 1000000;
-            a.acknowledged_time = &at;
-        }
+        a.acknowledged_time = proc__ts_fill(&at, PQgetvalue(r, i, 12)) ? &at : NULL;
         a.command_id = PQgetvalue(r, i, 13);
         a.event_id = PQgetvalue(r, i, 14);
         for (size_t k = 0; k < api->nw; k++) {

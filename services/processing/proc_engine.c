@@ -199,14 +199,21 @@ static void proc__rs_free(proc__rs_t *rs) {
     cm_free(rs);
 }
 
-static void proc__dev_free(void *v) {
-    proc__dev_t *d = v;
+/* Drops every state of d (it keeps its id and marks). */
+static void proc__dev_clear(proc__dev_t *d) {
     for (uint32_t i = 0; i < d->nm; i++) {
         for (uint32_t j = 0; j < d->m[i].n; j++) proc__rs_free(d->m[i].st[j]);
         cm_free(d->m[i].st);
         cm_free(d->m[i].name);
     }
     cm_free(d->m);
+    d->m = NULL;
+    d->nm = 0;
+}
+
+static void proc__dev_free(void *v) {
+    proc__dev_t *d = v;
+    proc__dev_clear(d);
     cm_free(d->id);
     cm_free(d);
 }
@@ -1102,14 +1109,7 @@ static int proc__activate(proc__shard_t *s, const proc_ruleset_t *rs) {
         unsigned char *b = PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 2), &n);
         if (!b || proc__decode_dev(s, rs, d, b, n) != 0) {
             cm_log_kv(CM_LOG_WARN, "checkpoint does not parse; the device starts empty", "device", d->id, NULL);
-            for (uint32_t j = 0; j < d->nm; j++) {
-                for (uint32_t k = 0; k < d->m[j].n; k++) proc__rs_free(d->m[j].st[k]);
-                cm_free(d->m[j].st);
-                cm_free(d->m[j].name);
-            }
-            cm_free(d->m);
-            d->m = NULL;
-            d->nm = 0;
+            proc__dev_clear(d);
             d->seq = 0;
         }
         if (d->effects_seq < d->seq) d->effects_seq = d->seq;
