@@ -103,8 +103,10 @@ int dm_store_send_command(dm_store_t *s, const char *device_id, const char *name
         else if (PQntuples(r) == 1)
             *out = dm__cmd_from_row(a, r, 0);
         else {
-            snprintf(e->msg, sizeof e->msg, "command with request_id \"%s\" expired and was removed; use a new request_id", request_id);
-            code = CM_STATUS_FAILED_PRECONDITION;
+            /* Commands are only ever removed with their device (ON DELETE CASCADE), so the row
+             * that conflicted vanishing before the select means the device was just deleted. */
+            snprintf(e->msg, sizeof e->msg, "device \"%s\" not found", device_id);
+            code = CM_STATUS_NOT_FOUND;
         }
     } else {
         *out = dm__cmd_from_row(a, r, 0);

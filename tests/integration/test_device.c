@@ -1452,6 +1452,28 @@ static void test_update_group_cannot_drop_filter(void) {
     dm_stop(&d);
 }
 
+typedef struct reqid_arg_s {
+    dm_proc_t *d;
+    int code;
+    char id[32];
+} reqid_arg_t;
+
+/* One of several identical SendCommands racing each other. */
+static void *reqid_sender(void *arg) {
+    reqid_arg_t *a = arg;
+    Iot__Device__V1__SendCommandRequest req = IOT__DEVICE__V1__SEND_COMMAND_REQUEST__INIT;
+    req.device_id = (char *)"valve-7";
+    req.name = (char *)"shutdown";
+    req.request_id = (char *)"race-1";
+    Iot__Device__V1__Command *c = NULL;
+    cm_call_opts_t o = {.timeout_ms = 30000};
+    a->code = cm_channel_unary(a->d->ch, "/iot.device.v1.DeviceManager/SendCommand", &req.base,
+                               &iot__device__v1__command__descriptor, (ProtobufCMessage **)&c, &o, NULL);
+    if (c) snprintf(a->id, sizeof a->id, "%s", c->id);
+    pbfree(c);
+    return NULL;
+}
+
 static void test_send_command_request_id_queues_once(void) {
     fresh_names("reqid");
     dm_proc_t d;
@@ -1475,6 +1497,38 @@ static void test_send_command_request_id_queues_once(void) {
     Iot__Device__V1__ListCommandsResponse *l = NULL;
     ASSERT_INT_EQ(call(&d, "ListCommands", &lr, &iot__device__v1__list_commands_response__descriptor, &l), 0);
     ASSERT_INT_EQ(l->n_commands, 2);
+    pbfree(l);
+    l = NULL;
+    /* Concurrent identical requests (a sender retrying while its first call is still in flight)
+     * all get the one command the winner queued. */
+    reqid_arg_t ra[8];
+    pthread_t th[8];
+    for (int i = 0; i < 8; i++) {
+        memset(&ra[i], 0, sizeof ra[i]);
+        ra[i].d = &d;
+        pthread_create(&th[i], NULL, reqid_sender, &ra[i]);
+    }
+    for (int i = 0; i < 8; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 8; i++) {
+        ASSERT_INT_EQ(ra[i].code, CM_STATUS_OK);
+        ASSERT_STR_EQ(ra[i].id, ra[0].id);
+    }
+    ASSERT_INT_EQ(call(&d, "ListCommands", &lr, &iot__device__v1__list_commands_response__descriptor, &l), 0);
+    ASSERT_INT_EQ(l->n_commands, 3);
+    /* The same request_id on another device is another command. */
+    pbfree(create(&d, "valve-8", "valve", NULL));
+    req.device_id = (char *)"valve-8";
+    req.request_id = (char *)"alert-42";
+    Iot__Device__V1__Command *other = NULL;
+    ASSERT_INT_EQ(call(&d, "SendCommand", &req, &iot__device__v1__command__descriptor, &other), 0);
+    ASSERT(strcmp(other->id, a->id) != 0);
+    pbfree(other);
+    req.device_id = (char *)"valve-7";
+    /* Too long, or not printable ASCII: INVALID_ARGUMENT naming the field. */
+    req.request_id = (char *)"tab\there";
+    ProtobufCMessage *bad = NULL;
+    ASSERT_INT_EQ(call(&d, "SendCommand", &req, &iot__device__v1__command__descriptor, &bad), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "request_id"));
     char big[200];
     memset(big, 'x', sizeof big - 1);
     big[sizeof big - 1] = 0;
