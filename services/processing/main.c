@@ -51,22 +51,22 @@ int main(int argc, char **argv) {
         return 2;
     }
     cm_metrics_add_collector(proc_rules_metrics, rules);
-    cm_redis_pool_t *redis = NULL;
-    proc_engine_t *engine = proc_engine_start(&cfg, rules, actions);
-    if (engine) {
-        int err = 0;
-        redis = cm_redis_pool_new(cfg.redis_addr, (int)app.cfg.threads, (int)cfg.redis_timeout_ms, &err);
-    }
-    if (!engine || !redis) {
+    int err = 0;
+    cm_redis_pool_t *redis = cm_redis_pool_new(cfg.redis_addr, (int)app.cfg.threads, (int)cfg.redis_timeout_ms, &err);
+    proc_api_t *api = redis ? proc_api_new(&cfg, store.pg, redis, rules) : NULL;
+    /* The engine tells the API when it committed alert changes, so this replica's watchers see
+     * them at once rather than at the next poll. */
+    proc_engine_t *engine = api ? proc_engine_start(&cfg, rules, actions, proc_api_alerts_changed, api) : NULL;
+    if (!engine) {
         cm_log_kv(CM_LOG_ERROR, "IOT_REDIS_ADDR is not host:port or unix:/path", "value", cfg.redis_addr, NULL);
-        proc_engine_stop(engine);
+        proc_api_free(api);
+        cm_redis_pool_free(redis);
         cm_metrics_remove_collector(proc_rules_metrics, rules);
         proc_actions_stop(actions);
         proc_rules_stop(rules);
         proc_store_close(&store);
         return 2;
     }
-    proc_api_t *api = proc_api_new(&cfg, store.pg, redis, rules);
     cm_service_t svc;
     proc_api_service(api, &svc);
     const cm_service_t *svcs[] = {&svc};

@@ -826,6 +826,8 @@ proc_api_t *proc_api_new(const proc_config_t *cfg, cm_pg_t *pg, cm_redis_pool_t 
     return api;
 }
 
+void proc_api_alerts_changed(void *api) { cm_loop_kick(((proc_api_t *)api)->poller); }
+
 void proc_api_service(proc_api_t *api, cm_service_t *svc) {
     svc->desc = &iot__processing__v1__processing__descriptor;
     svc->methods = proc__methods;

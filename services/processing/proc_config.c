@@ -29,7 +29,7 @@ void proc_config_vars(proc_config_t *c, cm_config_var_t *out) {
         {"IOT_PROC_RULES_POLL", CM_CFG_DURATION, "1s", "how often replicas look for rule changes made elsewhere", 10, 60000, &c->rules_poll_ms},
         {"IOT_PROC_SELECTOR_REFRESH", CM_CFG_DURATION, "30s", "how often group/type/label selectors are resolved again through device-mgmt", 100, 3600000, &c->selector_refresh_ms},
         {"IOT_PROC_STATS_INTERVAL", CM_CFG_DURATION, "1s", "how often window statistics and per-rule accounting are published", 10, 60000, &c->stats_ms},
-        {"IOT_PROC_WATCH_POLL", CM_CFG_DURATION, "10ms", "how often WatchAlerts streams look for new alert events", 1, 10000, &c->watch_poll_ms},
+        {"IOT_PROC_WATCH_POLL", CM_CFG_DURATION, "10ms", "how often WatchAlerts streams look for alert events of other replicas (own ones go out on commit)", 1, 10000, &c->watch_poll_ms},
         {"IOT_PROC_ACTION_POLL", CM_CFG_DURATION, "1s", "how often the action workers look for due commands and webhooks (they are also woken at once)", 10, 60000, &c->action_poll_ms},
         {"IOT_PROC_ACTION_BACKOFF", CM_CFG_DURATION, "1s", "first retry delay of a failed action; doubles per attempt, at most 5 minutes", 10, 300000, &c->action_backoff_ms},
         {"IOT_PROC_MAX_RULES", CM_CFG_INT, "10000", "rules at most (CreateRule answers RESOURCE_EXHAUSTED beyond)", 1, 1000000, &c->max_rules},

@@ -8,6 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h> /* malloc_trim */
+#endif
 
 #include "cm_alloc.h"
 #include "cm_buf.h"
@@ -25,6 +28,7 @@
 #define PROC__SEV_HIGH IOT__PROCESSING__V1__SEVERITY__SEVERITY_HIGH
 #define PROC__CKPT_VERSION 1
 #define PROC__CHUNK 500            /* rows per array statement, ids per XACK */
+#define PROC__CKPT_CHUNK_BYTES (1u << 20) /* encoded states per checkpoint statement: bounds its transient memory */
 #define PROC__TICK_MS 1000         /* absence detectors */
 #define PROC__WINSTATS_TTL "3600000"
 #define PROC__CMD_ATTEMPTS 20
@@ -103,6 +107,8 @@ struct proc_engine_s {
     const proc_config_t *cfg;
     proc_rules_t *rules;
     proc_actions_t *actions;
+    void (*alerts_changed)(void *arg); /* after a commit with alert operations */
+    void *alerts_changed_arg;
     cm_redis_t *redis; /* lease thread */
     cm_loop_t *lease_loop;
     proc__shard_t *shards;
@@ -872,7 +878,7 @@ static int proc__sql_ckpt_run(proc__shard_t *s, cm_pg_conn_t *c) {
     cm_buf_t b[3], enc = CM_BUF_INIT;
     memset(b, 0, sizeof b);
     int rc = 0;
-    size_t rows = 0, bytes = 0;
+    size_t rows = 0, bytes = 0, total = 0;
     proc__bufs_open(b, 3);
     for (size_t i = 0; i <= s->n_dirty; i++) {
         if (i < s->n_dirty) {
@@ -883,8 +889,9 @@ static int proc__sql_ckpt_run(proc__shard_t *s, cm_pg_conn_t *c) {
             proc__arr_bytea(&b[2], (const uint8_t *)enc.data, enc.len);
             rows++;
             bytes += enc.len;
+            total += enc.len;
         }
-        if (rows && (i == s->n_dirty || rows == PROC__CHUNK || bytes > (8u << 20))) {
+        if (rows && (i == s->n_dirty || rows == PROC__CHUNK || bytes > PROC__CKPT_CHUNK_BYTES)) {
             const char *params[4];
             cm_buf_puts(&b[0], "}");
             cm_buf_puts(&b[1], "}");
@@ -901,6 +908,11 @@ static int proc__sql_ckpt_run(proc__shard_t *s, cm_pg_conn_t *c) {
     }
     for (int i = 0; i < 3; i++) cm_buf_free(&b[i]);
     cm_buf_free(&enc);
+#ifdef __GLIBC__
+    /* A checkpoint of many states leaves megabytes free in this thread's malloc arena, which glibc
+     * keeps; hand them back, or every shard's RSS stays at its checkpoint peak. */
+    if (total > PROC__CKPT_CHUNK_BYTES) malloc_trim(0);
+#endif
     return rc;
 }
 
@@ -1037,6 +1049,7 @@ static int proc__flush(proc__shard_t *s, int ckpt) {
     cm_counter_add(s->e->c_flushes, 1);
     cm_counter_add(s->e->c_ops, s->n_ops);
     if (queued) proc_actions_kick(s->e->actions);
+    if (s->n_ops && s->e->alerts_changed) s->e->alerts_changed(s->e->alerts_changed_arg);
     /* The aggregates point into devices; clear them before anything can free a device. */
     cm_map_free(s->aggs, cm_free);
     s->aggs = cm_map_new();
@@ -1551,7 +1564,8 @@ static void proc__metrics_init(proc_engine_t *e) {
     e->g_owned = cm_metrics_gauge("processing_shards_owned", "telemetry shards this replica consumes", NULL);
 }
 
-proc_engine_t *proc_engine_start(const proc_config_t *cfg, proc_rules_t *rules, proc_actions_t *actions) {
+proc_engine_t *proc_engine_start(const proc_config_t *cfg, proc_rules_t *rules, proc_actions_t *actions,
+                                 void (*alerts_changed)(void *arg), void *arg) {
     int err = 0;
     cm_redis_t *redis = cm_redis_new(cfg->redis_addr, (int)cfg->redis_timeout_ms, &err);
     if (!redis) return NULL;
@@ -1559,6 +1573,8 @@ proc_engine_t *proc_engine_start(const proc_config_t *cfg, proc_rules_t *rules, 
     e->cfg = cfg;
     e->rules = rules;
     e->actions = actions;
+    e->alerts_changed = alerts_changed;
+    e->alerts_changed_arg = arg;
     e->redis = redis;
     pthread_mutex_init(&e->mu, NULL);
     snprintf(e->members_key, sizeof e->members_key, "%smembers", cfg->redis_prefix);

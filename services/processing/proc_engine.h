@@ -33,8 +33,10 @@
 typedef struct proc_engine_s proc_engine_t;
 
 /* NULL when the Redis address or the Postgres settings are unusable. Shards are taken once the
- * rule set has loaded. */
-proc_engine_t *proc_engine_start(const proc_config_t *cfg, proc_rules_t *rules, proc_actions_t *actions);
+ * rule set has loaded. alerts_changed(arg), when not NULL, is called from a shard thread after each
+ * commit that fired, escalated or resolved an alert; it must be quick and thread-safe. */
+proc_engine_t *proc_engine_start(const proc_config_t *cfg, proc_rules_t *rules, proc_actions_t *actions,
+                                 void (*alerts_changed)(void *arg), void *arg);
 /* Graceful: every owned shard is flushed, checkpointed and released, and the member entry removed,
  * so other replicas take over at once. Accepts NULL. */
 void proc_engine_stop(proc_engine_t *e);
