@@ -205,3 +205,122 @@ printf '%-40s %s kB now, %s kB peak\n' "ingest RSS after the load" "$rss" "$hwm"
 printf '%-40s %s kB with %s streams open (%s kB before; %s bytes per stream)\n' "ingest RSS, open device streams" \
     "$(field rss_open_kb <"$tmp/ing_open")" "$(field streams <"$tmp/ing_open")" "$(field rss_before_kb <"$tmp/ing_open")" \
     "$(field per_stream_bytes <"$tmp/ing_open")"
+
+echo
+echo "== processing (services/processing with its own ingest, same device-mgmt, Postgres and Redis)"
+# PROC_DEVICES devices, PROC_RULES rules (a tenth z-score detectors over slices of the devices, the
+# rest one threshold per device that normal values never cross; bench/processing_bench.c).
+# 1. Alone: a first replica creates the rules and stops; PROC_FEED_POINTS points per device are
+#    written to the streams exactly as ingest writes them; then a replica with a fresh consumer group
+#    drains them. Reference, same entries, before and after: XREADGROUP + unpack + XACK, one thread
+#    per shard (the raw cost of reading the stream); and ingest's rate measured above.
+# 2. End to end: every device streams to ingest at PROC_RATE points/s in all for PROC_SECONDS, and
+#    every 20 ms one batch carries a value above its device's threshold; latency from that push to
+#    the FIRED event on WatchAlerts, next to ingest's own acknowledgement latency of the same pushes.
+# 3. Memory: RSS idle, with the rules loaded, after both; each rule's own accounting (GetRuleStats);
+#    then bytes per idle window measured by RSS (PROC_MEM_RULES rules over every device).
+#   PROC_DEVICES (1000), PROC_RULES (1000), PROC_FEED_POINTS (20000), PROC_RATE (50000),
+#   PROC_SECONDS (20), PROC_BATCH (50 points per push), PROC_MEM_RULES (100)
+PROC_DEVICES=${PROC_DEVICES:-1000}
+PROC_RULES=${PROC_RULES:-1000}
+PROC_FEED_POINTS=${PROC_FEED_POINTS:-20000} # per device, in entries of 100 like the ingest load above
+PROC_RATE=${PROC_RATE:-50000}
+PROC_SECONDS=${PROC_SECONDS:-20}
+PROC_BATCH=${PROC_BATCH:-50}
+PROC_MEM_RULES=${PROC_MEM_RULES:-100}
+PB=$B/bench/processing_bench
+admin_of() { sed -n 's/.*admin=\([0-9]*\).*/\1/p' "$tmp/$1.out" | head -n 1; }
+kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+kv() { sed -n "s/.* $1=\([-0-9.]*\).*/\1/p" "$2" | head -n 1; } # key file (field, but exact keys and signs)
+start proc_ingest env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_REDIS_ADDR="$IOT_TEST_REDIS" \
+    IOT_INGEST_PG_SCHEMA=procing IOT_INGEST_STREAM_PREFIX="procbench:" IOT_INGEST_DM_ADDR="127.0.0.1:$P_DM" \
+    IOT_INGEST_COMMITTERS=$ING_COMMITTERS IOT_GRPC_THREADS=4 IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 \
+    "$B/services/ingest/ingest"
+P_PING=$PORT
+"$B/bench/ingest_bench" setup "127.0.0.1:$P_DM" "$PROC_DEVICES" pb "$tmp/proc_tokens" || exit 1
+proc_env=(env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_REDIS_ADDR="$IOT_TEST_REDIS" IOT_PROC_PG_SCHEMA=procbench
+    IOT_INGEST_STREAM_PREFIX="procbench:" IOT_PROC_DM_ADDR="127.0.0.1:$P_DM" IOT_GRPC_LISTEN=127.0.0.1:0
+    IOT_ADMIN_LISTEN=127.0.0.1:0)
+# The replica that creates the rules reads an empty stream, and stops before the feed, so that the
+# next one finds the whole backlog waiting. Its own group and key prefix: nothing of it is left to
+# hand over.
+start proc_setup "${proc_env[@]}" IOT_PROC_GROUP=pbsetup IOT_PROC_REDIS_PREFIX="{pbsetup}:" "$B/services/processing/processing"
+PID_PS=$PID
+sleep 1
+rss_idle=$(kb "$PID_PS")
+"$PB" rules "127.0.0.1:$PORT" "$(admin_of proc_setup)" "$tmp/proc_tokens" "$PROC_RULES" "$tmp/proc_rules" >"$tmp/proc_rules.out" || exit 1
+sleep 1
+rss_rules=$(kb "$PID_PS")
+kill -TERM "$PID_PS"
+wait "$PID_PS"
+"$PB" feed "$IOT_TEST_REDIS" "procbench:" 8 "$tmp/proc_tokens" "$PROC_FEED_POINTS" 100 >"$tmp/proc_feed.out" || exit 1
+n=$(kv points "$tmp/proc_feed.out")
+"$PB" ref "$IOT_TEST_REDIS" "procbench:" 8 ref1 >"$tmp/proc_ref" || exit 1
+start proc "${proc_env[@]}" IOT_PROC_GROUP=pbrun IOT_PROC_REDIS_PREFIX="{pbrun}:" "$B/services/processing/processing"
+P_PROC=$PORT
+PID_PROC=$PID
+A_PROC=$(admin_of proc)
+"$PB" drain "$A_PROC" "$n" >"$tmp/proc_drain" || exit 1
+"$PB" ref "$IOT_TEST_REDIS" "procbench:" 8 ref2 >>"$tmp/proc_ref" || exit 1
+d=$(kv pps "$tmp/proc_drain")
+rf=$(sed -n 's/.* pps=\([0-9.]*\).*/\1/p' "$tmp/proc_ref" | median)
+ing_rate=${l:-0}
+printf '%-40s %8.0f points/s  (%s points, %s rules: %s)\n' "processing alone, from the stream" "$d" "$n" \
+    "$PROC_RULES" "$(kv threshold "$tmp/proc_rules.out") threshold, $(kv zscore "$tmp/proc_rules.out") z-score"
+printf '%-40s %8.0f points/s  (XREADGROUP + unpack + XACK, 1 thread per shard; ours/ref %.2f)\n' "reference: reading the stream" \
+    "$rf" "$(awk -v x="$d" -v y="$rf" 'BEGIN{print (y>0)?x/y:0}')"
+printf '%-40s %8.0f points/s  (ingest section above; ours/ingest %.2f, target >= 1)\n' "reference: ingest's rate" "$ing_rate" \
+    "$(awk -v x="$d" -v y="$ing_rate" 'BEGIN{print (y>0)?x/y:0}')"
+"$PB" e2e "127.0.0.1:$P_PING" "$tmp/proc_tokens" "127.0.0.1:$P_PROC" "$A_PROC" "$tmp/proc_rules" "$PROC_RATE" \
+    "$PROC_SECONDS" "$PROC_BATCH" "$PROC_FEED_POINTS" >"$tmp/proc_e2e" || echo "bench: e2e reported errors: $(cat "$tmp/proc_e2e")" >&2
+e2e() { kv "$1" "$tmp/proc_e2e"; }
+printf '%-40s %8.0f points/s  (target %s, %s devices, batches of %s; %s sends skipped while the previous was unacknowledged)\n' \
+    "end to end, ingest -> processing" "$(e2e pps)" "$PROC_RATE" "$PROC_DEVICES" "$PROC_BATCH" "$(e2e skipped_sends)"
+printf '%-40s p50 %s ms  p99 %s ms  max %s ms  (%s of %s stored spikes alerted; target p99 < 50 ms)\n' \
+    "ingest -> alert latency" "$(e2e alert_p50_ms)" "$(e2e alert_p99_ms)" "$(e2e alert_max_ms)" "$(e2e alerts)" "$(e2e spikes_stored)"
+printf '%-40s p50 %s ms  p99 %s ms  (all pushes: p50 %s ms, p99 %s ms)\n' "reference: ingest ack, same pushes" \
+    "$(e2e spike_ack_p50_ms)" "$(e2e spike_ack_p99_ms)" "$(e2e ack_p50_ms)" "$(e2e ack_p99_ms)"
+printf '%-40s p50 %s ms  p99 %s ms  (alert minus ack, per push)\n' "  processing's share" \
+    "$(e2e after_ack_p50_ms)" "$(e2e after_ack_p99_ms)"
+printf '%-40s %s points behind ingest'"'"'s acks when the load stopped; caught up %s ms later\n' "processing lag" \
+    "$(e2e lag_points)" "$(e2e caught_up_ms)"
+sleep 2 # GetRuleStats reads what replicas publish every IOT_PROC_STATS_INTERVAL
+"$PB" stats "127.0.0.1:$P_PROC" "$tmp/proc_rules" >"$tmp/proc_stats" || exit 1
+# Idle windows, measured: PROC_MEM_RULES more z-score rules on "pressure" over every device, and
+# one point of each metric per device so that every (device, rule) has its window; RSS before and
+# after, and after the checkpoint that writes them all. Checkpoints (every 10 s per shard) hold
+# transient memory, so the first two samples are taken just after a checkpoint round: a point per
+# device makes every shard checkpoint, and the next round is 10 s away.
+ctr() { "$PB" counter "$A_PROC" "$@" | sed -n 's/.* value=\([0-9]*\).*/\1/p'; }
+mem_round() { # seq base: a point of each metric per device, then wait until processing has them
+    local p0
+    p0=$(ctr processing_points_total)
+    "$PB" feed "$IOT_TEST_REDIS" "procbench:" 8 "$tmp/proc_tokens" 4 4 "$1" >/dev/null &&
+        ctr processing_points_total "$((p0 + 4 * PROC_DEVICES))" >/dev/null
+}
+ck=$(ctr processing_checkpoints_total)
+mem_round 1000000000000 || exit 1
+ctr processing_checkpoints_total "$((ck + 8))" >/dev/null # one per shard
+rss_w0=$(kb "$PID_PROC")
+"$PB" wide "127.0.0.1:$P_PROC" "$A_PROC" "$PROC_MEM_RULES" pressure "$tmp/proc_wide" >/dev/null || exit 1
+ck=$(ctr processing_checkpoints_total)
+mem_round 1000000000004 || exit 1
+sleep 0.5
+rss_w1=$(kb "$PID_PROC")
+ctr processing_checkpoints_total "$((ck + 8))" >/dev/null
+sleep 1
+rss_w2=$(kb "$PID_PROC")
+hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$PID_PROC/status")
+"$PB" stats "127.0.0.1:$P_PROC" "$tmp/proc_wide" >"$tmp/proc_wstats" || exit 1 # published by now
+st() { kv "$1" "$tmp/proc_stats"; }
+wst() { kv "$1" "$tmp/proc_wstats"; }
+per_w() { awk -v a="$1" -v b="$rss_w0" -v w="$(wst zscore_windows)" 'BEGIN{printf "%.0f", (w>0)?(a-b)*1024/w:0}'; }
+# Idle and with rules: the replica that created them; then the one that drained the feed and took the load.
+printf '%-40s %s kB idle, %s kB with %s rules loaded, %s kB after the feed and the load\n' "processing RSS" \
+    "$rss_idle" "$rss_rules" "$PROC_RULES" "$rss_w0"
+printf '%-40s z-score %s bytes per window, threshold %s bytes per state (%s states, %s bytes)\n' \
+    "rules' own accounting (GetRuleStats)" "$(st zscore_bytes_per_window)" "$(st threshold_bytes_per_state)" "$(st states)" "$(st bytes)"
+printf '%-40s %s bytes per window measured (RSS +%s kB for %s windows; GetRuleStats says %s; target < 1024)\n' \
+    "idle z-score windows" "$(per_w "$rss_w1")" "$((rss_w1 - rss_w0))" "$(wst zscore_windows)" "$(wst zscore_bytes_per_window)"
+printf '%-40s %s bytes per window (RSS %s kB; peak RSS so far %s kB)\n' "  after the checkpoint that wrote them" \
+    "$(per_w "$rss_w2")" "$rss_w2" "$hwm"
