@@ -64,6 +64,7 @@ typedef enum {
  *   UNARY          unary(call, req, resp)                       -> status
  *   CLIENT_STREAM  [start(call, NULL)] message(call, msg)*  half_close(call, resp) -> status
  *   SERVER_STREAM  start(call, req)                             -> status or CM_PENDING
+ *                  [writable(call)]*                            -> status or CM_PENDING
  *   BIDI           [start(call, NULL)] message(call, msg)*  [half_close(call, NULL)]
  *
  * `resp` is an initialised message of the method's output type, allocated in the call's arena:
@@ -87,6 +88,13 @@ typedef struct cm_method_s {
      * AsyncNotifyWhenDone; without it cm_call_cancelled() still reports a passed deadline.
      * Streaming calls always watch. */
     int watch_cancel;
+    /* Server streams only, optional: pull-style sending for large responses. Called (on a worker
+     * thread, never concurrently with start or itself) after start returned CM_PENDING whenever
+     * nothing is queued or in flight, i.e. the client has taken everything sent so far. Send the
+     * next message(s) and return CM_PENDING, or return a status to finish. Memory then stays at
+     * one message per call however slowly the client reads; with no message sent and CM_PENDING
+     * returned, it is not called again until something is sent (from any thread). */
+    int (*writable)(cm_call_t *call);
     /* Unary only: the handler may return CM_PENDING and answer later, from any thread, with
      * cm_call_respond() (e.g. after a group commit). The request, `resp` and cm_call_alloc() memory
      * then live until cm_call_respond returns; hold a cm_call_ref() while the call is parked. */

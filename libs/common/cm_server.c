@@ -59,7 +59,8 @@ struct cm_call_s {
     int refs;                  /* framework's 1 + cm_call_ref()s */
     int ops;                   /* batches in flight + event being handled */
     unsigned initial_md_sent : 1, status_queued : 1, status_in_batch : 1, status_sent : 1,
-        send_in_flight : 1, closed : 1, finalised : 1, send_failed : 1, close_with_status : 1, aborted : 1;
+        send_in_flight : 1, closed : 1, finalised : 1, send_failed : 1, close_with_status : 1, aborted : 1,
+        w_running : 1, w_again : 1; /* writable: a callback owns the call / the queue ran dry meanwhile */
     cm__sendq_t *q_head, *q_tail;
     int q_len;
     grpc_byte_buffer *inflight_buf;
@@ -670,6 +671,31 @@ static void cm__set_trace(cm_call_t *c) {
     cm_trace_new(&c->trace);
 }
 
+/* Drained: nothing queued, nothing in flight, still open. Under c->mu. */
+static int cm__call_drained_locked(const cm_call_t *c) {
+    return !c->q_head && !c->send_in_flight && !c->status_queued && !c->send_failed && !c->closed;
+}
+
+/* Runs writable() while the queue keeps draining under it. The caller set w_running; call_now says
+ * whether the queue is known to be drained already. Callbacks of the call are serialised by
+ * w_running: a send completion that finds it set leaves w_again for this loop instead. */
+static void cm__writable_loop(cm_call_t *c, int call_now) {
+    const cm_method_t *m = c->reg->m;
+    for (;;) {
+        if (call_now && cm__callback_begin(c)) {
+            int code = m->writable(c);
+            cm_arena_reset(&c->arena);
+            if (code != CM_PENDING) cm__call_finish_from_callback(c, code, NULL);
+        }
+        pthread_mutex_lock(&c->mu);
+        call_now = c->w_again && cm__call_drained_locked(c);
+        c->w_again = 0;
+        if (!call_now) c->w_running = 0;
+        pthread_mutex_unlock(&c->mu);
+        if (!call_now) return;
+    }
+}
+
 static void cm__on_request(cm_call_t *c, int ok) {
     cm_server_t *srv = c->srv;
     if (ok) {
@@ -725,12 +751,20 @@ static void cm__on_request(cm_call_t *c, int ok) {
                 cm__call_finish_from_callback(c, code, resp);
             code = CM_PENDING; /* finished above, or later by cm_call_respond */
         } else {
+            if (m->writable) c->w_running = 1; /* no other callback can exist yet: no lock needed */
             code = m->start(c, req);
         }
     } else {
         if (m->start) code = m->start(c, NULL);
     }
     if (code != CM_PENDING) cm__call_finish_from_callback(c, code, NULL);
+    if (m->kind == CM_RPC_SERVER_STREAM && m->writable) {
+        cm_arena_reset(&c->arena);
+        pthread_mutex_lock(&c->mu);
+        c->w_again = code == CM_PENDING && cm__call_drained_locked(c);
+        pthread_mutex_unlock(&c->mu);
+        cm__writable_loop(c, 0);
+    }
     /* Reset before the first receive is posted: its completion may run on another worker at once
      * and decode into this arena. A parked async unary call keeps it (cm_call_respond may already
      * be running on another thread: touch nothing of the call but the ops count). */
@@ -804,13 +838,25 @@ static void cm__on_send(cm_call_t *c, int ok) {
     c->send_in_flight = 0;
     if (c->status_in_batch) c->status_sent = ok;
     if (c->status_in_batch && c->close_with_status) c->closed = 1;
+    int run_writable = 0;
     if (!ok) {
         c->send_failed = 1;
         if (c->status_in_batch) c->status_sent = 0;
     } else {
         cm__call_pump_locked(c);
+        if (c->reg->m->writable && c->reg->m->kind == CM_RPC_SERVER_STREAM && cm__call_drained_locked(c)) {
+            if (c->w_running)
+                c->w_again = 1;
+            else
+                run_writable = c->w_running = 1;
+        }
     }
     pthread_mutex_unlock(&c->mu);
+    if (run_writable) {
+        const cm_trace_t *prev = cm_trace_set_current(&c->trace);
+        cm__writable_loop(c, 1);
+        cm_trace_set_current(prev);
+    }
     cm__call_op_done(c);
 }
 

@@ -200,6 +200,81 @@ static void test_server_stream(void) {
     fx_stop(&f);
 }
 
+/* Pull-style server streams (cm_method_t.writable): every message arrives in order, a slow reader
+ * holds the server back (it sends only what the client takes, plus what the transport's window
+ * holds), a status set by writable() ends the stream, and a cancel mid-stream releases the call. */
+static void test_server_stream_paced(void) {
+    fixture_t f;
+    fx_start(&f);
+    enum { N = 1000, SZ = 64 * 1024 };
+    uint8_t *payload = malloc(SZ);
+    for (int i = 0; i < SZ; i++) payload[i] = (uint8_t)(i * 7);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"paced";
+    req.repeat = N;
+    req.paced = 1;
+    req.payload.data = payload;
+    req.payload.len = SZ;
+    cm_channel_opts_t co = {.max_recv_bytes = 1 << 20};
+    cm_channel_t *ch = cm_channel_new(f.target, &co, NULL);
+    cm_stream_t *s = cm_stream_open(ch, "/iot.testing.v1.Echo/ServerStream", NULL);
+    ASSERT_INT_EQ(cm_stream_send(s, &req.base), 0);
+    ASSERT_INT_EQ(cm_stream_close_send(s), 0);
+    Iot__Testing__V1__EchoResponse *resp;
+    for (int i = 0; i < 3; i++) {
+        ASSERT_INT_EQ(cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&resp), 1);
+        ASSERT_INT_EQ(resp->index, i);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    }
+    usleep(300000);
+    /* 64 MB on offer; the server may run ahead of the reader only by the flow-control windows. */
+    int ahead = atomic_load(&f.ctx.paced_sent);
+    printf("# paced: %d of %d sent while the client had read 3\n", ahead, N);
+    ASSERT(ahead < 200);
+    int n = 3;
+    while (cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&resp) == 1) {
+        ASSERT_INT_EQ(resp->index, n);
+        ASSERT_INT_EQ((int)resp->payload.len, SZ);
+        ASSERT(memcmp(resp->payload.data, payload, SZ) == 0);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+        n++;
+    }
+    ASSERT_INT_EQ(n, N);
+    ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_OK);
+
+    /* The status writable() returns reaches the client after the messages. */
+    req.repeat = 5;
+    req.status_code = CM_STATUS_DATA_LOSS;
+    s = cm_stream_open(ch, "/iot.testing.v1.Echo/ServerStream", NULL);
+    cm_stream_send(s, &req.base);
+    cm_stream_close_send(s);
+    for (n = 0; cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&resp) == 1; n++)
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    ASSERT_INT_EQ(n, 5);
+    cm_rpc_status_t st = {0};
+    ASSERT_INT_EQ(cm_stream_finish(s, &st), CM_STATUS_DATA_LOSS);
+    ASSERT_STR_EQ(st.message, "paced stream ends");
+    cm_rpc_status_clear(&st);
+
+    /* Cancelled after one message: done() runs, nothing is left. */
+    req.repeat = N;
+    req.status_code = 0;
+    s = cm_stream_open(ch, "/iot.testing.v1.Echo/ServerStream", NULL);
+    cm_stream_send(s, &req.base);
+    cm_stream_close_send(s);
+    ASSERT_INT_EQ(cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&resp), 1);
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
+    cm_stream_cancel(s);
+    ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_CANCELLED);
+    for (int i = 0; i < 200 && (atomic_load(&f.ctx.stream_cancels) < 1 || cm_server_live_calls(f.srv) > 0); i++)
+        usleep(10000);
+    ASSERT_INT_EQ(atomic_load(&f.ctx.stream_cancels), 1);
+    ASSERT_INT_EQ(cm_server_live_calls(f.srv), 0);
+    cm_channel_free(ch);
+    free(payload);
+    fx_stop(&f);
+}
+
 static void test_bidi(void) {
     fixture_t f;
     fx_start(&f);
@@ -865,7 +940,8 @@ static void test_busy_port_fails(void) {
 
 TEST_MAIN(TEST_ENTRY(test_unary_roundtrip), TEST_ENTRY(test_status_code_and_message), TEST_ENTRY(test_metadata_roundtrip),
           TEST_ENTRY(test_traceparent_propagated), TEST_ENTRY(test_client_stream),
-          TEST_ENTRY(test_client_stream_error_midway), TEST_ENTRY(test_server_stream), TEST_ENTRY(test_bidi),
+          TEST_ENTRY(test_client_stream_error_midway), TEST_ENTRY(test_server_stream), TEST_ENTRY(test_server_stream_paced),
+          TEST_ENTRY(test_bidi),
           TEST_ENTRY(test_deadline_exceeded), TEST_ENTRY(test_cancel_seen_by_handler), TEST_ENTRY(test_malformed_message),
           TEST_ENTRY(test_oversize_message), TEST_ENTRY(test_unknown_method), TEST_ENTRY(test_health_check_and_watch),
           TEST_ENTRY(test_reflection), TEST_ENTRY(test_blocking_handler_does_not_stall_others),

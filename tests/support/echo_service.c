@@ -100,8 +100,41 @@ static void echo_free_buf(cm_call_t *call, int cancelled) {
     }
 }
 
+/* A paced server stream: what is left to send, kept between writable() callbacks. */
+typedef struct echo_paced_s {
+    char *message;
+    uint8_t *payload;
+    size_t payload_len;
+    int32_t next, repeat, status_code;
+} echo_paced_t;
+
+static int echo_ss_writable(cm_call_t *call) {
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    echo_paced_t *p = cm_call_user(call);
+    if (p->next == p->repeat) return p->status_code ? cm_call_fail(call, p->status_code, "paced stream ends") : CM_STATUS_OK;
+    Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
+    resp.message = p->message;
+    resp.index = p->next++;
+    resp.payload.data = p->payload;
+    resp.payload.len = p->payload_len;
+    if (cm_call_send(call, &resp.base) != 0) return CM_STATUS_CANCELLED;
+    atomic_fetch_add(&ctx->paced_sent, 1);
+    return CM_PENDING;
+}
+
 static int echo_ss_start(cm_call_t *call, const ProtobufCMessage *req_) {
     const Iot__Testing__V1__EchoRequest *req = (const void *)req_;
+    if (req->paced) {
+        echo_paced_t *p = cm_calloc(1, sizeof *p);
+        p->message = cm_strdup(req->message);
+        p->payload_len = req->payload.len;
+        p->payload = cm_malloc(req->payload.len + 1);
+        if (req->payload.len) memcpy(p->payload, req->payload.data, req->payload.len);
+        p->repeat = req->repeat;
+        p->status_code = req->status_code;
+        cm_call_set_user(call, p);
+        return CM_PENDING; /* the first writable() follows at once */
+    }
     for (int i = 0; i < req->repeat; i++) {
         if (req->delay_ms > 0 && sleep_unless_cancelled(call, req->delay_ms)) return CM_STATUS_CANCELLED;
         Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
@@ -120,9 +153,19 @@ static int echo_ss_start(cm_call_t *call, const ProtobufCMessage *req_) {
     return CM_STATUS_OK;
 }
 
-static void echo_ss_done(cm_call_t *call, int cancelled) {
+static void echo_stream_done(cm_call_t *call, int cancelled) {
     echo_ctx_t *ctx = cm_call_service_ctx(call);
     if (cancelled) atomic_fetch_add(&ctx->stream_cancels, 1);
+}
+
+static void echo_ss_done(cm_call_t *call, int cancelled) {
+    echo_stream_done(call, cancelled);
+    echo_paced_t *p = cm_call_user(call);
+    if (p) {
+        cm_free(p->message);
+        cm_free(p->payload);
+        cm_free(p);
+    }
 }
 
 static int echo_bidi_message(cm_call_t *call, const ProtobufCMessage *msg) {
@@ -208,8 +251,9 @@ static const cm_method_t echo_methods[] = {
     {.name = "Unary", .kind = CM_RPC_UNARY, .unary = echo_unary},
     {.name = "ClientStream", .kind = CM_RPC_CLIENT_STREAM, .message = echo_cs_message,
      .half_close = echo_cs_half_close, .done = echo_free_buf},
-    {.name = "ServerStream", .kind = CM_RPC_SERVER_STREAM, .start = echo_ss_start, .done = echo_ss_done},
-    {.name = "Bidi", .kind = CM_RPC_BIDI, .message = echo_bidi_message, .done = echo_ss_done},
+    {.name = "ServerStream", .kind = CM_RPC_SERVER_STREAM, .start = echo_ss_start, .writable = echo_ss_writable,
+     .done = echo_ss_done},
+    {.name = "Bidi", .kind = CM_RPC_BIDI, .message = echo_bidi_message, .done = echo_stream_done},
     {.name = "WaitForCancel", .kind = CM_RPC_UNARY, .unary = echo_wait_for_cancel, .watch_cancel = 1},
     {.name = "Stats", .kind = CM_RPC_UNARY, .unary = echo_stats},
     {.name = "Record", .kind = CM_RPC_CLIENT_STREAM, .message = echo_record_message,

@@ -11,6 +11,7 @@ typedef struct echo_ctx_s {
     atomic_int cancels_seen;   /* WaitForCancel calls that saw cancellation */
     atomic_int stream_cancels; /* streams whose done() reported cancelled */
     atomic_int flaky_calls;    /* Unary calls with message "flaky": every other one is UNAVAILABLE */
+    atomic_int paced_sent;     /* responses sent by paced ServerStream calls */
 } echo_ctx_t;
 
 /* A service table bound to ctx (lives as long as ctx). */
