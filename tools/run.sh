@@ -46,7 +46,9 @@ redis-server --port "${IOT_REDIS_PORT:-56379}" --bind 127.0.0.1 --dir "$STATE" -
     --logfile "$STATE/logs/redis.log" --daemonize no &
 harness_redis_pid=$!
 IOT_REDIS_ADDR=127.0.0.1:${IOT_REDIS_PORT:-56379}
-export IOT_PG_DSN IOT_REDIS_ADDR
+# ota keeps its signing keys with the rest of the local state (created on first start).
+IOT_OTA_KEYS_DIR=${IOT_OTA_KEYS_DIR:-$STATE/ota-keys}
+export IOT_PG_DSN IOT_REDIS_ADDR IOT_OTA_KEYS_DIR
 
 echo "postgres: $IOT_PG_DSN"
 echo "redis:    $IOT_REDIS_ADDR"

@@ -187,8 +187,13 @@ void cm_pg_release(cm_pg_t *pg, cm_pg_conn_t *c) {
 }
 
 int cm_pg_exec(cm_pg_conn_t *c, PGresult **res, const char *sql, int nparams, const char *const *params) {
+    return cm_pg_exec_bin(c, res, sql, nparams, params, NULL, NULL, 0);
+}
+
+int cm_pg_exec_bin(cm_pg_conn_t *c, PGresult **res, const char *sql, int nparams, const char *const *params,
+                   const int *lengths, const int *formats, int binary_result) {
     if (res) *res = NULL;
-    PGresult *r = PQexecParams(c->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    PGresult *r = PQexecParams(c->conn, sql, nparams, NULL, params, lengths, formats, binary_result ? 1 : 0);
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_COPY_IN) {
         if (res)

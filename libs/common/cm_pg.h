@@ -36,6 +36,11 @@ int cm_pg_check(cm_pg_t *pg, int timeout_ms, char *why, size_t len);
  * non-NULL, the result (caller PQclear()s); otherwise the result is cleared here. On failure
  * returns CM_EPG; cm_pg_error()/cm_pg_sqlstate() describe it. */
 int cm_pg_exec(cm_pg_conn_t *c, PGresult **res, const char *sql, int nparams, const char *const *params);
+/* The same with binary values: formats[i] 1 marks params[i] as lengths[i] raw bytes (bytea, or a
+ * type's binary send format), 0 as text (formats NULL: all text). binary_result asks for every
+ * result column in binary (bytea arrives raw: PQgetlength bytes, no unescaping). */
+int cm_pg_exec_bin(cm_pg_conn_t *c, PGresult **res, const char *sql, int nparams, const char *const *params,
+                   const int *lengths, const int *formats, int binary_result);
 const char *cm_pg_error(const cm_pg_conn_t *c);
 const char *cm_pg_sqlstate(const cm_pg_conn_t *c); /* "23505" unique violation, "" if none */
 /* 1 when the last error was a lost connection (SQLSTATE class 08, 57P01-57P03 server shutting down

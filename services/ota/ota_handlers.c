@@ -1,0 +1,213 @@
+/* iot.ota.v1.Ota: the shared pieces of the handlers and the method table (see ota_handlers.h). */
+#include "ota_handlers.h"
+
+#include <ctype.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "cm_alloc.h"
+#include "cm_buf.h"
+#include "cm_err.h"
+#include "cm_json.h"
+#include "cm_log.h"
+#include "iot/device/v1/device.pb-c.h"
+
+int ota_ctx_init(ota_ctx_t *ctx, const ota_config_t *cfg, cm_pg_t *pg, ota_keys_t *keys) {
+    memset(ctx, 0, sizeof *ctx);
+    int err = 0;
+    ctx->dm = cm_channel_new(cfg->dm_addr, NULL, &err);
+    if (!ctx->dm) return CM_EINVAL;
+    ctx->cfg = cfg;
+    ctx->pg = pg;
+    ctx->keys = keys;
+    ctx->c_uploads = cm_metrics_counter("ota_uploads_total", "artifacts uploaded and signed", NULL);
+    ctx->c_uploaded_bytes = cm_metrics_counter("ota_upload_bytes_total", "artifact bytes received by uploads", NULL);
+    ctx->c_upload_rejects = cm_metrics_counter("ota_upload_rejected_total", "uploads refused because IOT_OTA_MAX_UPLOADS were in progress", NULL);
+    ctx->c_downloads = cm_metrics_counter("ota_downloads_total", "downloads started", NULL);
+    ctx->c_download_bytes = cm_metrics_counter("ota_download_bytes_total", "artifact bytes sent to devices", NULL);
+    ctx->g_downloads = cm_metrics_gauge("ota_downloads_active", "downloads in progress", NULL);
+    return 0;
+}
+
+void ota_ctx_destroy(ota_ctx_t *ctx) {
+    cm_channel_free(ctx->dm);
+    ctx->dm = NULL;
+}
+
+/* ---- shared helpers ------------------------------------------------------------------------ */
+
+cm_pg_conn_t *ota__conn_or_fail(cm_call_t *call, ota_ctx_t *ctx, int *rc) {
+    cm_pg_conn_t *c = cm_pg_acquire(ctx->pg, 5000);
+    if (!c) *rc = cm_call_fail(call, CM_STATUS_UNAVAILABLE, "database unavailable: %s", cm_pg_last_error(ctx->pg));
+    return c;
+}
+
+int ota__pg_fail(cm_call_t *call, ota_ctx_t *ctx, cm_pg_conn_t *c) {
+    int lost = cm_pg_conn_lost(c);
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s", cm_pg_error(c));
+    cm_pg_release(ctx->pg, c);
+    if (lost) return cm_call_fail(call, CM_STATUS_UNAVAILABLE, "database connection lost; retry");
+    cm_log_kv(CM_LOG_ERROR, "query failed", "method", cm_call_method(call), "error", msg, NULL);
+    return cm_call_fail(call, CM_STATUS_INTERNAL, "database error");
+}
+
+int ota__device_or_fail(cm_call_t *call, ota_ctx_t *ctx, char *device_id) {
+    const char *tok = cm_call_metadata(call, "authorization", NULL);
+    if (!tok || strncasecmp(tok, "Bearer ", 7) != 0 || !tok[7])
+        return cm_call_fail(call, CM_STATUS_UNAUTHENTICATED,
+                            "missing device credentials: send metadata \"authorization: Bearer <device token>\"");
+    tok += 7;
+    while (*tok == ' ') tok++;
+    if (!*tok || strlen(tok) > 512) return cm_call_fail(call, CM_STATUS_UNAUTHENTICATED, "malformed device token");
+    Iot__Device__V1__AuthenticateDeviceRequest req = IOT__DEVICE__V1__AUTHENTICATE_DEVICE_REQUEST__INIT;
+    req.token = (char *)tok;
+    Iot__Device__V1__AuthenticateDeviceResponse *resp = NULL;
+    cm_rpc_status_t st = {0};
+    int64_t left = cm_call_deadline_ms(call);
+    int64_t timeout = left < 0 || left > ctx->cfg->dm_timeout_ms ? ctx->cfg->dm_timeout_ms : left;
+    cm_call_opts_t o = {.timeout_ms = timeout > 0 ? timeout : 1, .idempotent = 1};
+    int code = cm_channel_unary(ctx->dm, "/iot.device.v1.DeviceManager/AuthenticateDevice", &req.base,
+                                &iot__device__v1__authenticate_device_response__descriptor, (ProtobufCMessage **)&resp, &o, &st);
+    int rc = 0;
+    if (code == CM_STATUS_OK) {
+        snprintf(device_id, OTA_MAX_ID + 1, "%s", resp->device_id);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+    } else if (code == CM_STATUS_UNAUTHENTICATED || code == CM_STATUS_INVALID_ARGUMENT || code == CM_STATUS_NOT_FOUND ||
+               code == CM_STATUS_PERMISSION_DENIED) {
+        rc = cm_call_fail(call, CM_STATUS_UNAUTHENTICATED, "device token refused: %s", st.message);
+    } else {
+        rc = cm_call_fail(call, CM_STATUS_UNAVAILABLE, "cannot check the device token now: device-mgmt answered %s (%s); retry later",
+                          cm_status_name(code), st.message);
+    }
+    cm_rpc_status_clear(&st);
+    return rc;
+}
+
+int64_t ota__id(const char *s) {
+    if (!s || !*s || strlen(s) > 18 || s[0] == '0') return 0;
+    for (const char *p = s; *p; p++)
+        if (!isdigit((unsigned char)*p)) return 0;
+    return strtoll(s, NULL, 10);
+}
+
+Google__Protobuf__Timestamp *ota__ts(cm_call_t *call, const char *ms_text) {
+    if (!ms_text || !*ms_text) return NULL;
+    int64_t ms = strtoll(ms_text, NULL, 10), sec = ms / 1000, rem = ms % 1000;
+    if (rem < 0) {
+        rem += 1000;
+        sec--;
+    }
+    Google__Protobuf__Timestamp *t = cm_call_alloc(call, sizeof *t);
+    google__protobuf__timestamp__init(t);
+    t->seconds = sec;
+    t->nanos = (int32_t)(rem * 1000000);
+    return t;
+}
+
+int ota__page_size(cm_call_t *call, int v, int def, int max, int *out) {
+    if (v < 0 || v > max) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_size: %d is not in 1..%d (0: %d)", v, max, def);
+    *out = v ? v : def;
+    return 0;
+}
+
+/* Tokens are hex of "<kind>:<id>": opaque to clients, checked on the way back. */
+char *ota__token(cm_call_t *call, char kind, int64_t id) {
+    char raw[32];
+    int n = snprintf(raw, sizeof raw, "%c:%" PRId64, kind, id);
+    char *out = cm_call_alloc(call, (size_t)n * 2 + 1);
+    cm_hex(out, raw, (size_t)n);
+    return out;
+}
+
+int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id) {
+    *id = 0;
+    size_t n = strlen(tok);
+    if (!n) return 0;
+    char raw[32];
+    if (n % 2 || n / 2 >= sizeof raw || n < 6) goto bad;
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned v;
+        if (!isxdigit((unsigned char)tok[2 * i]) || !isxdigit((unsigned char)tok[2 * i + 1]) || sscanf(tok + 2 * i, "%2x", &v) != 1)
+            goto bad;
+        raw[i] = (char)v;
+    }
+    raw[n / 2] = 0;
+    if (raw[0] != kind || raw[1] != ':' || !(*id = ota__id(raw + 2))) goto bad;
+    return 0;
+bad:
+    return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued; start again without one");
+}
+
+/* bytea in text output ("\x" + hex) into call memory. */
+static ProtobufCBinaryData ota__bytea(cm_call_t *call, const char *text) {
+    ProtobufCBinaryData b = {0, NULL};
+    if (strncmp(text, "\\x", 2) != 0) return b;
+    text += 2;
+    size_t n = strlen(text) / 2;
+    b.data = cm_call_alloc(call, n + 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned v = 0;
+        sscanf(text + 2 * i, "%2x", &v);
+        b.data[i] = (uint8_t)v;
+    }
+    b.len = n;
+    return b;
+}
+
+Iot__Ota__V1__Artifact *ota__artifact_row(cm_call_t *call, PGresult *r, int row) {
+    Iot__Ota__V1__Artifact *a = cm_call_alloc(call, sizeof *a);
+    iot__ota__v1__artifact__init(a);
+    a->id = cm_call_strdup(call, PQgetvalue(r, row, 0));
+    a->name = cm_call_strdup(call, PQgetvalue(r, row, 1));
+    a->version = cm_call_strdup(call, PQgetvalue(r, row, 2));
+    /* Stored JSON is ours: models an array of strings, metadata an object of strings. */
+    json_t *models = json_loads(PQgetvalue(r, row, 3), 0, NULL), *meta = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+    size_t nm = json_array_size(models);
+    a->models = cm_call_alloc(call, sizeof *a->models * (nm + 1));
+    for (size_t i = 0; i < nm; i++) a->models[a->n_models++] = cm_call_strdup(call, json_string_value(json_array_get(models, i)));
+    a->release_notes = cm_call_strdup(call, PQgetvalue(r, row, 4));
+    size_t nmeta = json_object_size(meta);
+    a->metadata = cm_call_alloc(call, sizeof *a->metadata * (nmeta + 1));
+    const char *k;
+    json_t *v;
+    json_object_foreach(meta, k, v) {
+        Iot__Ota__V1__Artifact__MetadataEntry *e = cm_call_alloc(call, sizeof *e);
+        iot__ota__v1__artifact__metadata_entry__init(e);
+        e->key = cm_call_strdup(call, k);
+        e->value = cm_call_strdup(call, json_string_value(v) ? json_string_value(v) : "");
+        a->metadata[a->n_metadata++] = e;
+    }
+    json_decref(models);
+    json_decref(meta);
+    a->size = strtoll(PQgetvalue(r, row, 6), NULL, 10);
+    a->sha256 = cm_call_strdup(call, PQgetvalue(r, row, 7));
+    a->manifest = ota__bytea(call, PQgetvalue(r, row, 8));
+    a->signature = ota__bytea(call, PQgetvalue(r, row, 9));
+    a->key_id = cm_call_strdup(call, PQgetvalue(r, row, 10));
+    a->create_time = ota__ts(call, PQgetvalue(r, row, 11));
+    return a;
+}
+
+/* ---- the table ----------------------------------------------------------------------------- */
+
+static const cm_method_t ota__methods[] = {
+    {.name = "UploadArtifact", .kind = CM_RPC_CLIENT_STREAM, .message = ota_upload_message, .half_close = ota_upload_half_close,
+     .done = ota_upload_done},
+    {.name = "GetArtifact", .kind = CM_RPC_UNARY, .unary = ota_get_artifact},
+    {.name = "ListArtifacts", .kind = CM_RPC_UNARY, .unary = ota_list_artifacts},
+    {.name = "DeleteArtifact", .kind = CM_RPC_UNARY, .unary = ota_delete_artifact},
+    {.name = "ListSigningKeys", .kind = CM_RPC_UNARY, .unary = ota_list_signing_keys},
+    {.name = "DownloadArtifact", .kind = CM_RPC_SERVER_STREAM, .start = ota_download_start, .writable = ota_download_writable,
+     .done = ota_download_done},
+};
+
+void ota_service_init(cm_service_t *svc, ota_ctx_t *ctx) {
+    svc->desc = &iot__ota__v1__ota__descriptor;
+    svc->methods = ota__methods;
+    svc->n_methods = sizeof ota__methods / sizeof ota__methods[0];
+    svc->ctx = ctx;
+}
