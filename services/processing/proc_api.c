@@ -510,17 +510,19 @@ static int proc_list_alerts(cm_call_t *call, const ProtobufCMessage *req_, Proto
     }
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
-    char st[8], sev[8], lim[16];
+    char st[8], sev[8], lim[16], after[24];
     snprintf(st, sizeof st, "%d", req->state);
     snprintf(sev, sizeof sev, "%d", req->min_severity);
     snprintf(lim, sizeof lim, "%d", size + 1);
-    const char *p[6] = {req->rule_id, req->device_id, st, sev, before, lim};
+    snprintf(after, sizeof after, "%" PRId64, req->fired_after ? proc__ms(req->fired_after) : (int64_t)0);
+    const char *p[7] = {req->rule_id, req->device_id, st, sev, before, lim, req->fired_after ? after : NULL};
     PGresult *r = NULL;
     if (cm_pg_exec(c, &r,
                    "SELECT " PROC__ALERT_COLS " FROM alerts AS a WHERE ($1 = '' OR a.rule_id = $1) AND ($2 = '' OR a.device_id = $2) "
                    "AND ($3::int = 0 OR a.state = $3::int) AND a.severity >= $4::int AND ($5::bigint = 0 OR a.id < $5::bigint) "
+                   "AND ($7::bigint IS NULL OR a.fired_time >= to_timestamp($7::bigint / 1000.0)) "
                    "ORDER BY a.id DESC LIMIT $6",
-                   6, p))
+                   7, p))
         return proc__pg_fail(call, api, c);
     cm_pg_release(api->pg, c);
     int n = PQntuples(r), take = n > size ? size : n;

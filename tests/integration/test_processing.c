@@ -433,6 +433,18 @@ static void test_zscore_fires_at_the_outlier_not_before(void) {
     l = wait_alerts(&pr, rule_id, 1, 0, 5000);
     ASSERT(l->alerts[0]->resolved_time != NULL);
     pbfree(l);
+    /* fired_after: at the firing time it is listed, a millisecond later it is not. */
+    for (int k = 0; k < 2; k++) {
+        Iot__Processing__V1__ListAlertsRequest req = IOT__PROCESSING__V1__LIST_ALERTS_REQUEST__INIT;
+        Google__Protobuf__Timestamp after = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
+        after.seconds = (t0 + 4000 + k) / 1000;
+        after.nanos = (int32_t)((t0 + 4000 + k) % 1000) * 1000000;
+        req.rule_id = rule_id;
+        req.fired_after = &after;
+        ASSERT_INT_EQ(unary(pr.ch, PROC "ListAlerts", &req, &iot__processing__v1__list_alerts_response__descriptor, &l, NULL), 0);
+        ASSERT_INT_EQ(l->n_alerts, k ? 0 : 1);
+        pbfree(l);
+    }
 
     free_tokens(tok, 1);
     svc_stop(&pr);
