@@ -1,6 +1,6 @@
-/* ota: signed firmware artifacts and resumable downloads (iot.ota.v1).
- * Lifecycle only: config -> Postgres (migrations) -> signing keys -> serve -> wait for a signal ->
- * drain -> free. */
+/* ota: signed firmware artifacts, staged rollouts and the device side of updates (iot.ota.v1).
+ * Lifecycle only: config -> Postgres (migrations) -> signing keys -> rollout controller -> serve ->
+ * wait for a signal -> drain -> stop the controller -> free. */
 #include <stdio.h>
 
 #include "cm_app.h"
@@ -9,6 +9,7 @@
 #include "ota_config.h"
 #include "ota_handlers.h"
 #include "ota_keys.h"
+#include "ota_rollouts.h"
 
 static int ota__ready(void *pg, char *why, size_t len) { return cm_pg_check(pg, 1000, why, len); }
 
@@ -19,7 +20,8 @@ int main(int argc, char **argv) {
     cm_app_t app;
     int rc = cm_app_init(&app, "ota", vars, OTA_CONFIG_NVARS, argc, argv,
                          "iot.ota.v1.Ota: firmware artifacts (streamed uploads, sha256, Ed25519-signed manifests, keys that\n"
-                         "rotate) and resumable device downloads streamed from Postgres.",
+                         "rotate), staged rollouts gated on success, errors and telemetry, and the device side\n"
+                         "(update checks, resumable downloads streamed from Postgres, status reports).",
                          "0.0.0.0:7005", "0.0.0.0:9105");
     if (rc) return rc > 0 ? 0 : 2;
     if (ota_config_check(&cfg, argv[0])) return 2;
@@ -50,7 +52,8 @@ int main(int argc, char **argv) {
     cm_log_kv(CM_LOG_INFO, "signing key", "key_id", ota_keys_active(keys), NULL);
     ota_ctx_t ctx;
     if (ota_ctx_init(&ctx, &cfg, pg, keys)) {
-        cm_log_kv(CM_LOG_ERROR, "IOT_OTA_DM_ADDR is not a usable gRPC target", "value", cfg.dm_addr, NULL);
+        cm_log_kv(CM_LOG_ERROR, "IOT_OTA_DM_ADDR or IOT_OTA_PROC_ADDR is not a usable gRPC target", "dm", cfg.dm_addr, "proc",
+                  cfg.proc_addr, NULL);
         ota_keys_free(keys);
         cm_pg_free(pg);
         return 2;
@@ -60,6 +63,7 @@ int main(int argc, char **argv) {
     const cm_service_t *svcs[] = {&svc};
     app.ready = ota__ready;
     app.ready_arg = pg;
+    ctx.ctl = ota_ctl_start(&ctx);
     if (cm_app_start(&app, svcs, 1) == 0) {
         cm_app_wait(&app);
         rc = 0;
@@ -67,6 +71,9 @@ int main(int argc, char **argv) {
         rc = 1;
     }
     cm_app_stop(&app);
+    /* After the server: no handler can kick the controller any more. */
+    ota_ctl_stop(ctx.ctl);
+    ctx.ctl = NULL;
     ota_ctx_destroy(&ctx);
     ota_keys_free(keys);
     cm_pg_free(pg);

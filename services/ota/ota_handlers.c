@@ -14,6 +14,7 @@
 #include "cm_json.h"
 #include "cm_log.h"
 #include "iot/device/v1/device.pb-c.h"
+#include "ota_rollouts.h"
 
 int ota_ctx_init(ota_ctx_t *ctx, const ota_config_t *cfg, cm_pg_t *pg, ota_keys_t *keys) {
     memset(ctx, 0, sizeof *ctx);
@@ -29,12 +30,18 @@ int ota_ctx_init(ota_ctx_t *ctx, const ota_config_t *cfg, cm_pg_t *pg, ota_keys_
     ctx->c_downloads = cm_metrics_counter("ota_downloads_total", "downloads started", NULL);
     ctx->c_download_bytes = cm_metrics_counter("ota_download_bytes_total", "artifact bytes sent to devices", NULL);
     ctx->g_downloads = cm_metrics_gauge("ota_downloads_active", "downloads in progress", NULL);
+    ctx->proc = cm_channel_new(cfg->proc_addr, NULL, &err);
+    if (!ctx->proc) {
+        cm_channel_free(ctx->dm);
+        return CM_EINVAL;
+    }
     return 0;
 }
 
 void ota_ctx_destroy(ota_ctx_t *ctx) {
     cm_channel_free(ctx->dm);
-    ctx->dm = NULL;
+    cm_channel_free(ctx->proc);
+    ctx->dm = ctx->proc = NULL;
 }
 
 /* ---- shared helpers ------------------------------------------------------------------------ */
@@ -114,20 +121,20 @@ int ota__page_size(cm_call_t *call, int v, int def, int max, int *out) {
     return 0;
 }
 
-/* Tokens are hex of "<kind>:<id>": opaque to clients, checked on the way back. */
-char *ota__token(cm_call_t *call, char kind, int64_t id) {
-    char raw[32];
-    int n = snprintf(raw, sizeof raw, "%c:%" PRId64, kind, id);
+/* Tokens are hex of "<kind>:<value>": opaque to clients, checked on the way back. */
+char *ota__token_str(cm_call_t *call, char kind, const char *v) {
+    char raw[OTA_MAX_ID + 4];
+    int n = snprintf(raw, sizeof raw, "%c:%s", kind, v);
     char *out = cm_call_alloc(call, (size_t)n * 2 + 1);
     cm_hex(out, raw, (size_t)n);
     return out;
 }
 
-int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id) {
-    *id = 0;
+int ota__token_parse_str(cm_call_t *call, const char *tok, char kind, char *out, size_t cap) {
+    out[0] = 0;
     size_t n = strlen(tok);
     if (!n) return 0;
-    char raw[32];
+    char raw[OTA_MAX_ID + 4];
     if (n % 2 || n / 2 >= sizeof raw || n < 6) goto bad;
     for (size_t i = 0; i < n / 2; i++) {
         unsigned v;
@@ -136,10 +143,29 @@ int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id) {
         raw[i] = (char)v;
     }
     raw[n / 2] = 0;
-    if (raw[0] != kind || raw[1] != ':' || !(*id = ota__id(raw + 2))) goto bad;
+    if (raw[0] != kind || raw[1] != ':' || strlen(raw) != n / 2 || strlen(raw + 2) >= cap) goto bad;
+    for (const char *p = raw + 2; *p; p++)
+        if (!isalnum((unsigned char)*p) && !strchr("._:-", *p)) goto bad;
+    memcpy(out, raw + 2, strlen(raw + 2) + 1);
     return 0;
 bad:
     return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued; start again without one");
+}
+
+char *ota__token(cm_call_t *call, char kind, int64_t id) {
+    char v[24];
+    snprintf(v, sizeof v, "%" PRId64, id);
+    return ota__token_str(call, kind, v);
+}
+
+int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id) {
+    char v[24];
+    int rc = ota__token_parse_str(call, tok, kind, v, sizeof v);
+    *id = 0;
+    if (rc || !*v) return rc;
+    if (!(*id = ota__id(v)))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued; start again without one");
+    return 0;
 }
 
 /* bytea in text output ("\x" + hex) into call memory. */
@@ -158,18 +184,20 @@ static ProtobufCBinaryData ota__bytea(cm_call_t *call, const char *text) {
     return b;
 }
 
-Iot__Ota__V1__Artifact *ota__artifact_row(cm_call_t *call, PGresult *r, int row) {
+Iot__Ota__V1__Artifact *ota__artifact_row(cm_call_t *call, PGresult *r, int row) { return ota__artifact_row_at(call, r, row, 0); }
+
+Iot__Ota__V1__Artifact *ota__artifact_row_at(cm_call_t *call, PGresult *r, int row, int col0) {
     Iot__Ota__V1__Artifact *a = cm_call_alloc(call, sizeof *a);
     iot__ota__v1__artifact__init(a);
-    a->id = cm_call_strdup(call, PQgetvalue(r, row, 0));
-    a->name = cm_call_strdup(call, PQgetvalue(r, row, 1));
-    a->version = cm_call_strdup(call, PQgetvalue(r, row, 2));
+    a->id = cm_call_strdup(call, PQgetvalue(r, row, col0 + 0));
+    a->name = cm_call_strdup(call, PQgetvalue(r, row, col0 + 1));
+    a->version = cm_call_strdup(call, PQgetvalue(r, row, col0 + 2));
     /* Stored JSON is ours: models an array of strings, metadata an object of strings. */
-    json_t *models = json_loads(PQgetvalue(r, row, 3), 0, NULL), *meta = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+    json_t *models = json_loads(PQgetvalue(r, row, col0 + 3), 0, NULL), *meta = json_loads(PQgetvalue(r, row, col0 + 5), 0, NULL);
     size_t nm = json_array_size(models);
     a->models = cm_call_alloc(call, sizeof *a->models * (nm + 1));
     for (size_t i = 0; i < nm; i++) a->models[a->n_models++] = cm_call_strdup(call, json_string_value(json_array_get(models, i)));
-    a->release_notes = cm_call_strdup(call, PQgetvalue(r, row, 4));
+    a->release_notes = cm_call_strdup(call, PQgetvalue(r, row, col0 + 4));
     size_t nmeta = json_object_size(meta);
     a->metadata = cm_call_alloc(call, sizeof *a->metadata * (nmeta + 1));
     const char *k;
@@ -183,12 +211,12 @@ Iot__Ota__V1__Artifact *ota__artifact_row(cm_call_t *call, PGresult *r, int row)
     }
     json_decref(models);
     json_decref(meta);
-    a->size = strtoll(PQgetvalue(r, row, 6), NULL, 10);
-    a->sha256 = cm_call_strdup(call, PQgetvalue(r, row, 7));
-    a->manifest = ota__bytea(call, PQgetvalue(r, row, 8));
-    a->signature = ota__bytea(call, PQgetvalue(r, row, 9));
-    a->key_id = cm_call_strdup(call, PQgetvalue(r, row, 10));
-    a->create_time = ota__ts(call, PQgetvalue(r, row, 11));
+    a->size = strtoll(PQgetvalue(r, row, col0 + 6), NULL, 10);
+    a->sha256 = cm_call_strdup(call, PQgetvalue(r, row, col0 + 7));
+    a->manifest = ota__bytea(call, PQgetvalue(r, row, col0 + 8));
+    a->signature = ota__bytea(call, PQgetvalue(r, row, col0 + 9));
+    a->key_id = cm_call_strdup(call, PQgetvalue(r, row, col0 + 10));
+    a->create_time = ota__ts(call, PQgetvalue(r, row, col0 + 11));
     return a;
 }
 
@@ -201,8 +229,19 @@ static const cm_method_t ota__methods[] = {
     {.name = "ListArtifacts", .kind = CM_RPC_UNARY, .unary = ota_list_artifacts},
     {.name = "DeleteArtifact", .kind = CM_RPC_UNARY, .unary = ota_delete_artifact},
     {.name = "ListSigningKeys", .kind = CM_RPC_UNARY, .unary = ota_list_signing_keys},
+    {.name = "CreateRollout", .kind = CM_RPC_UNARY, .unary = ota_create_rollout},
+    {.name = "GetRollout", .kind = CM_RPC_UNARY, .unary = ota_get_rollout},
+    {.name = "ListRollouts", .kind = CM_RPC_UNARY, .unary = ota_list_rollouts},
+    {.name = "StartRollout", .kind = CM_RPC_UNARY, .unary = ota_start_rollout},
+    {.name = "PauseRollout", .kind = CM_RPC_UNARY, .unary = ota_pause_rollout},
+    {.name = "ResumeRollout", .kind = CM_RPC_UNARY, .unary = ota_resume_rollout},
+    {.name = "CancelRollout", .kind = CM_RPC_UNARY, .unary = ota_cancel_rollout},
+    {.name = "ApproveStage", .kind = CM_RPC_UNARY, .unary = ota_approve_stage},
+    {.name = "ListDeviceUpdates", .kind = CM_RPC_UNARY, .unary = ota_list_device_updates},
+    {.name = "CheckForUpdate", .kind = CM_RPC_UNARY, .unary = ota_check_for_update},
     {.name = "DownloadArtifact", .kind = CM_RPC_SERVER_STREAM, .start = ota_download_start, .writable = ota_download_writable,
      .done = ota_download_done},
+    {.name = "ReportStatus", .kind = CM_RPC_UNARY, .unary = ota_report_status},
 };
 
 void ota_service_init(cm_service_t *svc, ota_ctx_t *ctx) {

@@ -24,6 +24,8 @@ typedef struct ota_ctx_s {
     cm_counter_t *c_uploaded_bytes, *c_uploads, *c_upload_rejects, *c_download_bytes, *c_downloads;
     cm_gauge_t *g_downloads;
     atomic_int downloads;
+    cm_channel_t *proc;     /* processing, for the telemetry gate */
+    struct ota_ctl_s *ctl;  /* the rollout controller; NULL until started */
 } ota_ctx_t;
 
 /* Creates the device-mgmt channel and the metrics. 0, or CM_EINVAL for an unusable address. */
@@ -48,6 +50,9 @@ int ota__page_size(cm_call_t *call, int v, int def, int max, int *out);
 /* Opaque page tokens carrying one id: "" or a token this service issued, else INVALID_ARGUMENT. */
 char *ota__token(cm_call_t *call, char kind, int64_t id);
 int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id);
+/* The same carrying a string of [A-Za-z0-9._:-] (device ids); out gets "" for no token. */
+char *ota__token_str(cm_call_t *call, char kind, const char *v);
+int ota__token_parse_str(cm_call_t *call, const char *tok, char kind, char *out, size_t cap);
 
 /* Columns for ota__artifact_row, selected from artifacts AS a. */
 #define OTA_ARTIFACT_COLS                                                                                              \
@@ -55,6 +60,8 @@ int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id);
     "a.manifest, a.signature, a.key_id, (extract(epoch FROM a.create_time) * 1000)::bigint"
 /* A row of OTA_ARTIFACT_COLS (text results) as an Artifact in the call arena. */
 Iot__Ota__V1__Artifact *ota__artifact_row(cm_call_t *call, PGresult *r, int row);
+/* The same with the artifact's columns starting at col0. */
+Iot__Ota__V1__Artifact *ota__artifact_row_at(cm_call_t *call, PGresult *r, int row, int col0);
 
 /* ---- handlers (ota_artifacts.c) ----------------------------------------------------------- */
 

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -17,7 +18,9 @@
 
 #include "cm_rpc.h"
 #include "iot/device/v1/device.pb-c.h"
+#include "iot/ingest/v1/ingest.pb-c.h"
 #include "iot/ota/v1/ota.pb-c.h"
+#include "iot/processing/v1/processing.pb-c.h"
 #include "proc.h"
 #include "test.h"
 
@@ -541,5 +544,514 @@ static void test_signing_keys_rotate_and_old_artifacts_verify(void) {
     svc_stop(&dm);
 }
 
+
+/* ---- rollouts ------------------------------------------------------------------------------ */
+
+typedef struct fleet_s {
+    int n;
+    char **ids, **tokens;
+    char **version; /* what each device runs (as it would report) */
+} fleet_t;
+
+/* n devices <tag>-0..n-1, model TX-200, firmware 1.0.0, members of static group <tag>. */
+static void fleet_make(svc_t *dm, fleet_t *f, const char *tag, int n, int first) {
+    if (!f->ids) {
+        f->ids = calloc(1024, sizeof *f->ids);
+        f->tokens = calloc(1024, sizeof *f->tokens);
+        f->version = calloc(1024, sizeof *f->version);
+    }
+    if (first == 0) {
+        Iot__Device__V1__Group g = IOT__DEVICE__V1__GROUP__INIT;
+        g.id = (char *)tag;
+        g.kind = IOT__DEVICE__V1__GROUP_KIND__GROUP_KIND_STATIC;
+        Iot__Device__V1__CreateGroupRequest gr = IOT__DEVICE__V1__CREATE_GROUP_REQUEST__INIT;
+        gr.group = &g;
+        Iot__Device__V1__Group *go = NULL;
+        ASSERT_INT_EQ(unary(dm->ch, DM "CreateGroup", &gr, &iot__device__v1__group__descriptor, &go), 0);
+        pbfree(go);
+    }
+    for (int i = first; i < first + n; i++) {
+        char id[64];
+        snprintf(id, sizeof id, "%s-%d", tag, i);
+        Iot__Device__V1__Device d = IOT__DEVICE__V1__DEVICE__INIT;
+        d.id = id;
+        d.name = id;
+        d.model = (char *)"TX-200";
+        d.firmware_version = (char *)"1.0.0";
+        Iot__Device__V1__CreateDeviceRequest req = IOT__DEVICE__V1__CREATE_DEVICE_REQUEST__INIT;
+        req.device = &d;
+        Iot__Device__V1__Device *out = NULL;
+        ASSERT_INT_EQ(unary(dm->ch, DM "CreateDevice", &req, &iot__device__v1__device__descriptor, &out), 0);
+        pbfree(out);
+        Iot__Device__V1__IssueTokenRequest treq = IOT__DEVICE__V1__ISSUE_TOKEN_REQUEST__INIT;
+        treq.device_id = id;
+        Iot__Device__V1__IssueTokenResponse *tr = NULL;
+        ASSERT_INT_EQ(unary(dm->ch, DM "IssueToken", &treq, &iot__device__v1__issue_token_response__descriptor, &tr), 0);
+        f->ids[i] = strdup(id);
+        f->tokens[i] = strdup(tr->token);
+        f->version[i] = strdup("1.0.0");
+        pbfree(tr);
+        char *members[] = {id};
+        Iot__Device__V1__GroupMembersRequest mr = IOT__DEVICE__V1__GROUP_MEMBERS_REQUEST__INIT;
+        mr.group_id = (char *)tag;
+        mr.n_device_ids = 1;
+        mr.device_ids = members;
+        Iot__Device__V1__GroupMembersResponse *mo = NULL;
+        ASSERT_INT_EQ(unary(dm->ch, DM "AddGroupMembers", &mr, &iot__device__v1__group_members_response__descriptor, &mo), 0);
+        pbfree(mo);
+    }
+    f->n = first + n;
+}
+
+static void fleet_free(fleet_t *f) {
+    for (int i = 0; i < f->n; i++) {
+        free(f->ids[i]);
+        free(f->tokens[i]);
+        free(f->version[i]);
+    }
+    free(f->ids);
+    free(f->tokens);
+    free(f->version);
+}
+
+/* A device-authenticated unary call. */
+static int dev_call(svc_t *ota, const char *token, const char *method, const void *req, const ProtobufCMessageDescriptor *desc,
+                    void *resp) {
+    char auth[256];
+    snprintf(auth, sizeof auth, "Bearer %s", token);
+    cm_md_t md = {"authorization", auth, 0};
+    cm_call_opts_t o = {.timeout_ms = 30000, .md = &md, .n_md = 1};
+    cm_rpc_status_t st = {0};
+    int code = cm_channel_unary(ota->ch, method, req, desc, (ProtobufCMessage **)resp, &o, &st);
+    snprintf(last_msg, sizeof last_msg, "%s", st.message);
+    cm_rpc_status_clear(&st);
+    return code;
+}
+
+static int report(svc_t *ota, const char *token, const char *rollout, int phase, int progress, const char *error) {
+    Iot__Ota__V1__ReportStatusRequest r = IOT__OTA__V1__REPORT_STATUS_REQUEST__INIT;
+    r.rollout_id = (char *)rollout;
+    r.phase = phase;
+    r.progress = progress;
+    r.error = (char *)(error ? error : "");
+    Iot__Ota__V1__DeviceUpdate *u = NULL;
+    int code = dev_call(ota, token, OTA "ReportStatus", &r, &iot__ota__v1__device_update__descriptor, &u);
+    pbfree(u);
+    return code;
+}
+
+/* Every device checks for an update and reports DOWNLOADING for an offer (which tells it the
+ * stage it is in). Devices of stage `only` (any stage when -1) go on through INSTALLING to
+ * SUCCEEDED, or to FAILED while *fails > 0 for devices of stage fail_stage; the others stay
+ * downloading. Returns how many finished. */
+static int fleet_round(svc_t *ota, fleet_t *f, int only, int fail_stage, int *fails) {
+    int done = 0;
+    for (int i = 0; i < f->n; i++) {
+        Iot__Ota__V1__CheckForUpdateRequest q = IOT__OTA__V1__CHECK_FOR_UPDATE_REQUEST__INIT;
+        q.current_version = f->version[i];
+        q.model = (char *)"TX-200";
+        Iot__Ota__V1__CheckForUpdateResponse *r = NULL;
+        ASSERT_INT_EQ(dev_call(ota, f->tokens[i], OTA "CheckForUpdate", &q, &iot__ota__v1__check_for_update_response__descriptor, &r), 0);
+        if (!r->offer) {
+            pbfree(r);
+            continue;
+        }
+        const char *ro = r->offer->rollout_id;
+        Iot__Ota__V1__ReportStatusRequest rq = IOT__OTA__V1__REPORT_STATUS_REQUEST__INIT;
+        rq.rollout_id = (char *)ro;
+        rq.phase = IOT__OTA__V1__UPDATE_PHASE__UPDATE_PHASE_DOWNLOADING;
+        rq.progress = 50;
+        Iot__Ota__V1__DeviceUpdate *u = NULL;
+        ASSERT_INT_EQ(dev_call(ota, f->tokens[i], OTA "ReportStatus", &rq, &iot__ota__v1__device_update__descriptor, &u), 0);
+        int stage = u->stage;
+        ASSERT_STR_EQ(u->device_id, f->ids[i]);
+        pbfree(u);
+        if (only >= 0 && stage != only) {
+            pbfree(r);
+            continue;
+        }
+        ASSERT_INT_EQ(report(ota, f->tokens[i], ro, 5, 0, NULL), 0); /* INSTALLING */
+        if (stage == fail_stage && fails && *fails > 0) {
+            (*fails)--;
+            ASSERT_INT_EQ(report(ota, f->tokens[i], ro, 7, 0, "flash write failed"), 0);
+        } else {
+            ASSERT_INT_EQ(report(ota, f->tokens[i], ro, 6, 100, NULL), 0);
+            free(f->version[i]);
+            f->version[i] = strdup(r->offer->artifact->version);
+        }
+        done++;
+        pbfree(r);
+    }
+    return done;
+}
+
+static Iot__Ota__V1__Rollout *get_rollout(svc_t *ota, const char *id) {
+    Iot__Ota__V1__GetRolloutRequest g = IOT__OTA__V1__GET_ROLLOUT_REQUEST__INIT;
+    g.id = (char *)id;
+    Iot__Ota__V1__Rollout *r = NULL;
+    ASSERT_INT_EQ(unary(ota->ch, OTA "GetRollout", &g, &iot__ota__v1__rollout__descriptor, &r), 0);
+    return r;
+}
+
+/* Per stage, the phase counts add up to the stage's devices; the stages to the rollout's. */
+static int check_counts(const Iot__Ota__V1__Rollout *r) {
+    int total = 0;
+    for (size_t i = 0; i < r->n_stage_status; i++) {
+        const Iot__Ota__V1__StageStatus *s = r->stage_status[i];
+        int sum = s->pending + s->offered + s->downloading + s->verifying + s->installing + s->succeeded + s->failed + s->rolled_back;
+        ASSERT_INT_EQ(sum, s->devices);
+        total += s->devices;
+    }
+    return total;
+}
+
+/* Waits until the rollout is in state and (stage >= 0) at current_stage; returns it. */
+static Iot__Ota__V1__Rollout *wait_rollout(svc_t *ota, const char *id, int state, int stage, const char *stage_state) {
+    for (int i = 0; i < 300; i++) {
+        Iot__Ota__V1__Rollout *r = get_rollout(ota, id);
+        check_counts(r);
+        if ((int)r->state == state && (stage < 0 || r->current_stage == stage) &&
+            (!stage_state || strcmp(r->stage_status[r->current_stage]->state, stage_state) == 0))
+            return r;
+        pbfree(r);
+        usleep(50000);
+    }
+    Iot__Ota__V1__Rollout *r = get_rollout(ota, id);
+    TEST__FAIL("rollout %s: state %d stage %d (%s), want state %d stage %d; reason: %s", id, r->state, r->current_stage,
+               r->stage_status[r->current_stage]->state, state, stage, r->pause_reason);
+    return NULL;
+}
+
+static char *create_rollout(svc_t *ota, const char *artifact, const char *group, const double *pct, int n, int64_t soak_ms,
+                            int gate) {
+    Iot__Ota__V1__Stage st[8], *sp[8];
+    for (int i = 0; i < n; i++) {
+        iot__ota__v1__stage__init(&st[i]);
+        st[i].percent = pct[i];
+        st[i].soak_ms = i < n - 1 ? soak_ms : 0;
+        sp[i] = &st[i];
+    }
+    Iot__Ota__V1__RolloutTarget t = IOT__OTA__V1__ROLLOUT_TARGET__INIT;
+    t.group_id = (char *)group;
+    t.version_range = (char *)">=1.0.0 <2.0.0";
+    Iot__Ota__V1__TelemetryGate g = IOT__OTA__V1__TELEMETRY_GATE__INIT;
+    g.enabled = gate;
+    Iot__Ota__V1__Rollout r = IOT__OTA__V1__ROLLOUT__INIT;
+    r.name = (char *)"staged";
+    r.artifact_id = (char *)artifact;
+    r.target = &t;
+    r.n_stages = (size_t)n;
+    r.stages = sp;
+    r.gate = &g;
+    Iot__Ota__V1__CreateRolloutRequest req = IOT__OTA__V1__CREATE_ROLLOUT_REQUEST__INIT;
+    req.rollout = &r;
+    Iot__Ota__V1__Rollout *out = NULL;
+    int code = unary(ota->ch, OTA "CreateRollout", &req, &iot__ota__v1__rollout__descriptor, &out);
+    if (code) TEST__FAIL("CreateRollout: %s %s", cm_status_name(code), last_msg);
+    ASSERT_INT_EQ(out->state, IOT__OTA__V1__ROLLOUT_STATE__ROLLOUT_STATE_DRAFT);
+    char *id = strdup(out->id);
+    pbfree(out);
+    return id;
+}
+
+static int action(svc_t *ota, const char *method, const char *id) {
+    Iot__Ota__V1__RolloutActionRequest a = IOT__OTA__V1__ROLLOUT_ACTION_REQUEST__INIT;
+    a.id = (char *)id;
+    a.reason = (char *)"test";
+    Iot__Ota__V1__Rollout *r = NULL;
+    int code = unary(ota->ch, method, &a, &iot__ota__v1__rollout__descriptor, &r);
+    pbfree(r);
+    return code;
+}
+
+static char *small_artifact(svc_t *ota, const char *version) {
+    up_t u = {.name = "tx-fw", .version = version, .seed = 11, .size = 4096};
+    Iot__Ota__V1__Artifact *a = NULL;
+    ASSERT_INT_EQ(upload(ota, &u, &a), 0);
+    char *id = strdup(a->id);
+    pbfree(a);
+    return id;
+}
+
+static void test_rollout_stages_thresholds_join_pause_resume_cancel(void) {
+    fresh_names("stages");
+    svc_t dm, ota;
+    dm_start(&dm);
+    const char *extra[] = {"IOT_OTA_CONTROLLER_INTERVAL=50ms", "IOT_OTA_PROC_ADDR=127.0.0.1:1", NULL};
+    ota_start(&ota, dm.p.grpc_port, extra, 1);
+    fleet_t f = {0};
+    fleet_make(&dm, &f, "fleet", 200, 0);
+    char *art = small_artifact(&ota, "2.0.0");
+    const double pct[] = {1, 5, 20, 100};
+    char *ro = create_rollout(&ota, art, "fleet", pct, 4, 0, 0);
+    /* Nothing is offered before the start. */
+    ASSERT_INT_EQ(fleet_round(&ota, &f, -1, -1, NULL), 0);
+    ASSERT_INT_EQ(action(&ota, OTA "StartRollout", ro), 0);
+    ASSERT_INT_EQ(action(&ota, OTA "StartRollout", ro), CM_STATUS_FAILED_PRECONDITION);
+    ASSERT(strstr(last_msg, "RUNNING"));
+    /* The artifact cannot go while the rollout runs. */
+    Iot__Ota__V1__DeleteArtifactRequest del = IOT__OTA__V1__DELETE_ARTIFACT_REQUEST__INIT;
+    del.id = art;
+    Iot__Ota__V1__DeleteArtifactResponse *dr = NULL;
+    ASSERT_INT_EQ(unary(ota.ch, OTA "DeleteArtifact", &del, &iot__ota__v1__delete_artifact_response__descriptor, &dr),
+                  CM_STATUS_FAILED_PRECONDITION);
+    ASSERT(strstr(last_msg, "used by rollout"));
+
+    /* Stage 0: 1% of 200 = 2 devices. */
+    Iot__Ota__V1__Rollout *r = wait_rollout(&ota, ro, 2, 0, "active");
+    ASSERT_INT_EQ(r->stage_status[0]->devices, 2);
+    ASSERT_INT_EQ(r->stage_status[0]->pending, 2);
+    pbfree(r);
+    ASSERT_INT_EQ(fleet_round(&ota, &f, 0, -1, NULL), 2);
+    /* Stage 1: 5% = 10 in all, 8 more. */
+    r = wait_rollout(&ota, ro, 2, 1, "active");
+    ASSERT_INT_EQ(r->stage_status[0]->succeeded, 2);
+    ASSERT_INT_EQ(r->stage_status[1]->devices, 8);
+    pbfree(r);
+    /* A device joins the group now: it is not in this stage but in a later one. */
+    fleet_make(&dm, &f, "fleet", 1, 200);
+    ASSERT_INT_EQ(fleet_round(&ota, &f, 1, -1, NULL), 8);
+    /* Stage 2: 20% of 201 = 41 in all, 31 more; four fail (13% > 10%): paused, reason recorded. */
+    r = wait_rollout(&ota, ro, 2, 2, "active");
+    ASSERT_INT_EQ(r->stage_status[2]->devices, 31);
+    pbfree(r);
+    int fails = 4;
+    /* The rollout pauses on the fourth failure, in the middle of the round: later devices of the
+     * stage get no offer. */
+    int first = fleet_round(&ota, &f, 2, 2, &fails);
+    ASSERT(first >= 4 && first < 31);
+    r = wait_rollout(&ota, ro, 3, 2, NULL);
+    ASSERT(strstr(r->pause_reason, "stage 2: 4 of 31 devices failed"));
+    ASSERT_INT_EQ(r->stage_status[2]->failed, 4);
+    ASSERT_INT_EQ(r->stage_status[2]->succeeded, first - 4);
+    ASSERT_INT_EQ(r->stage_status[2]->pending, 31 - first);
+    ASSERT_INT_EQ(check_counts(r), 41);
+    pbfree(r);
+    /* A failed device may report its rollback, but never success afterwards; a stranger is refused. */
+    Iot__Ota__V1__ListDeviceUpdatesRequest lq = IOT__OTA__V1__LIST_DEVICE_UPDATES_REQUEST__INIT;
+    lq.rollout_id = ro;
+    lq.phase = IOT__OTA__V1__UPDATE_PHASE__UPDATE_PHASE_FAILED;
+    Iot__Ota__V1__ListDeviceUpdatesResponse *lu = NULL;
+    ASSERT_INT_EQ(unary(ota.ch, OTA "ListDeviceUpdates", &lq, &iot__ota__v1__list_device_updates_response__descriptor, &lu), 0);
+    ASSERT_INT_EQ((int)lu->n_updates, 4);
+    ASSERT_STR_EQ(lu->updates[0]->error, "flash write failed");
+    ASSERT_STR_EQ(lu->updates[0]->from_version, "1.0.0");
+    int failed_dev = -1;
+    for (int i = 0; i < f.n; i++)
+        if (strcmp(f.ids[i], lu->updates[0]->device_id) == 0) failed_dev = i;
+    pbfree(lu);
+    ASSERT(failed_dev >= 0);
+    ASSERT_INT_EQ(report(&ota, f.tokens[failed_dev], ro, 8, 0, "back on 1.0.0"), 0);
+    ASSERT_INT_EQ(report(&ota, f.tokens[failed_dev], ro, 6, 100, NULL), CM_STATUS_FAILED_PRECONDITION);
+    ASSERT(strstr(last_msg, "ROLLED_BACK"));
+    char *stranger = make_device(&dm, "stranger");
+    ASSERT_INT_EQ(report(&ota, stranger, ro, 3, 0, NULL), CM_STATUS_NOT_FOUND);
+    free(stranger);
+    /* Paused: no new offers to pending devices (none are in stage 3 yet either). */
+    ASSERT_INT_EQ(fleet_round(&ota, &f, -1, -1, NULL), 0);
+    /* Resume accepts those failures; the rest of the rollout goes through. */
+    ASSERT_INT_EQ(action(&ota, OTA "ResumeRollout", ro), 0);
+    ASSERT_INT_EQ(fleet_round(&ota, &f, 2, -1, NULL), 31 - first);
+    r = wait_rollout(&ota, ro, 2, 3, "active");
+    ASSERT_INT_EQ(r->stage_status[3]->devices, 201 - 41);
+    pbfree(r);
+    /* The late joiner is in stage 3. */
+    lq.phase = 0;
+    lq.page_size = 1000;
+    ASSERT_INT_EQ(unary(ota.ch, OTA "ListDeviceUpdates", &lq, &iot__ota__v1__list_device_updates_response__descriptor, &lu), 0);
+    ASSERT_INT_EQ((int)lu->n_updates, 201);
+    int joiner_stage = -1;
+    for (size_t i = 0; i < lu->n_updates; i++)
+        if (strcmp(lu->updates[i]->device_id, "fleet-200") == 0) joiner_stage = lu->updates[i]->stage;
+    pbfree(lu);
+    ASSERT_INT_EQ(joiner_stage, 3);
+    ASSERT_INT_EQ(fleet_round(&ota, &f, 3, -1, NULL), 201 - 41);
+    r = wait_rollout(&ota, ro, 4, -1, NULL);
+    ASSERT_INT_EQ(check_counts(r), 201);
+    ASSERT_INT_EQ(r->stage_status[3]->succeeded, 160);
+    pbfree(r);
+    /* device-mgmt knows the new version. */
+    Iot__Device__V1__GetDeviceRequest gd = IOT__DEVICE__V1__GET_DEVICE_REQUEST__INIT;
+    gd.id = (char *)"fleet-200";
+    Iot__Device__V1__Device *dev = NULL;
+    ASSERT_INT_EQ(unary(dm.ch, DM "GetDevice", &gd, &iot__device__v1__device__descriptor, &dev), 0);
+    ASSERT_STR_EQ(dev->firmware_version, "2.0.0");
+    pbfree(dev);
+    /* Completed: nothing more to offer. */
+    ASSERT_INT_EQ(fleet_round(&ota, &f, -1, -1, NULL), 0);
+    ASSERT_INT_EQ(action(&ota, OTA "PauseRollout", ro), CM_STATUS_FAILED_PRECONDITION);
+    ASSERT(strstr(last_msg, "COMPLETED"));
+
+    /* Cancel: a second rollout started and cancelled offers nothing. */
+    char *art2 = small_artifact(&ota, "2.1.0");
+    const double all[] = {100};
+    char *ro2 = create_rollout(&ota, art2, "fleet", all, 1, 0, 0);
+    ASSERT_INT_EQ(action(&ota, OTA "StartRollout", ro2), 0);
+    ASSERT_INT_EQ(action(&ota, OTA "CancelRollout", ro2), 0);
+    ASSERT_INT_EQ(fleet_round(&ota, &f, -1, -1, NULL), 0);
+    r = get_rollout(&ota, ro2);
+    ASSERT_INT_EQ(r->state, IOT__OTA__V1__ROLLOUT_STATE__ROLLOUT_STATE_CANCELLED);
+    ASSERT_STR_EQ(r->pause_reason, "cancelled: test");
+    pbfree(r);
+    ASSERT_INT_EQ(action(&ota, OTA "ResumeRollout", ro2), CM_STATUS_FAILED_PRECONDITION);
+    ASSERT(strstr(last_msg, "CANCELLED"));
+    ASSERT_INT_EQ(unary(ota.ch, OTA "DeleteArtifact", &del, &iot__ota__v1__delete_artifact_response__descriptor, &dr), 0);
+    pbfree(dr);
+    /* Bad rollouts. */
+    const double shrink[] = {20, 5, 100};
+    Iot__Ota__V1__Stage st[3], *sp[3];
+    for (int i = 0; i < 3; i++) {
+        iot__ota__v1__stage__init(&st[i]);
+        st[i].percent = shrink[i];
+        sp[i] = &st[i];
+    }
+    Iot__Ota__V1__Rollout bad = IOT__OTA__V1__ROLLOUT__INIT;
+    bad.name = (char *)"bad";
+    bad.artifact_id = art2;
+    bad.n_stages = 3;
+    bad.stages = sp;
+    Iot__Ota__V1__CreateRolloutRequest cr = IOT__OTA__V1__CREATE_ROLLOUT_REQUEST__INIT;
+    cr.rollout = &bad;
+    Iot__Ota__V1__Rollout *out = NULL;
+    ASSERT_INT_EQ(unary(ota.ch, OTA "CreateRollout", &cr, &iot__ota__v1__rollout__descriptor, &out), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "must not shrink"));
+    bad.n_stages = 1;
+    bad.stages = sp + 1;
+    ASSERT_INT_EQ(unary(ota.ch, OTA "CreateRollout", &cr, &iot__ota__v1__rollout__descriptor, &out), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "last stage must be percent 100"));
+    bad.stages = sp + 2;
+    bad.artifact_id = (char *)"424242";
+    ASSERT_INT_EQ(unary(ota.ch, OTA "CreateRollout", &cr, &iot__ota__v1__rollout__descriptor, &out), CM_STATUS_NOT_FOUND);
+    Iot__Ota__V1__RolloutTarget bt = IOT__OTA__V1__ROLLOUT_TARGET__INIT;
+    bt.version_range = (char *)"~1.0";
+    bad.target = &bt;
+    bad.artifact_id = art2;
+    ASSERT_INT_EQ(unary(ota.ch, OTA "CreateRollout", &cr, &iot__ota__v1__rollout__descriptor, &out), CM_STATUS_INVALID_ARGUMENT);
+    bt.version_range = (char *)"";
+    bt.group_id = (char *)"no-such-group";
+    ASSERT_INT_EQ(unary(ota.ch, OTA "CreateRollout", &cr, &iot__ota__v1__rollout__descriptor, &out), CM_STATUS_NOT_FOUND);
+    ASSERT(strstr(last_msg, "rollout.target"));
+    /* Device calls need a version that parses. */
+    Iot__Ota__V1__CheckForUpdateRequest q = IOT__OTA__V1__CHECK_FOR_UPDATE_REQUEST__INIT;
+    q.current_version = (char *)"one";
+    Iot__Ota__V1__CheckForUpdateResponse *cu = NULL;
+    ASSERT_INT_EQ(dev_call(&ota, f.tokens[0], OTA "CheckForUpdate", &q, &iot__ota__v1__check_for_update_response__descriptor, &cu),
+                  CM_STATUS_INVALID_ARGUMENT);
+    free(ro);
+    free(ro2);
+    free(art);
+    free(art2);
+    fleet_free(&f);
+    svc_stop(&ota);
+    svc_stop(&dm);
+}
+
+/* ---- the telemetry gate -------------------------------------------------------------------- */
+
+static void start_bin(svc_t *s, const char *name, const char *const *env) {
+    static char bin[1024];
+    snprintf(bin, sizeof bin, "%s/services/%s/%s", test_env("IOT_BUILD_DIR"), name, name);
+    char *argv[] = {bin, NULL};
+    ASSERT_INT_EQ(test_proc_start(&s->p, argv, env, 1), 0);
+    svc_connect(s);
+}
+
+static void push_temp(svc_t *in, const char *token, uint64_t seq, double v) {
+    Iot__Ingest__V1__Point p = IOT__INGEST__V1__POINT__INIT, *pp[1] = {&p};
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    p.seq = seq;
+    p.metric = (char *)"temp";
+    p.time_ms = (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+    p.value_case = IOT__INGEST__V1__POINT__VALUE_DOUBLE_VALUE;
+    p.double_value = v;
+    Iot__Ingest__V1__PushTelemetryRequest req = IOT__INGEST__V1__PUSH_TELEMETRY_REQUEST__INIT;
+    req.n_points = 1;
+    req.points = pp;
+    char auth[256];
+    snprintf(auth, sizeof auth, "Bearer %s", token);
+    cm_md_t md = {"authorization", auth, 0};
+    cm_call_opts_t o = {.timeout_ms = 30000, .md = &md, .n_md = 1};
+    Iot__Ingest__V1__TelemetryAck *ack = NULL;
+    ASSERT_INT_EQ(cm_channel_unary(in->ch, "/iot.ingest.v1.Ingest/PushTelemetry", &req.base, &iot__ingest__v1__telemetry_ack__descriptor,
+                                   (ProtobufCMessage **)&ack, &o, NULL),
+                  0);
+    pbfree(ack);
+}
+
+/* Updated devices start running hot: processing alerts on them and not on the others, and the
+ * rollout, soaking after its first stage, pauses itself with the reason written down. */
+static void test_telemetry_gate_pauses_the_rollout(void) {
+    fresh_names("gate");
+    int pid = (int)getpid();
+    char ing_schema[96], ing_prefix[96], proc_schema[96], proc_prefix[96], dm_env[64], ing_dm[64], redis[128], proc_env[64];
+    snprintf(ing_schema, sizeof ing_schema, "IOT_INGEST_PG_SCHEMA=to_ing_gate_%d", pid);
+    snprintf(ing_prefix, sizeof ing_prefix, "IOT_INGEST_STREAM_PREFIX=to-gate-%d:", pid);
+    snprintf(proc_schema, sizeof proc_schema, "IOT_PROC_PG_SCHEMA=to_proc_gate_%d", pid);
+    snprintf(proc_prefix, sizeof proc_prefix, "IOT_PROC_REDIS_PREFIX=to-gate-%d:proc:", pid);
+    snprintf(redis, sizeof redis, "IOT_REDIS_ADDR=%s", test_env("IOT_TEST_REDIS"));
+    svc_t dm, in, pr, ota;
+    dm_start(&dm);
+    snprintf(ing_dm, sizeof ing_dm, "IOT_INGEST_DM_ADDR=127.0.0.1:%d", dm.p.grpc_port);
+    snprintf(dm_env, sizeof dm_env, "IOT_PROC_DM_ADDR=127.0.0.1:%d", dm.p.grpc_port);
+    const char *ing_env[] = {pg_env(), redis, ing_dm, "IOT_INGEST_MIGRATIONS=services/ingest/migrations", ing_schema, ing_prefix,
+                             "IOT_GRPC_LISTEN=127.0.0.1:0", "IOT_ADMIN_LISTEN=127.0.0.1:0", NULL};
+    start_bin(&in, "ingest", ing_env);
+    const char *pr_env[] = {pg_env(), redis, dm_env, "IOT_PROC_MIGRATIONS=services/processing/migrations", proc_schema, proc_prefix,
+                            ing_prefix, "IOT_GRPC_LISTEN=127.0.0.1:0", "IOT_ADMIN_LISTEN=127.0.0.1:0", "IOT_PROC_RULES_POLL=50ms",
+                            "IOT_PROC_FLUSH_INTERVAL=100ms", NULL};
+    start_bin(&pr, "processing", pr_env);
+    snprintf(proc_env, sizeof proc_env, "IOT_OTA_PROC_ADDR=127.0.0.1:%d", pr.p.grpc_port);
+    const char *extra[] = {"IOT_OTA_CONTROLLER_INTERVAL=50ms", proc_env, NULL};
+    ota_start(&ota, dm.p.grpc_port, extra, 1);
+
+    /* temp > 80 on any device. */
+    Iot__Processing__V1__ThresholdCondition th = IOT__PROCESSING__V1__THRESHOLD_CONDITION__INIT;
+    th.op = IOT__PROCESSING__V1__COMPARISON__COMPARISON_GT;
+    th.threshold = 80;
+    Iot__Processing__V1__Rule rule = IOT__PROCESSING__V1__RULE__INIT;
+    rule.name = (char *)"overheat";
+    rule.enabled = 1;
+    rule.metric = (char *)"temp";
+    rule.severity = IOT__PROCESSING__V1__SEVERITY__SEVERITY_WARNING;
+    rule.condition_case = IOT__PROCESSING__V1__RULE__CONDITION_THRESHOLD;
+    rule.threshold = &th;
+    Iot__Processing__V1__CreateRuleRequest rr = IOT__PROCESSING__V1__CREATE_RULE_REQUEST__INIT;
+    rr.rule = &rule;
+    Iot__Processing__V1__Rule *rout = NULL;
+    ASSERT_INT_EQ(unary(pr.ch, "/iot.processing.v1.Processing/CreateRule", &rr, &iot__processing__v1__rule__descriptor, &rout), 0);
+    pbfree(rout);
+    usleep(500000); /* rules are polled every 50 ms */
+
+    fleet_t f = {0};
+    fleet_make(&dm, &f, "gate", 20, 0);
+    char *art = small_artifact(&ota, "2.0.0");
+    const double pct[] = {50, 100};
+    char *ro = create_rollout(&ota, art, "gate", pct, 2, 120000, 1);
+    ASSERT_INT_EQ(action(&ota, OTA "StartRollout", ro), 0);
+    Iot__Ota__V1__Rollout *r = wait_rollout(&ota, ro, 2, 0, "active");
+    ASSERT_INT_EQ(r->stage_status[0]->devices, 10);
+    pbfree(r);
+    ASSERT_INT_EQ(fleet_round(&ota, &f, 0, -1, NULL), 10);
+    r = wait_rollout(&ota, ro, 2, 0, "soaking");
+    ASSERT(r->stage_status[0]->soak_until != NULL);
+    pbfree(r);
+    /* Every device reports; the updated ones run hot. */
+    for (int i = 0; i < f.n; i++) push_temp(&in, f.tokens[i], 1, strcmp(f.version[i], "2.0.0") == 0 ? 95.0 : 20.0);
+    r = wait_rollout(&ota, ro, 3, 0, NULL);
+    ASSERT(strstr(r->pause_reason, "telemetry gate: 10 alerts on 10 updated devices"));
+    ASSERT(strstr(r->pause_reason, "against 0 on 10 not updated"));
+    ASSERT_INT_EQ(r->stage_status[1]->devices, 0); /* the second stage never started */
+    pbfree(r);
+    free(ro);
+    free(art);
+    fleet_free(&f);
+    svc_stop(&ota);
+    svc_stop(&pr);
+    svc_stop(&in);
+    svc_stop(&dm);
+}
+
 TEST_MAIN(TEST_ENTRY(test_upload_64mb_download_whole_and_resumed), TEST_ENTRY(test_upload_errors_store_nothing),
-          TEST_ENTRY(test_signing_keys_rotate_and_old_artifacts_verify))
+          TEST_ENTRY(test_signing_keys_rotate_and_old_artifacts_verify),
+          TEST_ENTRY(test_rollout_stages_thresholds_join_pause_resume_cancel), TEST_ENTRY(test_telemetry_gate_pauses_the_rollout))
