@@ -724,17 +724,6 @@ static uint64_t final_ack(cm_channel_t *ch, const loader_t *l) {
     return a;
 }
 
-static long rss_kb(pid_t pid) {
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    long kb = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "VmRSS:", 6) == 0) kb = atol(line + 6);
-    if (f) fclose(f);
-    return kb;
-}
-
 static void test_kill9_under_load_keeps_every_ack(void) {
     enum { N = 8 };
     svc_t dm, in;
@@ -787,14 +776,14 @@ static void test_postgres_outage_under_load(void) {
     loader_t ls[N];
     start_loaders(ls, N, tok, "outage", (int *)&port, &stop, 1);
     sleep(2);
-    long rss_before = rss_kb(in.p.pid);
+    long rss_before = test_proc_rss_kb(in.p.pid);
     uint64_t before = 0;
     for (int i = 0; i < N; i++) before += ls[i].acked;
     /* No assertion between stop and start: the database must come back for the other tests. */
     pg_ctl("stop");
     long rss_max = 0;
     for (int i = 0; i < 40; i++) {
-        long r = rss_kb(in.p.pid);
+        long r = test_proc_rss_kb(in.p.pid);
         if (r > rss_max) rss_max = r;
         usleep(100000);
     }

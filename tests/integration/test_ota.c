@@ -3,6 +3,7 @@
  * checked here with OpenSSL; upload errors (digest mismatch stores nothing, bad versions, repeats,
  * size limit, header order); and signing keys that rotate while old artifacts keep verifying.
  * Every test has its own schemas, key directory and key prefixes. */
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1039,7 +1040,9 @@ static void test_telemetry_gate_pauses_the_rollout(void) {
     /* Every device reports; the updated ones run hot. */
     for (int i = 0; i < f.n; i++) push_temp(&in, f.tokens[i], 1, strcmp(f.version[i], "2.0.0") == 0 ? 95.0 : 20.0);
     r = wait_rollout(&ota, ro, 3, 0, NULL);
-    ASSERT(strstr(r->pause_reason, "telemetry gate: 10 alerts on 10 updated devices"));
+    /* It trips on the first alerts processing commits (min_alerts 1 against a quiet baseline). */
+    ASSERT(strncmp(r->pause_reason, "telemetry gate: ", 16) == 0);
+    ASSERT(strstr(r->pause_reason, " alerts on 10 updated devices"));
     ASSERT(strstr(r->pause_reason, "against 0 on 10 not updated"));
     ASSERT_INT_EQ(r->stage_status[1]->devices, 0); /* the second stage never started */
     pbfree(r);
@@ -1052,6 +1055,105 @@ static void test_telemetry_gate_pauses_the_rollout(void) {
     svc_stop(&dm);
 }
 
+/* ---- many downloads at once ---------------------------------------------------------------- */
+
+typedef struct dl_s {
+    pthread_t th;
+    cm_channel_t *ch;
+    const char *token, *id;
+    uint64_t seed;
+    int64_t bytes;
+    int code, bad;
+} dl_t;
+
+/* Reads a whole download, checking each message's offset and its first 64 bytes. */
+static void *dl_main(void *arg) {
+    dl_t *d = arg;
+    char auth[256];
+    snprintf(auth, sizeof auth, "Bearer %s", d->token);
+    cm_md_t md = {"authorization", auth, 0};
+    cm_call_opts_t o = {.timeout_ms = 300000, .md = &md, .n_md = 1};
+    cm_stream_t *s = cm_stream_open(d->ch, OTA "DownloadArtifact", &o);
+    Iot__Ota__V1__DownloadArtifactRequest req = IOT__OTA__V1__DOWNLOAD_ARTIFACT_REQUEST__INIT;
+    req.artifact_id = (char *)d->id;
+    cm_stream_send(s, &req.base);
+    cm_stream_close_send(s);
+    Iot__Ota__V1__DownloadArtifactResponse *m = NULL;
+    uint8_t want[64];
+    while (cm_stream_recv(s, &iot__ota__v1__download_artifact_response__descriptor, (ProtobufCMessage **)&m) == 1) {
+        size_t n = m->data.len < 64 ? m->data.len : 64;
+        content_fill(d->seed, (uint64_t)m->offset, want, n);
+        if (m->offset != d->bytes || (n && memcmp(m->data.data, want, n) != 0)) d->bad++;
+        d->bytes += (int64_t)m->data.len;
+        protobuf_c_message_free_unpacked(&m->base, NULL);
+        m = NULL;
+    }
+    d->code = cm_stream_finish(s, NULL);
+    return NULL;
+}
+
+/* 100 devices download a 16 MB artifact at once: every byte count is right, and ota's memory grows
+ * by far less than the artifact times the downloads (chunks stream from Postgres as each client
+ * takes them; nothing holds the whole artifact). */
+static void test_concurrent_downloads_keep_memory_bounded(void) {
+    fresh_names("many");
+    svc_t dm, ota;
+    dm_start(&dm);
+    const char *extra[] = {"IOT_GRPC_THREADS=4", NULL};
+    ota_start(&ota, dm.p.grpc_port, extra, 1);
+    char *token = make_device(&dm, "many-dev");
+    const uint64_t size = 16 * MIB, seed = 5;
+    up_t u = {.name = "fw16", .version = "1.0.0", .seed = seed, .size = size};
+    Iot__Ota__V1__Artifact *a = NULL;
+    ASSERT_INT_EQ(upload(&ota, &u, &a), 0);
+    enum { N = 100, CHANNELS = 4 };
+    cm_channel_t *ch[CHANNELS];
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", ota.p.grpc_port);
+    for (int i = 0; i < CHANNELS; i++) {
+        cm_channel_opts_t co = {.own_connection = 1, .max_recv_bytes = 8 * MIB};
+        ch[i] = cm_channel_new(target, &co, NULL);
+    }
+    long before = test_proc_rss_kb(ota.p.pid), peak = before;
+    dl_t *d = calloc(N, sizeof *d);
+    for (int i = 0; i < N; i++) {
+        d[i].ch = ch[i % CHANNELS];
+        d[i].token = token;
+        d[i].id = a->id;
+        d[i].seed = seed;
+        pthread_create(&d[i].th, NULL, dl_main, &d[i]);
+    }
+    /* Sample ota's RSS until every download has finished. */
+    int joined[N] = {0}, left = N;
+    while (left > 0) {
+        long kb = test_proc_rss_kb(ota.p.pid);
+        if (kb > peak) peak = kb;
+        usleep(20000);
+        for (int i = 0; i < N; i++)
+            if (!joined[i] && pthread_tryjoin_np(d[i].th, NULL) == 0) {
+                joined[i] = 1;
+                left--;
+            }
+    }
+    for (int i = 0; i < N; i++) {
+        ASSERT_INT_EQ(d[i].code, 0);
+        ASSERT_INT_EQ(d[i].bad, 0);
+        ASSERT(d[i].bytes == (int64_t)size);
+    }
+    long grew = peak - before, whole = (long)(N * size / 1024);
+    printf("# %d downloads of %llu MB: ota RSS %ld kB before, peak %ld kB (+%ld kB; the artifacts in full would be %ld kB)\n", N,
+           (unsigned long long)(size / MIB), before, peak, grew, whole);
+    /* A quarter of the total leaves room for gRPC's per-stream windows and ASan's quarantine. */
+    ASSERT(grew < whole / 4);
+    free(d);
+    for (int i = 0; i < CHANNELS; i++) cm_channel_free(ch[i]);
+    pbfree(a);
+    free(token);
+    svc_stop(&ota);
+    svc_stop(&dm);
+}
+
 TEST_MAIN(TEST_ENTRY(test_upload_64mb_download_whole_and_resumed), TEST_ENTRY(test_upload_errors_store_nothing),
           TEST_ENTRY(test_signing_keys_rotate_and_old_artifacts_verify),
-          TEST_ENTRY(test_rollout_stages_thresholds_join_pause_resume_cancel), TEST_ENTRY(test_telemetry_gate_pauses_the_rollout))
+          TEST_ENTRY(test_rollout_stages_thresholds_join_pause_resume_cancel), TEST_ENTRY(test_telemetry_gate_pauses_the_rollout),
+          TEST_ENTRY(test_concurrent_downloads_keep_memory_bounded))

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -28,8 +29,13 @@ int test_proc_start(test_proc_t *p, char *const argv[], const char *const env[],
     snprintf(p->err_path, sizeof p->err_path, "%s/proc-%d-%d.stderr", tmp ? tmp : "/tmp", (int)getpid(), seq++);
     int fds[2];
     if (pipe(fds)) return -1;
+    pid_t parent = getpid();
     p->pid = fork();
     if (p->pid == 0) {
+        /* A test that fails half-way never stops its services: they die with it instead of
+         * lingering (ports, Postgres connections) after the run. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(127);
         for (size_t i = 0; env && env[i]; i++) putenv((char *)env[i]);
         int err = open(p->err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         dup2(fds[1], 1);
@@ -151,4 +157,15 @@ int test_http_get(int port, const char *path, char *buf, size_t cap) {
     char *body = strstr(buf, "\r\n\r\n");
     if (body) memmove(buf, body + 4, strlen(body + 4) + 1);
     return code;
+}
+
+long test_proc_rss_kb(pid_t pid) {
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    long kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmRSS:", 6) == 0) kb = atol(line + 6);
+    if (f) fclose(f);
+    return kb;
 }

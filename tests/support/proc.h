@@ -24,6 +24,8 @@ int test_proc_read_line(test_proc_t *p, char *buf, size_t cap, int timeout_ms);
 /* Waits for exit up to timeout_ms; returns the exit status, 128+signal, or -1 on timeout. */
 int test_proc_wait(test_proc_t *p, int timeout_ms);
 void test_proc_kill(test_proc_t *p, int sig);
+/* The resident set of a process in kB (VmRSS), -1 when it cannot be read. */
+long test_proc_rss_kb(pid_t pid);
 /* Reads the child's whole stderr file into buf. */
 void test_proc_stderr(const test_proc_t *p, char *buf, size_t cap);
 
