@@ -324,3 +324,53 @@ printf '%-40s %s bytes per window measured (RSS +%s kB for %s windows; GetRuleSt
     "idle z-score windows" "$(per_w "$rss_w1")" "$((rss_w1 - rss_w0))" "$(wst zscore_windows)" "$(wst zscore_bytes_per_window)"
 printf '%-40s %s bytes per window (RSS %s kB; peak RSS so far %s kB)\n' "  after the checkpoint that wrote them" \
     "$(per_w "$rss_w2")" "$rss_w2" "$hwm"
+
+echo
+echo "== ota (services/ota with the same device-mgmt and Postgres)"
+# bench/ota_bench.c. Content: OTA_MB MiB of pseudo-random bytes, generated before each clock starts.
+# 1. Upload: UploadArtifact (header, then 1 MiB chunks; hashed, chunked into Postgres in one
+#    transaction, signed) until the stored Artifact arrives, ROUNDS times as versions 1.0.0, 1.0.1,
+#    ...; reference, alternating with it: the same bytes written once over a raw loopback TCP
+#    connection to a thread that reads and drops them.
+# 2. Download: the first artifact whole over one DownloadArtifact stream with a device token, every
+#    byte checked; reference, alternating: raw loopback TCP the other way, the same bytes checked.
+# 3. OTA_CONCURRENT downloads of it at once (a thread and a stream each, over 4 connections), every
+#    byte count checked; ota's VmRSS before and at its peak (sampled every 50 ms): ota reads each
+#    chunk from Postgres when the client has taken the previous one, so memory stays bounded.
+#   OTA_MB (16), OTA_CONCURRENT (100)
+OTA_MB=${OTA_MB:-16}
+OTA_CONCURRENT=${OTA_CONCURRENT:-100}
+OB=$B/bench/ota_bench
+start ota env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_OTA_PG_SCHEMA=otabench IOT_OTA_DM_ADDR="127.0.0.1:$P_DM" \
+    IOT_OTA_KEYS_DIR="$tmp/ota-keys" IOT_OTA_MIGRATIONS=services/ota/migrations \
+    IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 "$B/services/ota/ota"
+P_OTA=$PORT
+PID_OTA=$PID
+"$B/bench/ingest_bench" setup "127.0.0.1:$P_DM" 1 ob "$tmp/ota_tokens" || exit 1
+for r in $(seq "$ROUNDS"); do
+    "$OB" tcp up "$OTA_MB" >>"$tmp/ota_tcp_up" || exit 1
+    "$OB" upload "127.0.0.1:$P_OTA" "$OTA_MB" bench-fw "1.0.$((r - 1))" >>"$tmp/ota_up" || exit 1
+done
+art=$(field id <"$tmp/ota_up" | head -n 1)
+for r in $(seq "$ROUNDS"); do
+    "$OB" tcp down "$OTA_MB" >>"$tmp/ota_tcp_down" || exit 1
+    "$OB" download "127.0.0.1:$P_OTA" "$tmp/ota_tokens" "$art" "$OTA_MB" >>"$tmp/ota_down" || exit 1
+done
+"$OB" many "127.0.0.1:$P_OTA" "$tmp/ota_tokens" "$art" "$OTA_MB" "$OTA_CONCURRENT" "$PID_OTA" >"$tmp/ota_many" ||
+    echo "bench: concurrent downloads reported errors: $(cat "$tmp/ota_many")" >&2
+up=$(field mbps <"$tmp/ota_up" | median)
+tup=$(field mbps <"$tmp/ota_tcp_up" | median)
+down=$(field mbps <"$tmp/ota_down" | median)
+tdown=$(field mbps <"$tmp/ota_tcp_down" | median)
+om() { field "$1" <"$tmp/ota_many"; }
+printf '%-40s %8.1f MB/s  (%s MiB in 1 MiB chunks, median of %s versions)\n' "ota UploadArtifact" "$up" "$OTA_MB" "$ROUNDS"
+printf '%-40s %8.1f MB/s  (ours/TCP %.2f)\n' "reference: raw loopback TCP, same bytes" "$tup" \
+    "$(awk -v x="$up" -v y="$tup" 'BEGIN{print (y>0)?x/y:0}')"
+printf '%-40s %8.1f MB/s  (%s MiB whole, one stream, median of %s)\n' "ota DownloadArtifact" "$down" "$OTA_MB" "$ROUNDS"
+printf '%-40s %8.1f MB/s  (ours/TCP %.2f, target >= 0.5)\n' "reference: raw loopback TCP, same bytes" "$tdown" \
+    "$(awk -v x="$down" -v y="$tdown" 'BEGIN{print (y>0)?x/y:0}')"
+printf '%-40s %8.1f MB/s  (%s of %s received exactly %s MiB, in %s s)\n' "ota, $OTA_CONCURRENT downloads at once" \
+    "$(om mbps)" "$(om ok)" "$(om downloads)" "$OTA_MB" "$(om seconds)"
+printf '%-40s %s kB before, %s kB peak: +%s kB, %s kB per download (the artifacts in full: %s kB)\n' \
+    "ota RSS during the downloads" "$(om rss_before_kb)" "$(om rss_peak_kb)" "$(om grew_kb)" "$(om per_download_kb)" \
+    "$((OTA_CONCURRENT * OTA_MB * 1024))"
