@@ -13,6 +13,9 @@
  *        process, 1 MiB per write and read. up: this side writes, the thread reads and drops; the
  *        clock stops when the thread has read everything. down: the thread writes, this side reads
  *        and checks the bytes as download does
+ *   ota_bench echo ADDR MB
+ *        our gRPC layer alone: the test Echo server's paced ServerStream sends MB MiB from memory
+ *        in 256 KiB messages, paced like DownloadArtifact; the difference to download is Postgres
  *   ota_bench many ADDR TOKENS ID MB N PID
  *        N downloads of ID at once, a thread and a stream each over 4 channels; checks that every
  *        download received exactly MB MiB at the right offsets (and the first 64 bytes of each
@@ -33,6 +36,7 @@
 #include "cm_rpc.h"
 #include "cm_time.h"
 #include "iot/ota/v1/ota.pb-c.h"
+#include "iot/testing/v1/echo.pb-c.h"
 
 #define OTA "/iot.ota.v1.Ota/"
 #define MIB (1024 * 1024)
@@ -359,10 +363,56 @@ static int cmd_tcp(const char *dir, long mb) {
     return !ok;
 }
 
+/* Our gRPC layer alone, from memory: the test Echo server's paced ServerStream (the same
+ * writable() pacing DownloadArtifact uses) sends mb MiB as 256 KiB messages; the bytes are checked
+ * as they come, as download does. What DownloadArtifact adds on top of it is Postgres. */
+static int cmd_echo(const char *addr, long mb) {
+    enum { PIECE = 256 * 1024 };
+    uint8_t *piece = content_new(PIECE);
+    cm_channel_opts_t co = {.own_connection = 1};
+    cm_channel_t *ch = cm_channel_new(addr, &co, NULL);
+    if (!piece || !ch || cm_channel_wait_ready(ch, 10000)) {
+        fprintf(stderr, "echo: cannot reach %s\n", addr);
+        free(piece);
+        cm_channel_free(ch);
+        return 1;
+    }
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"ota-bench";
+    req.paced = 1;
+    req.repeat = (int32_t)(mb * MIB / PIECE);
+    req.payload.data = piece;
+    req.payload.len = PIECE;
+    int64_t t0 = cm_mono_ns(), bytes = 0;
+    int bad = 0;
+    cm_call_opts_t o = {.timeout_ms = 300000};
+    cm_stream_t *s = cm_stream_open(ch, "/iot.testing.v1.Echo/ServerStream", &o);
+    cm_stream_send(s, &req.base);
+    cm_stream_close_send(s);
+    Iot__Testing__V1__EchoResponse *m = NULL;
+    while (cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&m) == 1) {
+        if (m->payload.len != PIECE || memcmp(m->payload.data, piece, PIECE) != 0) bad++;
+        bytes += (int64_t)m->payload.len;
+        protobuf_c_message_free_unpacked(&m->base, NULL);
+        m = NULL;
+    }
+    int code = cm_stream_finish(s, NULL);
+    double secs = secs_since(t0);
+    cm_channel_free(ch);
+    free(piece);
+    if (code || bad || bytes != (int64_t)req.repeat * PIECE) {
+        fprintf(stderr, "echo: %s, %d bad messages, %" PRId64 " bytes\n", cm_status_name(code), bad, bytes);
+        return 1;
+    }
+    printf("echo bytes=%" PRId64 " seconds=%.3f mbps=%.1f\n", bytes, secs, mbps(bytes, secs));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 6 && strcmp(argv[1], "upload") == 0) return cmd_upload(argv[2], atol(argv[3]), argv[4], argv[5]);
     if (argc >= 6 && strcmp(argv[1], "download") == 0) return cmd_download(argv[2], argv[3], argv[4], atol(argv[5]));
     if (argc >= 4 && strcmp(argv[1], "tcp") == 0) return cmd_tcp(argv[2], atol(argv[3]));
+    if (argc >= 4 && strcmp(argv[1], "echo") == 0) return cmd_echo(argv[2], atol(argv[3]));
     if (argc >= 8 && strcmp(argv[1], "many") == 0)
         return cmd_many(argv[2], argv[3], argv[4], atol(argv[5]), atoi(argv[6]), atol(argv[7]));
     fprintf(stderr, "usage: see the header of bench/ota_bench.c\n");

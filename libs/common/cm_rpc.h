@@ -90,11 +90,15 @@ typedef struct cm_method_s {
     int watch_cancel;
     /* Server streams only, optional: pull-style sending for large responses. Called (on a worker
      * thread, never concurrently with start or itself) after start returned CM_PENDING whenever
-     * nothing is queued or in flight, i.e. the client has taken everything sent so far. Send the
+     * fewer than writable_depth messages are queued or in flight (by default: the client has
+     * taken everything sent so far). Send the
      * next message(s) and return CM_PENDING, or return a status to finish. Memory then stays at
-     * one message per call however slowly the client reads; with no message sent and CM_PENDING
+     * writable_depth messages per call however slowly the client reads; with no message sent and CM_PENDING
      * returned, it is not called again until something is sent (from any thread). */
     int (*writable)(cm_call_t *call);
+    /* With writable: how many messages may be queued or in flight before it waits for the
+     * client (0 or 1: one; 2-4 let it prepare the next message while one is on the wire). */
+    int writable_depth;
     /* Unary only: the handler may return CM_PENDING and answer later, from any thread, with
      * cm_call_respond() (e.g. after a group commit). The request, `resp` and cm_call_alloc() memory
      * then live until cm_call_respond returns; hold a cm_call_ref() while the call is parked. */

@@ -63,6 +63,7 @@ struct cm_call_s {
         w_running : 1, w_again : 1; /* writable: a callback owns the call / the queue ran dry meanwhile */
     cm__sendq_t *q_head, *q_tail;
     int q_len;
+    unsigned n_queued; /* messages ever queued (writable() tells a send from none) */
     grpc_byte_buffer *inflight_buf;
     cm__md_list_t init_md, trail_md;
     int status_code;
@@ -418,6 +419,7 @@ static void cm__call_pump_locked(cm_call_t *c) {
 static int cm__call_queue_locked(cm_call_t *c, const ProtobufCMessage *msg, int ignore_limit) {
     if (c->finalised || c->status_queued || c->closed || c->send_failed) return CM_ECLOSED;
     if (!ignore_limit && c->q_len >= c->srv->max_send_queue) return CM_EFULL;
+    c->n_queued++;
     cm__sendq_t *q = cm_malloc(sizeof *q);
     q->buf = cm__encode(msg);
     q->next = NULL;
@@ -671,9 +673,11 @@ static void cm__set_trace(cm_call_t *c) {
     cm_trace_new(&c->trace);
 }
 
-/* Drained: nothing queued, nothing in flight, still open. Under c->mu. */
+/* Room for writable(): fewer than the method's writable_depth messages queued or in flight, and
+ * still open. Under c->mu. */
 static int cm__call_drained_locked(const cm_call_t *c) {
-    return !c->q_head && !c->send_in_flight && !c->status_queued && !c->send_failed && !c->closed;
+    int depth = c->reg->m->writable_depth > 1 ? c->reg->m->writable_depth : 1;
+    return c->q_len + (int)c->send_in_flight < depth && !c->status_queued && !c->send_failed && !c->closed;
 }
 
 /* Runs writable() while the queue keeps draining under it. The caller set w_running; call_now says
@@ -682,13 +686,22 @@ static int cm__call_drained_locked(const cm_call_t *c) {
 static void cm__writable_loop(cm_call_t *c, int call_now) {
     const cm_method_t *m = c->reg->m;
     for (;;) {
+        int sent = 0;
         if (call_now && cm__callback_begin(c)) {
+            pthread_mutex_lock(&c->mu);
+            unsigned before = c->n_queued;
+            pthread_mutex_unlock(&c->mu);
             int code = m->writable(c);
             cm_arena_reset(&c->arena);
             if (code != CM_PENDING) cm__call_finish_from_callback(c, code, NULL);
+            pthread_mutex_lock(&c->mu);
+            sent = code == CM_PENDING && c->n_queued != before;
+            pthread_mutex_unlock(&c->mu);
         }
         pthread_mutex_lock(&c->mu);
-        call_now = c->w_again && cm__call_drained_locked(c);
+        /* Again while there is room: after a send (filling the pipeline up to writable_depth), or
+         * when a send completed meanwhile. */
+        call_now = (sent || c->w_again) && cm__call_drained_locked(c);
         c->w_again = 0;
         if (!call_now) c->w_running = 0;
         pthread_mutex_unlock(&c->mu);

@@ -389,6 +389,7 @@ int ota_delete_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufC
     }
     PQclear(r);
     if (!n) return cm_call_fail(call, CM_STATUS_NOT_FOUND, "no artifact %s", req->id);
+    ota_cache_drop(ctx->cache, ota__id(req->id));
     cm_log_kv(CM_LOG_INFO, "artifact deleted", "id", req->id, NULL);
     return 0;
 }
@@ -434,8 +435,44 @@ int ota_list_signing_keys(cm_call_t *call, const ProtobufCMessage *req_, Protobu
 typedef struct ota__download_s {
     ota_ctx_t *ctx;
     char id[24];
-    int64_t next, size, chunk;
+    int64_t aid, next, size, chunk;
 } ota__download_t;
+
+/* Chunk idx of the download's artifact, referenced (release it): from the shared cache, or read
+ * from Postgres and cached. NULL after failing the call (*rc). */
+static const ota_chunk_t *ota__chunk_or_fail(cm_call_t *call, ota__download_t *d, int idx, int *rc) {
+    ota_ctx_t *ctx = d->ctx;
+    const ota_chunk_t *ch = ota_cache_get(ctx->cache, d->aid, idx);
+    if (ch) {
+        cm_counter_add(ctx->c_cache_hits, 1);
+        return ch;
+    }
+    cm_counter_add(ctx->c_cache_misses, 1);
+    cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, rc);
+    if (!c) return NULL;
+    char idx_s[16];
+    snprintf(idx_s, sizeof idx_s, "%d", idx);
+    const char *p[2] = {d->id, idx_s};
+    PGresult *r = NULL;
+    if (cm_pg_exec_bin(c, &r, "SELECT data FROM artifact_chunks WHERE artifact_id = $1::bigint AND idx = $2::int", 2, p, NULL,
+                       NULL, 1)) {
+        *rc = ota__pg_fail(call, ctx, c);
+        return NULL;
+    }
+    cm_pg_release(ctx->pg, c);
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        *rc = cm_call_fail(call, CM_STATUS_NOT_FOUND, "artifact %s was deleted during the download", d->id);
+        return NULL;
+    }
+    ch = ota_cache_put(ctx->cache, d->aid, idx, (const uint8_t *)PQgetvalue(r, 0, 0), (size_t)PQgetlength(r, 0, 0));
+    PQclear(r);
+    size_t bytes;
+    uint64_t hits, misses;
+    ota_cache_stats(ctx->cache, &bytes, &hits, &misses);
+    cm_gauge_set(ctx->g_cache_bytes, (double)bytes);
+    return ch;
+}
 
 /* Sends the bytes from d->next to the end of their chunk (with the artifact on the first message).
  * CM_PENDING, CM_STATUS_OK at the end, or a failure status. */
@@ -445,32 +482,22 @@ static int ota__send_slice(cm_call_t *call, ota__download_t *d, Iot__Ota__V1__Ar
     Iot__Ota__V1__DownloadArtifactResponse m = IOT__OTA__V1__DOWNLOAD_ARTIFACT_RESPONSE__INIT;
     m.artifact = first;
     m.offset = d->next;
-    PGresult *r = NULL;
+    const ota_chunk_t *ch = NULL;
     if (d->next < d->size) {
-        int rc;
-        cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
-        if (!c) return rc;
-        char idx[24], from[24], len[24];
+        int rc = 0;
         int64_t within = d->next % d->chunk;
-        snprintf(idx, sizeof idx, "%" PRId64, d->next / d->chunk);
-        snprintf(from, sizeof from, "%" PRId64, within + 1); /* substring() counts from 1 */
-        snprintf(len, sizeof len, "%" PRId64, d->chunk - within);
-        const char *p[4] = {d->id, idx, from, len};
-        if (cm_pg_exec_bin(c, &r,
-                           "SELECT substring(data FROM $3::int FOR $4::int) FROM artifact_chunks WHERE artifact_id = $1::bigint "
-                           "AND idx = $2::int",
-                           4, p, NULL, NULL, 1))
-            return ota__pg_fail(call, ctx, c);
-        cm_pg_release(ctx->pg, c);
-        if (PQntuples(r) == 0 || PQgetlength(r, 0, 0) == 0) {
-            PQclear(r);
-            return cm_call_fail(call, CM_STATUS_NOT_FOUND, "artifact %s was deleted during the download", d->id);
+        ch = ota__chunk_or_fail(call, d, (int)(d->next / d->chunk), &rc);
+        if (!ch) return rc;
+        if ((size_t)within >= ch->len) {
+            ota_cache_release(ctx->cache, ch);
+            return cm_call_fail(call, CM_STATUS_DATA_LOSS, "artifact %s: chunk %" PRId64 " is shorter than its offset", d->id,
+                                d->next / d->chunk);
         }
-        m.data.data = (uint8_t *)PQgetvalue(r, 0, 0);
-        m.data.len = (size_t)PQgetlength(r, 0, 0);
+        m.data.data = (uint8_t *)ch->data + within;
+        m.data.len = ch->len - (size_t)within;
     }
-    int rc = cm_call_send(call, &m.base);
-    PQclear(r);
+    int rc = cm_call_send(call, &m.base); /* serialises: the chunk is free to go after it */
+    ota_cache_release(ctx->cache, ch);
     if (rc) return CM_STATUS_CANCELLED;
     d->next += (int64_t)m.data.len;
     cm_counter_add(ctx->c_download_bytes, (double)m.data.len);
@@ -492,6 +519,7 @@ int ota_download_start(cm_call_t *call, const ProtobufCMessage *req_) {
     ota__download_t *d = cm_calloc(1, sizeof *d);
     d->ctx = ctx;
     snprintf(d->id, sizeof d->id, "%s", a->id);
+    d->aid = ota__id(a->id);
     d->next = req->offset;
     d->size = a->size;
     cm_call_set_user(call, d);

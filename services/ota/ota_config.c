@@ -21,6 +21,7 @@ void ota_config_vars(ota_config_t *c, cm_config_var_t *out) {
         {"IOT_OTA_GENERATE_KEY", CM_CFG_BOOL, "true", "create a key in IOT_OTA_KEYS_DIR when it holds none (local runs; mount a Secret in production)", 0, 0, &c->generate_key},
         {"IOT_OTA_MAX_ARTIFACT_SIZE", CM_CFG_INT, "1073741824", "largest artifact accepted, in bytes (UploadArtifact answers RESOURCE_EXHAUSTED beyond)", 1, 1024 * 1024 * OTA__MIB, &c->max_artifact_bytes},
         {"IOT_OTA_MAX_UPLOADS", CM_CFG_INT, "4", "uploads in progress at once (more answer RESOURCE_EXHAUSTED); each holds a Postgres connection", 1, 256, &c->max_uploads},
+        {"IOT_OTA_CACHE_SIZE", CM_CFG_INT, "67108864", "bytes of artifact chunks kept in memory for downloads, shared by all (0: read every chunk from Postgres)", 0, 64 * 1024 * OTA__MIB, &c->cache_bytes},
         {"IOT_OTA_CHUNK_SIZE", CM_CFG_INT, "262144", "bytes per stored chunk and per download message", 4096, OTA__MIB, &c->chunk_bytes},
         {"IOT_OTA_DM_TIMEOUT", CM_CFG_DURATION, "5s", "deadline of each call to device-mgmt and processing", 50, 60000, &c->dm_timeout_ms},
         {"IOT_OTA_CONTROLLER_INTERVAL", CM_CFG_DURATION, "1s", "how often running rollouts are advanced, paused or completed (also woken by status reports)", 10, 60000, &c->controller_ms},

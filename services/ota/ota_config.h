@@ -17,11 +17,12 @@ typedef struct ota_config_s {
     int64_t max_artifact_bytes;
     int64_t max_uploads;
     int64_t chunk_bytes;
+    int64_t cache_bytes;
     int64_t dm_timeout_ms;
     int64_t controller_ms;
 } ota_config_t;
 
-#define OTA_CONFIG_NVARS 14
+#define OTA_CONFIG_NVARS 15
 void ota_config_vars(ota_config_t *c, cm_config_var_t *out);
 /* Checks what the types cannot express; prints the problem and returns CM_ECONFIG, or 0. */
 int ota_config_check(const ota_config_t *c, const char *prog);

@@ -30,11 +30,15 @@ int ota_ctx_init(ota_ctx_t *ctx, const ota_config_t *cfg, cm_pg_t *pg, ota_keys_
     ctx->c_downloads = cm_metrics_counter("ota_downloads_total", "downloads started", NULL);
     ctx->c_download_bytes = cm_metrics_counter("ota_download_bytes_total", "artifact bytes sent to devices", NULL);
     ctx->g_downloads = cm_metrics_gauge("ota_downloads_active", "downloads in progress", NULL);
+    ctx->c_cache_hits = cm_metrics_counter("ota_chunk_cache_hits_total", "download chunks served from memory", NULL);
+    ctx->c_cache_misses = cm_metrics_counter("ota_chunk_cache_misses_total", "download chunks read from Postgres", NULL);
+    ctx->g_cache_bytes = cm_metrics_gauge("ota_chunk_cache_bytes", "bytes of chunks held by the download cache", NULL);
     ctx->proc = cm_channel_new(cfg->proc_addr, NULL, &err);
     if (!ctx->proc) {
         cm_channel_free(ctx->dm);
         return CM_EINVAL;
     }
+    ctx->cache = ota_cache_new((size_t)cfg->cache_bytes);
     return 0;
 }
 
@@ -42,6 +46,8 @@ void ota_ctx_destroy(ota_ctx_t *ctx) {
     cm_channel_free(ctx->dm);
     cm_channel_free(ctx->proc);
     ctx->dm = ctx->proc = NULL;
+    ota_cache_free(ctx->cache);
+    ctx->cache = NULL;
 }
 
 /* ---- shared helpers ------------------------------------------------------------------------ */
@@ -239,8 +245,9 @@ static const cm_method_t ota__methods[] = {
     {.name = "ApproveStage", .kind = CM_RPC_UNARY, .unary = ota_approve_stage},
     {.name = "ListDeviceUpdates", .kind = CM_RPC_UNARY, .unary = ota_list_device_updates},
     {.name = "CheckForUpdate", .kind = CM_RPC_UNARY, .unary = ota_check_for_update},
+    /* Depth 2: the next chunk is read (cache or Postgres) while the previous one is on the wire. */
     {.name = "DownloadArtifact", .kind = CM_RPC_SERVER_STREAM, .start = ota_download_start, .writable = ota_download_writable,
-     .done = ota_download_done},
+     .writable_depth = 2, .done = ota_download_done},
     {.name = "ReportStatus", .kind = CM_RPC_UNARY, .unary = ota_report_status},
 };
 

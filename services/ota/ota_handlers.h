@@ -10,6 +10,7 @@
 #include "cm_pg.h"
 #include "cm_rpc.h"
 #include "iot/ota/v1/ota.pb-c.h"
+#include "ota_cache.h"
 #include "ota_config.h"
 #include "ota_keys.h"
 
@@ -25,6 +26,9 @@ typedef struct ota_ctx_s {
     cm_gauge_t *g_downloads;
     atomic_int downloads;
     cm_channel_t *proc;     /* processing, for the telemetry gate */
+    ota_cache_t *cache;     /* chunks shared by downloads */
+    cm_counter_t *c_cache_hits, *c_cache_misses;
+    cm_gauge_t *g_cache_bytes;
     struct ota_ctl_s *ctl;  /* the rollout controller; NULL until started */
 } ota_ctx_t;
 

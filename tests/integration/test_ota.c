@@ -1099,7 +1099,9 @@ static void test_concurrent_downloads_keep_memory_bounded(void) {
     fresh_names("many");
     svc_t dm, ota;
     dm_start(&dm);
-    const char *extra[] = {"IOT_GRPC_THREADS=4", NULL};
+    /* No chunk cache: every chunk of every download comes from Postgres, which is the bound under
+     * test. A small ASan quarantine (ignored by release builds) keeps freed chunks from counting. */
+    const char *extra[] = {"IOT_GRPC_THREADS=4", "IOT_OTA_CACHE_SIZE=0", "ASAN_OPTIONS=detect_leaks=1:quarantine_size_mb=16", NULL};
     ota_start(&ota, dm.p.grpc_port, extra, 1);
     char *token = make_device(&dm, "many-dev");
     const uint64_t size = 16 * MIB, seed = 5;
@@ -1143,8 +1145,8 @@ static void test_concurrent_downloads_keep_memory_bounded(void) {
     long grew = peak - before, whole = (long)(N * size / 1024);
     printf("# %d downloads of %llu MB: ota RSS %ld kB before, peak %ld kB (+%ld kB; the artifacts in full would be %ld kB)\n", N,
            (unsigned long long)(size / MIB), before, peak, grew, whole);
-    /* A quarter of the total leaves room for gRPC's per-stream windows and ASan's quarantine. */
-    ASSERT(grew < whole / 4);
+    /* An eighth of the total leaves room for gRPC's per-stream windows and ASan's bookkeeping. */
+    ASSERT(grew < whole / 8);
     free(d);
     for (int i = 0; i < CHANNELS; i++) cm_channel_free(ch[i]);
     pbfree(a);
