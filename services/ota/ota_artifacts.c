@@ -369,26 +369,43 @@ int ota_delete_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufC
     if (!c) return rc;
     PGresult *r = NULL;
     const char *p[1] = {req->id};
-    /* Refused while an unfinished rollout uses it (the row lock keeps a rollout from being created
-     * against it meanwhile); finished rollouts keep their history with artifact_id NULL. */
-    if (cm_pg_exec(c, &r,
-                   "WITH busy AS (SELECT id, state FROM rollouts WHERE artifact_id = $1::bigint AND state IN (1, 2, 3) LIMIT 1), "
-                   "del AS (DELETE FROM artifacts WHERE id = $1::bigint AND manifest IS NOT NULL AND NOT EXISTS (SELECT 1 FROM busy) "
-                   "RETURNING id) SELECT (SELECT count(*) FROM del), (SELECT id FROM busy), (SELECT state FROM busy)",
-                   1, p))
+    /* Refused while an unfinished rollout uses it. The row lock serialises this with CreateRollout
+     * (whose foreign key locks the artifact row): a rollout created first is seen below, one created
+     * after finds the artifact gone. Finished rollouts keep their history with artifact_id NULL. */
+    rc = cm_pg_begin(c);
+    if (!rc) rc = cm_pg_exec(c, &r, "SELECT id FROM artifacts WHERE id = $1::bigint AND manifest IS NOT NULL FOR UPDATE", 1, p);
+    if (rc) {
+        cm_pg_rollback(c);
         return ota__pg_fail(call, ctx, c);
-    cm_pg_release(ctx->pg, c);
-    int n = atoi(PQgetvalue(r, 0, 0));
-    if (!n && !PQgetisnull(r, 0, 1)) {
+    }
+    int found = PQntuples(r) > 0;
+    PQclear(r);
+    r = NULL;
+    if (!found) {
+        cm_pg_rollback(c);
+        cm_pg_release(ctx->pg, c);
+        return cm_call_fail(call, CM_STATUS_NOT_FOUND, "no artifact %s", req->id);
+    }
+    if (cm_pg_exec(c, &r, "SELECT id, state FROM rollouts WHERE artifact_id = $1::bigint AND state IN (1, 2, 3) ORDER BY id LIMIT 1", 1, p)) {
+        cm_pg_rollback(c);
+        return ota__pg_fail(call, ctx, c);
+    }
+    if (PQntuples(r) > 0) {
         static const char *const states[] = {"", "DRAFT", "RUNNING", "PAUSED"};
-        int st = atoi(PQgetvalue(r, 0, 2));
+        int st = atoi(PQgetvalue(r, 0, 1));
         rc = cm_call_fail(call, CM_STATUS_FAILED_PRECONDITION, "artifact %s is used by rollout %s (%s); cancel it first", req->id,
-                          PQgetvalue(r, 0, 1), st >= 1 && st <= 3 ? states[st] : "unfinished");
+                          PQgetvalue(r, 0, 0), st >= 1 && st <= 3 ? states[st] : "unfinished");
         PQclear(r);
+        cm_pg_rollback(c);
+        cm_pg_release(ctx->pg, c);
         return rc;
     }
     PQclear(r);
-    if (!n) return cm_call_fail(call, CM_STATUS_NOT_FOUND, "no artifact %s", req->id);
+    if (cm_pg_exec(c, NULL, "DELETE FROM artifacts WHERE id = $1::bigint", 1, p) || cm_pg_commit(c)) {
+        cm_pg_rollback(c);
+        return ota__pg_fail(call, ctx, c);
+    }
+    cm_pg_release(ctx->pg, c);
     ota_cache_drop(ctx->cache, ota__id(req->id));
     cm_log_kv(CM_LOG_INFO, "artifact deleted", "id", req->id, NULL);
     return 0;

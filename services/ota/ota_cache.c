@@ -18,6 +18,7 @@ typedef struct ota__entry_s {
 struct ota_cache_s {
     pthread_mutex_t mu;
     cm_map_t *map;
+    cm_map_t *dropped; /* artifact ids deleted: a chunk read just before the delete is not kept */
     ota__entry_t *head, *tail;
     size_t cap, bytes;
     uint64_t hits, misses;
@@ -73,6 +74,7 @@ ota_cache_t *ota_cache_new(size_t cap_bytes) {
     ota_cache_t *c = cm_calloc(1, sizeof *c);
     pthread_mutex_init(&c->mu, NULL);
     c->map = cm_map_new();
+    c->dropped = cm_map_new();
     c->cap = cap_bytes;
     return c;
 }
@@ -85,6 +87,7 @@ void ota_cache_free(ota_cache_t *c) {
         e = next;
     }
     cm_map_free(c->map, NULL);
+    cm_map_free(c->dropped, NULL);
     pthread_mutex_destroy(&c->mu);
     cm_free(c);
 }
@@ -115,7 +118,7 @@ const ota_chunk_t *ota_cache_put(ota_cache_t *c, int64_t artifact, int idx, cons
     e->refs = 1;
     ota__key(e->key, artifact, idx);
     pthread_mutex_lock(&c->mu);
-    if (c->cap == 0) { /* not kept: a private copy that dies on release */
+    if (c->cap == 0 || cm_map_get(c->dropped, &artifact, sizeof artifact)) { /* not kept: a private copy that dies on release */
         e->dead = 1;
         pthread_mutex_unlock(&c->mu);
         return &e->chunk;
@@ -148,6 +151,7 @@ void ota_cache_release(ota_cache_t *c, const ota_chunk_t *chunk) {
 
 void ota_cache_drop(ota_cache_t *c, int64_t artifact) {
     pthread_mutex_lock(&c->mu);
+    *cm_map_slot(c->dropped, &artifact, sizeof artifact, NULL) = (void *)1;
     for (ota__entry_t *e = c->head; e;) {
         ota__entry_t *next = e->next;
         int64_t a;

@@ -27,7 +27,8 @@ const ota_chunk_t *ota_cache_get(ota_cache_t *c, int64_t artifact, int idx);
  * same chunk meanwhile, that one is returned. */
 const ota_chunk_t *ota_cache_put(ota_cache_t *c, int64_t artifact, int idx, const uint8_t *data, size_t len);
 void ota_cache_release(ota_cache_t *c, const ota_chunk_t *chunk);
-/* Forgets every chunk of artifact (entries in use go when released). */
+/* Forgets every chunk of artifact (entries in use go when released), and keeps none of it again
+ * (a download that read a chunk just before the delete does not put it back). */
 void ota_cache_drop(ota_cache_t *c, int64_t artifact);
 /* Bytes held now, hits and misses so far (metrics). */
 void ota_cache_stats(ota_cache_t *c, size_t *bytes, uint64_t *hits, uint64_t *misses);

@@ -156,7 +156,10 @@ static int ota__start_stage(ota_ctl_t *ctl, cm_pg_conn_t *c, const ota__ro_t *ro
     ota_ctx_t *ctx = ctl->ctx;
     cm_map_t *target = cm_map_new(), *assigned = cm_map_new(), *busy = cm_map_new();
     int rc = 0;
-    if (ota_target_devices(ctx, ro->group_id, ro->model, ro->label_selector, ro->models, ro->n_models, target, why, why_len)) rc = -1;
+    /* One stage start at a time across replicas: the busy set read below must include what
+     * another replica's stage start just assigned (held until this transaction ends). */
+    if (cm_pg_exec(c, NULL, "SELECT pg_advisory_xact_lock(hashtext('iotsuite.ota.assign'))", 0, NULL)) rc = -2;
+    if (!rc && ota_target_devices(ctx, ro->group_id, ro->model, ro->label_selector, ro->models, ro->n_models, target, why, why_len)) rc = -1;
     const char *p[1] = {ro->id};
     PGresult *r = NULL;
     if (!rc && cm_pg_exec(c, &r, "SELECT device_id FROM device_updates WHERE rollout_id = $1::bigint", 1, p)) rc = -2;
@@ -218,18 +221,23 @@ static int ota__gate(ota_ctl_t *ctl, cm_pg_conn_t *c, const ota__ro_t *ro, const
     const char *p[1] = {ro->id};
     PGresult *r = NULL;
     int rc = 0;
-    if (cm_pg_exec(c, &r, "SELECT device_id FROM device_updates WHERE rollout_id = $1::bigint AND phase = 6", 1, p)) rc = -2;
-    for (int i = 0; !rc && i < PQntuples(r); i++) *cm_map_slot(updated, PQgetvalue(r, i, 0), strlen(PQgetvalue(r, i, 0)), NULL) = (void *)1;
+    /* Updated: succeeded in this rollout. Devices of the rollout still under way or failed are in
+     * neither cohort (they would blur the baseline). */
+    if (cm_pg_exec(c, &r, "SELECT device_id, phase = 6 FROM device_updates WHERE rollout_id = $1::bigint", 1, p)) rc = -2;
+    for (int i = 0; !rc && i < PQntuples(r); i++)
+        *cm_map_slot(updated, PQgetvalue(r, i, 0), strlen(PQgetvalue(r, i, 0)), NULL) = PQgetvalue(r, i, 1)[0] == 't' ? (void *)2 : (void *)1;
     PQclear(r);
     char msg[300];
     if (!rc && ota_target_devices(ctx, ro->group_id, ro->model, ro->label_selector, ro->models, ro->n_models, target, msg, sizeof msg))
         rc = -1;
     long a_u = 0, a_b = 0;
-    size_t n_u = cm_map_len(updated), n_b = 0;
+    size_t n_u = 0, n_b = 0;
     if (!rc) {
         size_t it = 0, kl;
         const void *k;
         void *v;
+        while (cm_map_next(updated, &it, &k, &kl, &v)) n_u += v == (void *)2;
+        it = 0;
         while (cm_map_next(target, &it, &k, &kl, &v)) n_b += cm_map_get(updated, k, kl) == NULL;
     }
     Google__Protobuf__Timestamp since = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
@@ -258,9 +266,10 @@ static int ota__gate(ota_ctl_t *ctl, cm_pg_conn_t *c, const ota__ro_t *ro, const
         cm_rpc_status_clear(&s);
         for (size_t i = 0; i < l->n_alerts; i++) {
             const char *d = l->alerts[i]->device_id;
-            if (cm_map_get(updated, d, strlen(d)))
+            void *in = cm_map_get(updated, d, strlen(d));
+            if (in == (void *)2)
                 a_u++;
-            else if (cm_map_get(target, d, strlen(d)))
+            else if (!in && cm_map_get(target, d, strlen(d)))
                 a_b++;
         }
         cm_free(token);
@@ -398,17 +407,16 @@ static void ota__step(ota_ctl_t *ctl, int64_t id) {
         }
         long devices = atol(PQgetvalue(r, 0, 0)), ok = atol(PQgetvalue(r, 0, 1)), failed = atol(PQgetvalue(r, 0, 2));
         PQclear(r);
-        long counted = failed - st.failed_base;
-        if (strcmp(st.state, "done") != 0 && devices > 0 && (double)counted / (double)devices > st.error + 1e-12) {
-            snprintf(why, sizeof why, "stage %d: %ld of %ld devices failed (%.0f%%, error threshold %.0f%%)", ro.current, failed, devices,
-                     100.0 * (double)failed / (double)devices, 100.0 * st.error);
+        /* Failures an operator accepted by resuming count in neither share. */
+        long counted = failed - st.failed_base, judged = devices - st.failed_base;
+        if (strcmp(st.state, "done") != 0 && judged > 0 && (double)counted / (double)judged > st.error + 1e-12) {
+            snprintf(why, sizeof why, "stage %d: %ld of %ld devices failed (%.0f%%, error threshold %.0f%%)", ro.current, counted, judged,
+                     100.0 * (double)counted / (double)judged, 100.0 * st.error);
             ota__pause(c, ctl, &ro, why, &rc);
             break;
         }
         int advance = 0;
         if (strcmp(st.state, "active") == 0) {
-            /* Failures an operator accepted by resuming leave the denominator: the rest must succeed. */
-            long judged = devices - st.failed_base;
             if (judged <= 0 || (double)ok / (double)judged >= st.success - 1e-12) {
                 if (st.soak_ms > 0) {
                     char set[128];
@@ -417,6 +425,13 @@ static void ota__step(ota_ctl_t *ctl, int64_t id) {
                     break;
                 }
                 advance = 1;
+            } else if (ok + counted >= judged) {
+                /* Every device has finished, too few succeeded, yet not enough failed to pause:
+                 * nothing more can happen by itself, so say so. */
+                snprintf(why, sizeof why, "stage %d: every device finished but only %ld of %ld succeeded (%.0f%%, success threshold %.0f%%)",
+                         ro.current, ok, judged, 100.0 * (double)ok / (double)judged, 100.0 * st.success);
+                ota__pause(c, ctl, &ro, why, &rc);
+                break;
             } else {
                 break; /* still updating */
             }

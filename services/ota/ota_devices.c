@@ -17,6 +17,8 @@ static const char *const ota__phase_names[] = {"UNSPECIFIED", "PENDING",   "OFFE
 
 static const char *ota__phase(int p) { return p >= 0 && p <= OTA_ROLLED_BACK ? ota__phase_names[p] : "UNKNOWN"; }
 
+static int ota__record_version(cm_call_t *call, ota_ctx_t *ctx, const char *device, const char *version);
+
 int ota_check_for_update(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__CheckForUpdateRequest *req = (const void *)req_;
@@ -55,10 +57,29 @@ int ota_check_for_update(cm_call_t *call, const ProtobufCMessage *req_, Protobuf
     int cmp = ota_semver_parse(a->version, &av) ? 0 : ota_semver_cmp(&cur, &av);
     int model_ok = !*req->model;
     for (size_t i = 0; i < a->n_models && !model_ok; i++) model_ok = strcmp(a->models[i], req->model) == 0;
-    /* Never offered: the version it runs already, a downgrade the rollout does not allow, or a
-     * model the artifact is not built for. */
+    /* Never offered: the version it runs already (its update is done: device-mgmt had an old
+     * version), a downgrade the rollout does not allow, or a model the artifact is not built for
+     * (both failures, so that operators see them). Either way the row moves on, so it neither
+     * holds the stage back nor hides an older rollout that does apply. */
     if (cmp == 0 || (cmp > 0 && !downgrade) || !model_ok) {
+        char err[320] = "";
+        if (cmp > 0 && !downgrade)
+            snprintf(err, sizeof err, "not offered: the device runs %.64s, newer than %.64s, and the rollout allows no downgrade",
+                     req->current_version, a->version);
+        else if (cmp != 0)
+            snprintf(err, sizeof err, "not offered: model %.64s is not one the artifact is built for", req->model);
+        const char *up[3] = {rollout, device, err};
+        if (cm_pg_exec(c, NULL,
+                       "UPDATE device_updates SET phase = CASE WHEN $3 = '' THEN 6 ELSE 7 END, progress = CASE WHEN $3 = '' THEN 100 "
+                       "ELSE 0 END, error = $3, update_time = now() WHERE rollout_id = $1::bigint AND device_id = $2 AND phase < 6",
+                       3, up))
+            return ota__pg_fail(call, ctx, c);
         cm_pg_release(ctx->pg, c);
+        if (!*err && ota__record_version(call, ctx, device, a->version)) {
+            /* The update stands; device-mgmt learns the version at the device's next report. */
+            cm_log_kv(CM_LOG_WARN, "cannot record a device's version in device-mgmt", "device", device, NULL);
+        }
+        if (ctx->ctl) ota_ctl_kick(ctx->ctl);
         return 0;
     }
     if (phase == OTA_PENDING) {

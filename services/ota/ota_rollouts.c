@@ -360,7 +360,8 @@ int ota_pause_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
 }
 
 /* Resuming accepts what made the rollout pause: the stage's failures so far stop counting against
- * its error threshold, and the telemetry gate's window starts again now. */
+ * its thresholds, the telemetry gate's window starts again now, and a soaking stage soaks its full
+ * time again from now (the gate must see the devices for that long). */
 int ota_resume_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
     const char *p[1] = {req->id};
@@ -368,7 +369,9 @@ int ota_resume_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
         call, resp_, req->id, "resume",
         "WITH r AS (UPDATE rollouts SET state = 2, pause_reason = '', version = version + 1, update_time = now() "
         "WHERE id = $1::bigint AND state = 3 RETURNING id, current_stage), "
-        "s AS (UPDATE rollout_stages AS s SET gate_since = now(), failed_base = (SELECT count(*) FROM device_updates AS d "
+        "s AS (UPDATE rollout_stages AS s SET gate_since = now(), "
+        "soak_until = CASE WHEN s.state = 'soaking' THEN greatest(s.soak_until, now() + s.soak_ms * interval '1 millisecond') "
+        "ELSE s.soak_until END, failed_base = (SELECT count(*) FROM device_updates AS d "
         "WHERE d.rollout_id = s.rollout_id AND d.stage = s.idx AND d.phase IN (7, 8)) FROM r "
         "WHERE s.rollout_id = r.id AND s.idx = r.current_stage RETURNING 1) SELECT id FROM r",
         1, p);
@@ -420,6 +423,21 @@ int ota_list_device_updates(cm_call_t *call, const ProtobufCMessage *req_, Proto
                    "ORDER BY device_id LIMIT $4::int",
                    4, p))
         return ota__pg_fail(call, ctx, c);
+    if (PQntuples(r) == 0) {
+        PGresult *e = NULL;
+        const char *ep[1] = {req->rollout_id};
+        if (cm_pg_exec(c, &e, "SELECT 1 FROM rollouts WHERE id = $1::bigint", 1, ep)) {
+            PQclear(r);
+            return ota__pg_fail(call, ctx, c);
+        }
+        int exists = PQntuples(e) > 0;
+        PQclear(e);
+        if (!exists) {
+            PQclear(r);
+            cm_pg_release(ctx->pg, c);
+            return cm_call_fail(call, CM_STATUS_NOT_FOUND, "no rollout %s", req->rollout_id);
+        }
+    }
     cm_pg_release(ctx->pg, c);
     int n = PQntuples(r), take = n > size ? size : n;
     resp->updates = cm_call_alloc(call, sizeof *resp->updates * (size_t)(take + 1));
