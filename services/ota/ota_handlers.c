@@ -13,6 +13,7 @@
 #include "cm_err.h"
 #include "cm_json.h"
 #include "cm_log.h"
+#include "cm_page.h"
 #include "iot/device/v1/device.pb-c.h"
 #include "ota_rollouts.h"
 
@@ -127,46 +128,15 @@ int ota__page_size(cm_call_t *call, int v, int def, int max, int *out) {
     return 0;
 }
 
-/* Tokens are hex of "<kind>:<value>": opaque to clients, checked on the way back. */
-char *ota__token_str(cm_call_t *call, char kind, const char *v) {
-    char raw[OTA_MAX_ID + 4];
-    int n = snprintf(raw, sizeof raw, "%c:%s", kind, v);
-    char *out = cm_call_alloc(call, (size_t)n * 2 + 1);
-    cm_hex(out, raw, (size_t)n);
-    return out;
-}
-
-int ota__token_parse_str(cm_call_t *call, const char *tok, char kind, char *out, size_t cap) {
-    out[0] = 0;
-    size_t n = strlen(tok);
-    if (!n) return 0;
-    char raw[OTA_MAX_ID + 4];
-    if (n % 2 || n / 2 >= sizeof raw || n < 6) goto bad;
-    for (size_t i = 0; i < n / 2; i++) {
-        unsigned v;
-        if (!isxdigit((unsigned char)tok[2 * i]) || !isxdigit((unsigned char)tok[2 * i + 1]) || sscanf(tok + 2 * i, "%2x", &v) != 1)
-            goto bad;
-        raw[i] = (char)v;
-    }
-    raw[n / 2] = 0;
-    if (raw[0] != kind || raw[1] != ':' || strlen(raw) != n / 2 || strlen(raw + 2) >= cap) goto bad;
-    for (const char *p = raw + 2; *p; p++)
-        if (!isalnum((unsigned char)*p) && !strchr("._:-", *p)) goto bad;
-    memcpy(out, raw + 2, strlen(raw + 2) + 1);
-    return 0;
-bad:
-    return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued; start again without one");
-}
-
 char *ota__token(cm_call_t *call, char kind, int64_t id) {
     char v[24];
     snprintf(v, sizeof v, "%" PRId64, id);
-    return ota__token_str(call, kind, v);
+    return cm_page_token(call, kind, v);
 }
 
 int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id) {
     char v[24];
-    int rc = ota__token_parse_str(call, tok, kind, v, sizeof v);
+    int rc = cm_page_token_parse_or_fail(call, tok, kind, v, sizeof v);
     *id = 0;
     if (rc || !*v) return rc;
     if (!(*id = ota__id(v)))

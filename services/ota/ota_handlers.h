@@ -54,9 +54,7 @@ int ota__page_size(cm_call_t *call, int v, int def, int max, int *out);
 /* Opaque page tokens carrying one id: "" or a token this service issued, else INVALID_ARGUMENT. */
 char *ota__token(cm_call_t *call, char kind, int64_t id);
 int ota__token_parse(cm_call_t *call, const char *tok, char kind, int64_t *id);
-/* The same carrying a string of [A-Za-z0-9._:-] (device ids); out gets "" for no token. */
-char *ota__token_str(cm_call_t *call, char kind, const char *v);
-int ota__token_parse_str(cm_call_t *call, const char *tok, char kind, char *out, size_t cap);
+
 
 /* Columns for ota__artifact_row, selected from artifacts AS a. */
 #define OTA_ARTIFACT_COLS                                                                                              \

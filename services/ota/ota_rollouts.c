@@ -10,6 +10,7 @@
 #include "cm_alloc.h"
 #include "cm_buf.h"
 #include "cm_log.h"
+#include "cm_page.h"
 #include "ota_rollouts.h"
 #include "ota_semver.h"
 
@@ -409,7 +410,7 @@ int ota_list_device_updates(cm_call_t *call, const ProtobufCMessage *req_, Proto
     int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
     if (rc) return rc;
     char after[OTA_MAX_ID + 1] = "";
-    if ((rc = ota__token_parse_str(call, req->page_token, 'd', after, sizeof after))) return rc;
+    if ((rc = cm_page_token_parse_or_fail(call, req->page_token, 'd', after, sizeof after))) return rc;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     char ph[8], lim[16];
@@ -454,7 +455,7 @@ int ota_list_device_updates(cm_call_t *call, const ProtobufCMessage *req_, Proto
         u->update_time = ota__ts(call, PQgetvalue(r, i, 6));
         resp->updates[resp->n_updates++] = u;
     }
-    resp->next_page_token = n > size ? ota__token_str(call, 'd', PQgetvalue(r, take - 1, 0)) : (char *)"";
+    resp->next_page_token = n > size ? cm_page_token(call, 'd', PQgetvalue(r, take - 1, 0)) : (char *)"";
     PQclear(r);
     return 0;
 }

@@ -15,6 +15,7 @@
 #include "cm_log.h"
 #include "cm_loop.h"
 #include "cm_metrics.h"
+#include "cm_page.h"
 #include "cm_time.h"
 
 #define SVC_RULE Iot__Processing__V1__Rule
@@ -97,35 +98,6 @@ static int proc__page_size(cm_call_t *call, int v, int def, int max, int *out) {
     return 0;
 }
 
-/* Page tokens: "<kind>:<value>" hex-encoded, opaque to clients. */
-static char *proc__token(cm_call_t *call, char kind, const char *v) {
-    char raw[300];
-    int n = snprintf(raw, sizeof raw, "%c:%s", kind, v);
-    char *out = cm_call_alloc(call, (size_t)n * 2 + 1);
-    cm_hex(out, raw, (size_t)n);
-    return out;
-}
-
-static int proc__token_parse(cm_call_t *call, const char *tok, char kind, char *out, size_t cap) {
-    size_t n = strlen(tok);
-    char raw[300];
-    if (n % 2 || n / 2 >= sizeof raw || n < 4) goto bad;
-    for (size_t i = 0; i < n / 2; i++) {
-        unsigned v;
-        if (!isxdigit((unsigned char)tok[2 * i]) || !isxdigit((unsigned char)tok[2 * i + 1]) || sscanf(tok + 2 * i, "%2x", &v) != 1)
-            goto bad;
-        raw[i] = (char)v;
-    }
-    raw[n / 2] = 0;
-    if (raw[0] != kind || raw[1] != ':' || strlen(raw) != n / 2) goto bad;
-    for (const char *p = raw + 2; *p; p++)
-        if (!isalnum((unsigned char)*p) && !strchr("._:-", *p)) goto bad;
-    if (strlen(raw + 2) >= cap) goto bad;
-    memcpy(out, raw + 2, strlen(raw + 2) + 1);
-    return 0;
-bad:
-    return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued; start again without one");
-}
 
 /* ---- rules ------------------------------------------------------------------------------- */
 
@@ -280,7 +252,7 @@ static int proc_list_rules(cm_call_t *call, const ProtobufCMessage *req_, Protob
     int size = 0, rc = proc__page_size(call, req->page_size, 100, 1000, &size);
     if (rc) return rc;
     char after[200] = "";
-    if (req->page_token && *req->page_token && (rc = proc__token_parse(call, req->page_token, 'r', after, sizeof after)))
+    if (req->page_token && *req->page_token && (rc = cm_page_token_parse_or_fail(call, req->page_token, 'r', after, sizeof after)))
         return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
@@ -298,7 +270,7 @@ static int proc_list_rules(cm_call_t *call, const ProtobufCMessage *req_, Protob
         SVC_RULE *x = proc__rule_row(call, r, i);
         if (x) resp->rules[resp->n_rules++] = x;
     }
-    resp->next_page_token = n > size ? proc__token(call, 'r', PQgetvalue(r, take - 1, 0)) : (char *)"";
+    resp->next_page_token = n > size ? cm_page_token(call, 'r', PQgetvalue(r, take - 1, 0)) : (char *)"";
     PQclear(r);
     return 0;
 }
@@ -505,7 +477,7 @@ static int proc_list_alerts(cm_call_t *call, const ProtobufCMessage *req_, Proto
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: not a device id");
     char before[32] = "0";
     if (*req->page_token) {
-        if ((rc = proc__token_parse(call, req->page_token, 'a', before, sizeof before))) return rc;
+        if ((rc = cm_page_token_parse_or_fail(call, req->page_token, 'a', before, sizeof before))) return rc;
         if (!proc__id(before)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued");
     }
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
@@ -528,7 +500,7 @@ static int proc_list_alerts(cm_call_t *call, const ProtobufCMessage *req_, Proto
     int n = PQntuples(r), take = n > size ? size : n;
     resp->alerts = cm_call_alloc(call, sizeof *resp->alerts * (size_t)(take + 1));
     for (int i = 0; i < take; i++) resp->alerts[resp->n_alerts++] = proc__alert_row(call, r, i);
-    resp->next_page_token = n > size ? proc__token(call, 'a', PQgetvalue(r, take - 1, 0)) : (char *)"";
+    resp->next_page_token = n > size ? cm_page_token(call, 'a', PQgetvalue(r, take - 1, 0)) : (char *)"";
     PQclear(r);
     return 0;
 }
@@ -723,7 +695,7 @@ static int proc_query_rollups(cm_call_t *call, const ProtobufCMessage *req_, Pro
     int size = 0, rc = proc__page_size(call, req->page_size, 1000, 10000, &size);
     if (rc) return rc;
     char after[32] = "";
-    if (*req->page_token && (rc = proc__token_parse(call, req->page_token, 'b', after, sizeof after))) return rc;
+    if (*req->page_token && (rc = cm_page_token_parse_or_fail(call, req->page_token, 'b', after, sizeof after))) return rc;
     char sres[16], from[32], to[32], lim[16];
     snprintf(sres, sizeof sres, "%" PRId64, res);
     snprintf(from, sizeof from, "%" PRId64, proc__ms(req->from));
@@ -756,7 +728,7 @@ static int proc_query_rollups(cm_call_t *call, const ProtobufCMessage *req_, Pro
         x->last = strtod(PQgetvalue(r, i, 5), NULL);
         resp->rollups[resp->n_rollups++] = x;
     }
-    resp->next_page_token = n > size ? proc__token(call, 'b', PQgetvalue(r, take - 1, 0)) : (char *)"";
+    resp->next_page_token = n > size ? cm_page_token(call, 'b', PQgetvalue(r, take - 1, 0)) : (char *)"";
     PQclear(r);
     return 0;
 }
