@@ -25,23 +25,13 @@
 
 #include "cm_pg.h"
 #include "cm_rpc.h"
+#include "bench_util.h"
 #include "cm_time.h"
 #include "ing_batch.h"
 #include "iot/device/v1/device.pb-c.h"
 #include "iot/ingest/v1/ingest.pb-c.h"
 
 static double secs_since(int64_t t0) { return (double)(cm_mono_ns() - t0) / 1e9; }
-
-static long rss_kb(long pid) {
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%ld/status", pid);
-    FILE *f = fopen(path, "r");
-    long kb = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "VmRSS:", 6) == 0) kb = atol(line + 6);
-    if (f) fclose(f);
-    return kb;
-}
 
 /* ---- setup ------------------------------------------------------------------------------------ */
 
@@ -237,24 +227,6 @@ typedef struct worker_s {
     long n_lat;
 } worker_t;
 
-static cm_stream_t *open_stream(cm_channel_t *ch, bdev_t *d, uint64_t *resume) {
-    cm_md_t md = {"authorization", d->auth, 0};
-    cm_call_opts_t o = {.timeout_ms = 600000, .md = &md, .n_md = 1};
-    cm_stream_t *s = cm_stream_open(ch, "/iot.ingest.v1.Ingest/StreamTelemetry", &o);
-    Iot__Ingest__V1__TelemetryAck *ack = NULL;
-    if (!s) return NULL;
-    if (cm_stream_recv(s, &iot__ingest__v1__telemetry_ack__descriptor, (ProtobufCMessage **)&ack) != 1) {
-        cm_rpc_status_t st = {0};
-        cm_stream_finish(s, &st);
-        fprintf(stderr, "open %s: %s %s\n", d->id, cm_status_name(st.code), st.message);
-        cm_rpc_status_clear(&st);
-        return NULL;
-    }
-    *resume = ack->acked_seq;
-    protobuf_c_message_free_unpacked(&ack->base, NULL);
-    return s;
-}
-
 static void *worker_main(void *arg) {
     worker_t *w = arg;
     pts_t p;
@@ -341,7 +313,7 @@ static int cmd_load(const char *addr, const char *tokens, long per_dev, long bat
         w[t].batch = batch;
         for (int i = 0; i < w[t].n; i++) {
             uint64_t resume = 0;
-            w[t].devs[i].s = open_stream(w[t].ch, &w[t].devs[i], &resume);
+            w[t].devs[i].s = bench_open_telemetry(w[t].ch, w[t].devs[i].id, w[t].devs[i].auth, 600000, &resume);
             w[t].devs[i].next_seq = resume + 1;
             opened += w[t].devs[i].s != NULL;
         }
@@ -390,7 +362,7 @@ static int cmd_open(const char *addr, const char *tokens, int want, long pid) {
         fprintf(stderr, "open: %d tokens, %d wanted\n", n, want);
         return 1;
     }
-    long before = rss_kb(pid);
+    long before = bench_rss_kb(pid);
     enum { CHANNELS = 8 };
     cm_channel_t *ch[CHANNELS];
     for (int i = 0; i < CHANNELS; i++) {
@@ -421,7 +393,7 @@ static int cmd_open(const char *addr, const char *tokens, int want, long pid) {
     }
     double s = secs_since(t0);
     sleep(1);
-    long with = rss_kb(pid);
+    long with = bench_rss_kb(pid);
     printf("open streams=%d seconds=%.2f rss_before_kb=%ld rss_open_kb=%ld per_stream_bytes=%.0f\n", opened, s, before,
            with, opened ? (double)(with - before) * 1024.0 / opened : 0);
     for (int i = 0; i < want; i++)

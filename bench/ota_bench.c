@@ -33,6 +33,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "cm_rpc.h"
 #include "cm_time.h"
 #include "iot/ota/v1/ota.pb-c.h"
@@ -50,17 +51,6 @@ static double mbps(int64_t bytes, double s) { return s > 0 ? (double)bytes / 1e6
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
-}
-
-static long rss_kb(long pid) {
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%ld/status", pid);
-    FILE *f = fopen(path, "r");
-    long kb = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "VmRSS:", 6) == 0) kb = atol(line + 6);
-    if (f) fclose(f);
-    return kb;
 }
 
 /* The content: MB MiB of pseudo-random bytes (splitmix64 over 8-byte words), the same in every
@@ -245,7 +235,7 @@ static int cmd_many(const char *addr, const char *tokens, const char *id, long m
         }
     }
     if (!want || !d || !joined) goto out;
-    long before = rss_kb(pid), peak = before;
+    long before = bench_rss_kb(pid), peak = before;
     int64_t t0 = cm_mono_ns();
     for (; started < n; started++) {
         d[started] = (dl_t){.ch = ch[started % CHANNELS], .auth = auth, .id = id, .want = want, .size = size};
@@ -256,7 +246,7 @@ static int cmd_many(const char *addr, const char *tokens, const char *id, long m
     }
     /* Sample ota's RSS until every download has ended. */
     for (int left = started; left > 0;) {
-        long kb = rss_kb(pid);
+        long kb = bench_rss_kb(pid);
         if (kb > peak) peak = kb;
         sleep_ms(50);
         for (int i = 0; i < started; i++)

@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "cm_map.h"
 #include "cm_redis.h"
 #include "cm_rpc.h"
@@ -625,24 +626,6 @@ typedef struct lane_s {
     long n_lat, cap_lat;
 } lane_t;
 
-static cm_stream_t *open_device(cm_channel_t *ch, edev_t *d, uint64_t *resume) {
-    cm_md_t md = {"authorization", d->auth, 0};
-    cm_call_opts_t o = {.timeout_ms = 3600000, .md = &md, .n_md = 1};
-    cm_stream_t *s = cm_stream_open(ch, "/iot.ingest.v1.Ingest/StreamTelemetry", &o);
-    Iot__Ingest__V1__TelemetryAck *ack = NULL;
-    if (!s) return NULL;
-    if (cm_stream_recv(s, &iot__ingest__v1__telemetry_ack__descriptor, (ProtobufCMessage **)&ack) != 1) {
-        cm_rpc_status_t st = {0};
-        cm_stream_finish(s, &st);
-        fprintf(stderr, "open %s: %s %s\n", d->id, cm_status_name(st.code), st.message);
-        cm_rpc_status_clear(&st);
-        return NULL;
-    }
-    *resume = ack->acked_seq;
-    protobuf_c_message_free_unpacked(&ack->base, NULL);
-    return s;
-}
-
 static void *lane_tx(void *arg) {
     lane_t *l = arg;
     e2e_t *e = l->e;
@@ -828,7 +811,7 @@ static int cmd_e2e(const char *ing_addr, const char *tokens, const char *proc_ad
         pthread_cond_init(&l->cv, NULL);
         for (int i = 0; i < l->n; i++) {
             uint64_t resume = 0;
-            l->devs[i].s = open_device(l->ch, &l->devs[i], &resume);
+            l->devs[i].s = bench_open_telemetry(l->ch, l->devs[i].id, l->devs[i].auth, 3600000, &resume);
             l->devs[i].next_seq = (resume > seq_base ? resume : seq_base) + 1;
             if (l->devs[i].s)
                 opened++;
