@@ -5,6 +5,7 @@
  * share the TCP connection to a target unless own_connection is set. */
 #include "cm_rpc_internal.h"
 #include "cm_err.h"
+#include "cm_pbdec.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +31,8 @@ struct cm_stream_s {
     char tag_status, tag_write, tag_read, tag_md;
     grpc_slice *md_slices;
     size_t n_md_slices;
+    uint8_t *rbuf; /* cm_stream_recv_view: the last message's bytes, contiguous */
+    size_t rcap;
 };
 
 cm_channel_t *cm_channel_new(const char *target, const cm_channel_opts_t *o, int *err) {
@@ -438,6 +441,39 @@ int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, Proto
     return *out ? 1 : CM_EDECODE;
 }
 
+int cm_stream_recv_view(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, cm_arena_t *a, ProtobufCMessage **out) {
+    grpc_byte_buffer *buf;
+    int ok = cm__stream_read(s, &buf);
+    *out = NULL;
+    if (!ok || !buf) {
+        if (buf) grpc_byte_buffer_destroy(buf);
+        return 0;
+    }
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, buf)) {
+        grpc_byte_buffer_destroy(buf);
+        return CM_EDECODE;
+    }
+    size_t n = 0;
+    grpc_slice sl;
+    while (grpc_byte_buffer_reader_next(&r, &sl)) {
+        size_t k = GRPC_SLICE_LENGTH(sl);
+        if (n + k > s->rcap) {
+            s->rcap = n + k > 2 * s->rcap ? n + k : 2 * s->rcap;
+            s->rbuf = cm_realloc(s->rbuf, s->rcap);
+        }
+        memcpy(s->rbuf + n, GRPC_SLICE_START_PTR(sl), k);
+        n += k;
+        grpc_slice_unref(sl);
+    }
+    grpc_byte_buffer_reader_destroy(&r);
+    grpc_byte_buffer_destroy(buf);
+    int rc = cm__pb_decode_alias(desc, a, s->rbuf, n, out);
+    if (rc == CM__PB_FALLBACK) *out = protobuf_c_message_unpack(desc, &a->pb, n, s->rbuf);
+    else if (rc) *out = NULL;
+    return *out ? 1 : CM_EDECODE;
+}
+
 void cm_stream_cancel(cm_stream_t *s) {
     grpc_call_cancel(s->call, NULL);
 }
@@ -467,6 +503,7 @@ int cm_stream_finish(cm_stream_t *s, cm_rpc_status_t *st) {
     grpc_call_unref(s->call);
     cm__cq_destroy(s->cq);
     cm__free_slices(s->md_slices, s->n_md_slices);
+    cm_free(s->rbuf);
     cm_free(s);
     return code;
 }

@@ -20,6 +20,7 @@
 
 typedef struct cm__pbin_s {
     const uint8_t *p, *end;
+    int alias; /* bytes fields point into the input instead of copies */
 } cm__pbin_t;
 
 #define CM__PB_HOT static inline __attribute__((always_inline))
@@ -160,7 +161,7 @@ CM__PB_HOT int cm__pb_scalar(cm__pbin_t *in, ProtobufCType t, void *dst) {
 }
 
 static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
-                          ProtobufCMessage **out);
+                          int alias, ProtobufCMessage **out);
 
 /* Reads the next key: its wire type, and the field it names in d (NULL for an unknown field). */
 CM__PB_HOT int cm__pb_key(cm__pbin_t *in, const ProtobufCMessageDescriptor *d, unsigned *wt,
@@ -187,7 +188,9 @@ static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm
     }
     case PROTOBUF_C_TYPE_BYTES: {
         ProtobufCBinaryData b = {(size_t)len, NULL};
-        if (len) {
+        if (len && in->alias) {
+            b.data = (uint8_t *)v;
+        } else if (len) {
             b.data = cm_arena_alloc(a, (size_t)len);
             memcpy(b.data, v, (size_t)len);
         }
@@ -196,7 +199,7 @@ static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm
     }
     default: { /* MESSAGE */
         ProtobufCMessage *m;
-        int rc = cm__pb_message(f->descriptor, a, v, (size_t)len, depth + 1, &m);
+        int rc = cm__pb_message(f->descriptor, a, v, (size_t)len, depth + 1, in->alias, &m);
         if (rc) return rc;
         memcpy(dst, &m, sizeof m);
         return 0;
@@ -215,7 +218,7 @@ static long cm__pb_packed_count(ProtobufCType t, const uint8_t *p, size_t len) {
 }
 
 static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
-                          ProtobufCMessage **out) {
+                          int alias, ProtobufCMessage **out) {
     if (depth > CM__PB_MAX_DEPTH) return CM__PB_BAD;
     ProtobufCMessage *m = cm_arena_alloc(a, d->sizeof_message);
     d->message_init(m);
@@ -230,7 +233,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
         if (d->fields[i].label == PROTOBUF_C_LABEL_REQUIRED) return CM__PB_FALLBACK;
         any_repeated |= d->fields[i].label == PROTOBUF_C_LABEL_REPEATED;
     }
-    cm__pbin_t in = {p, p + n};
+    cm__pbin_t in = {p, p + n, alias};
     if (any_repeated) {
         while (in.p < in.end) {
             unsigned wt;
@@ -242,7 +245,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
             if (!f || f->label != PROTOBUF_C_LABEL_REPEATED) continue;
             size_t idx = (size_t)(f - d->fields);
             if (wt == 2 && cm__pb_wire_type(f->type) != 2) { /* packed scalars */
-                cm__pbin_t pl = {payload, in.p};
+                cm__pbin_t pl = {payload, in.p, 0};
                 uint64_t len = 0;
                 cm__pb_varint(&pl, &len); /* cannot fail: cm__pb_skip read it already */
                 long c = cm__pb_packed_count(f->type, pl.p, (size_t)len);
@@ -284,7 +287,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
             if (wt == 2 && expect != 2) { /* packed */
                 uint64_t len;
                 if (cm__pb_varint(&in, &len) || len > (uint64_t)(in.end - in.p)) return CM__PB_BAD;
-                cm__pbin_t pl = {in.p, in.p + len};
+                cm__pbin_t pl = {in.p, in.p + len, 0};
                 in.p += len;
                 while (pl.p < pl.end) {
                     if (filled[idx] >= counts[idx] || cm__pb_scalar(&pl, f->type, arr + filled[idx] * es)) return CM__PB_BAD;
@@ -328,5 +331,11 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
 
 int cm__pb_decode(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, ProtobufCMessage **out) {
     *out = NULL;
-    return cm__pb_message(d, a, p, n, 0, out);
+    return cm__pb_message(d, a, p, n, 0, 0, out);
+}
+
+int cm__pb_decode_alias(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n,
+                        ProtobufCMessage **out) {
+    *out = NULL;
+    return cm__pb_message(d, a, p, n, 0, 1, out);
 }

@@ -12,5 +12,8 @@
 
 /* 0 with *out set, CM__PB_BAD or CM__PB_FALLBACK. Memory (also on failure) stays in the arena. */
 int cm__pb_decode(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, ProtobufCMessage **out);
+/* The same, but bytes fields point into p (which must outlive the message) instead of copies. */
+int cm__pb_decode_alias(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n,
+                        ProtobufCMessage **out);
 
 #endif

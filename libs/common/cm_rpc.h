@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <protobuf-c/protobuf-c.h>
+#include "cm_alloc.h"
 
 /* gRPC status codes, mirrored so that services need not include grpc headers. */
 typedef enum {
@@ -199,6 +200,13 @@ int cm_call_fail(cm_call_t *call, int code, const char *fmt, ...) __attribute__(
  * keeps ownership of msg. Returns 0, CM_EFULL when max_send_queue messages are already waiting (the
  * client is not reading), or CM_ECLOSED when the call has ended or its status is queued. */
 int cm_call_send(cm_call_t *call, const ProtobufCMessage *msg);
+/* cm_call_send for bulk data, without copying it: msg (left without its bytes field `field`) is
+ * serialised at once and data follows it on the wire as that field, read in place by grpc until
+ * release(arg), which runs exactly once from any thread: when the message has been written, when
+ * the call ends first, or at once when the send is refused (release NULL: data outlives the call).
+ * Returns what cm_call_send does, or CM_EINVAL when field is not a singular bytes field of msg. */
+int cm_call_send_tail(cm_call_t *call, const ProtobufCMessage *msg, uint32_t field, const void *data, size_t len,
+                      void (*release)(void *), void *arg);
 /* Finishes a call that a callback left CM_PENDING. msg may be NULL. Returns CM_ECLOSED if the call
  * already ended or was finished. */
 int cm_call_finish(cm_call_t *call, int code, const char *msg);
@@ -294,6 +302,11 @@ int cm_stream_close_send(cm_stream_t *s);
 /* 1 with *out set (free with protobuf_c_message_free_unpacked(out, NULL)), 0 at end of stream,
  * negative on error (CM_EDECODE for a message that does not parse). */
 int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out);
+/* cm_stream_recv for bulk data, without per-message allocations: *out lives in arena a (reset it
+ * between messages; do not free *out) and its bytes fields point into the stream's receive buffer,
+ * reused by the next receive: the message is valid until the next cm_stream_recv_view or
+ * cm_stream_finish on s, or until a is reset. */
+int cm_stream_recv_view(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, cm_arena_t *a, ProtobufCMessage **out);
 /* Cancels the call (the server sees cancellation). Then call cm_stream_finish to release it. */
 void cm_stream_cancel(cm_stream_t *s);
 /* Reads and drops messages the caller left unread, waits for the status, releases the stream and

@@ -198,6 +198,35 @@ grpc_byte_buffer *cm__encode(const ProtobufCMessage *msg) {
     return bb;
 }
 
+static size_t cm__varint(uint8_t *p, uint64_t v) {
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+/* msg, then the bytes field `field` holding data: two slices, the second data itself. Protobuf
+ * parsers take fields in any order, so appending the field is the same message. */
+static grpc_byte_buffer *cm__encode_tail(const ProtobufCMessage *msg, uint32_t field, const void *data, size_t len,
+                                         void (*release)(void *), void *arg) {
+    size_t n = protobuf_c_message_get_packed_size(msg);
+    grpc_slice s[2];
+    s[0] = grpc_slice_malloc(n + 20);
+    uint8_t *p = GRPC_SLICE_START_PTR(s[0]);
+    size_t k = protobuf_c_message_pack(msg, p);
+    k += cm__varint(p + k, (uint64_t)field << 3 | 2); /* wire type 2: length-delimited */
+    k += cm__varint(p + k, len);
+    s[0] = grpc_slice_sub_no_ref(s[0], 0, k);
+    s[1] = release ? grpc_slice_new_with_user_data((void *)data, len, release, arg) : grpc_slice_from_static_buffer(data, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, 2);
+    grpc_slice_unref(s[0]);
+    grpc_slice_unref(s[1]);
+    return bb;
+}
+
 char *cm__read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -416,12 +445,18 @@ static void cm__call_pump_locked(cm_call_t *c) {
     cm__start_batch_or_die(c, ops, n, &c->tag_send);
 }
 
-static int cm__call_queue_locked(cm_call_t *c, const ProtobufCMessage *msg, int ignore_limit) {
-    if (c->finalised || c->status_queued || c->closed || c->send_failed) return CM_ECLOSED;
-    if (!ignore_limit && c->q_len >= c->srv->max_send_queue) return CM_EFULL;
+/* Queues msg, or buf when msg is NULL (taking it, also on failure). */
+static int cm__call_queue_locked(cm_call_t *c, const ProtobufCMessage *msg, grpc_byte_buffer *buf, int ignore_limit) {
+    int rc = 0;
+    if (c->finalised || c->status_queued || c->closed || c->send_failed) rc = CM_ECLOSED;
+    else if (!ignore_limit && c->q_len >= c->srv->max_send_queue) rc = CM_EFULL;
+    if (rc) {
+        if (buf) grpc_byte_buffer_destroy(buf);
+        return rc;
+    }
     c->n_queued++;
     cm__sendq_t *q = cm_malloc(sizeof *q);
-    q->buf = cm__encode(msg);
+    q->buf = msg ? cm__encode(msg) : buf;
     q->next = NULL;
     if (c->q_tail)
         c->q_tail->next = q;
@@ -434,7 +469,23 @@ static int cm__call_queue_locked(cm_call_t *c, const ProtobufCMessage *msg, int 
 
 int cm_call_send(cm_call_t *c, const ProtobufCMessage *msg) {
     pthread_mutex_lock(&c->mu);
-    int rc = cm__call_queue_locked(c, msg, 0);
+    int rc = cm__call_queue_locked(c, msg, NULL, 0);
+    if (rc == 0) cm__call_pump_locked(c);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+int cm_call_send_tail(cm_call_t *c, const ProtobufCMessage *msg, uint32_t field, const void *data, size_t len,
+                      void (*release)(void *), void *arg) {
+    const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(msg->descriptor, (unsigned)field);
+    if (!f || f->type != PROTOBUF_C_TYPE_BYTES || f->label == PROTOBUF_C_LABEL_REPEATED) {
+        if (release) release(arg);
+        return CM_EINVAL;
+    }
+    /* Encoded before the lock is taken: the header is small, the data is not copied. */
+    grpc_byte_buffer *buf = cm__encode_tail(msg, field, data, len, release, arg);
+    pthread_mutex_lock(&c->mu);
+    int rc = cm__call_queue_locked(c, NULL, buf, 0);
     if (rc == 0) cm__call_pump_locked(c);
     pthread_mutex_unlock(&c->mu);
     return rc;
@@ -498,7 +549,7 @@ int cm_call_abort(cm_call_t *c, int code, const char *msg) {
 /* Finishes with the code a callback returned, keeping a message it set through cm_call_fail. */
 static void cm__call_finish_from_callback(cm_call_t *c, int code, const ProtobufCMessage *resp) {
     pthread_mutex_lock(&c->mu);
-    if (code == CM_STATUS_OK && resp) cm__call_queue_locked(c, resp, 1);
+    if (code == CM_STATUS_OK && resp) cm__call_queue_locked(c, resp, NULL, 1);
     if (code != CM_STATUS_OK && !c->status_msg) c->status_msg = cm_strdup(cm_status_name(code));
     cm__call_finish_locked(c, code, NULL);
     pthread_mutex_unlock(&c->mu);
@@ -508,7 +559,7 @@ int cm_call_respond(cm_call_t *c, int code, const ProtobufCMessage *resp, const 
     pthread_mutex_lock(&c->mu);
     int rc = CM_ECLOSED;
     if (!(c->finalised || c->status_queued || c->send_failed || (c->closed && c->close_cancelled))) {
-        if (code == CM_STATUS_OK && resp) cm__call_queue_locked(c, resp, 1);
+        if (code == CM_STATUS_OK && resp) cm__call_queue_locked(c, resp, NULL, 1);
         rc = cm__call_finish_locked(c, code, msg ? msg : code == CM_STATUS_OK ? NULL : cm_status_name(code));
     }
     pthread_mutex_unlock(&c->mu);

@@ -122,8 +122,51 @@ static int echo_ss_writable(cm_call_t *call) {
     return CM_PENDING;
 }
 
+typedef struct echo_tail_s {
+    echo_ctx_t *ctx;
+    uint8_t data[];
+} echo_tail_t;
+
+static void echo_tail_release(void *arg) {
+    echo_tail_t *t = arg;
+    atomic_fetch_add(&t->ctx->tail_released, 1);
+    cm_free(t);
+}
+
+static const uint8_t echo_static_tail[] = "static bytes that outlive every call";
+
+/* One ServerStream response whose payload follows by cm_call_send_tail: from a buffer of its own
+ * (message "tail"; released by the framework, also when the send is refused) or from static
+ * memory (message "tail-static"). */
+static int echo_send_tail(cm_call_t *call, const Iot__Testing__V1__EchoRequest *req, Iot__Testing__V1__EchoResponse *resp) {
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    if (strcmp(req->message, "tail-static") == 0)
+        return cm_call_send_tail(call, &resp->base, 2, echo_static_tail, sizeof echo_static_tail, NULL, NULL);
+    echo_tail_t *t = cm_malloc(sizeof *t + req->payload.len + 1);
+    t->ctx = ctx;
+    if (req->payload.len) memcpy(t->data, req->payload.data, req->payload.len);
+    atomic_fetch_add(&ctx->tail_made, 1);
+    int rc = cm_call_send_tail(call, &resp->base, 2, t->data, req->payload.len, echo_tail_release, t);
+    if (rc == CM_EFULL || rc == CM_ECLOSED) atomic_fetch_add(&ctx->tail_refused, 1);
+    return rc;
+}
+
+/* cm_call_send_tail refuses fields that are not singular bytes (index is int32, message a string),
+ * releasing the data at once. */
+static void echo_tail_misuse(cm_call_t *call, Iot__Testing__V1__EchoResponse *resp) {
+    echo_ctx_t *ctx = cm_call_service_ctx(call);
+    for (uint32_t field = 1; field <= 3; field += 2) {
+        echo_tail_t *t = cm_malloc(sizeof *t);
+        t->ctx = ctx;
+        atomic_fetch_add(&ctx->tail_made, 1);
+        if (cm_call_send_tail(call, &resp->base, field, t->data, 0, echo_tail_release, t) == CM_EINVAL)
+            atomic_fetch_add(&ctx->tail_einval, 1);
+    }
+}
+
 static int echo_ss_start(cm_call_t *call, const ProtobufCMessage *req_) {
     const Iot__Testing__V1__EchoRequest *req = (const void *)req_;
+    int tail = strncmp(req->message, "tail", 4) == 0;
     if (req->paced) {
         echo_paced_t *p = cm_calloc(1, sizeof *p);
         p->message = cm_strdup(req->message);
@@ -140,10 +183,11 @@ static int echo_ss_start(cm_call_t *call, const ProtobufCMessage *req_) {
         Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
         resp.message = req->message;
         resp.index = i;
-        resp.payload = req->payload;
         int rc;
+        if (tail && i == 0) echo_tail_misuse(call, &resp);
+        if (!tail) resp.payload = req->payload;
         /* A blocking handler can afford backpressure: wait for the client to read. */
-        while ((rc = cm_call_send(call, &resp.base)) == CM_EFULL) {
+        while ((rc = tail ? echo_send_tail(call, req, &resp) : cm_call_send(call, &resp.base)) == CM_EFULL) {
             if (cm_call_cancelled(call)) return CM_STATUS_CANCELLED;
             sleep_ms(1);
         }

@@ -48,32 +48,69 @@ static int64_t rint64(void) {
     }
 }
 
-/* Packs m, decodes the bytes with both decoders, re-packs both and compares. */
+/* Decodes buf with cm__pb_decode (alias: cm__pb_decode_alias), falling back as callers do. */
+static ProtobufCMessage *fast_decode(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *buf, size_t n, int alias) {
+    ProtobufCMessage *fast = NULL;
+    int rc = alias ? cm__pb_decode_alias(d, a, buf, n, &fast) : cm__pb_decode(d, a, buf, n, &fast);
+    if (rc == CM__PB_FALLBACK) fast = protobuf_c_message_unpack(d, &a->pb, n, buf);
+    else ASSERT_INT_EQ(rc, 0);
+    ASSERT(fast);
+    return fast;
+}
+
+/* Packs m, decodes the bytes with both decoders (ours copying and aliasing), re-packs and compares. */
 static void roundtrip(const ProtobufCMessage *m) {
     size_t n = protobuf_c_message_get_packed_size(m);
     uint8_t *buf = malloc(n + 1);
     protobuf_c_message_pack(m, buf);
-    cm_arena_t a;
-    cm_arena_init(&a, NULL, 0);
-    ProtobufCMessage *fast = NULL;
-    int rc = cm__pb_decode(m->descriptor, &a, buf, n, &fast);
-    if (rc == CM__PB_FALLBACK) fast = protobuf_c_message_unpack(m->descriptor, &a.pb, n, buf);
-    else ASSERT_INT_EQ(rc, 0);
-    ASSERT(fast);
     ProtobufCMessage *ref = protobuf_c_message_unpack(m->descriptor, NULL, n, buf);
     ASSERT(ref);
-    size_t n1 = protobuf_c_message_get_packed_size(fast), n2 = protobuf_c_message_get_packed_size(ref);
-    ASSERT_INT_EQ(n1, n2);
-    uint8_t *b1 = malloc(n1 + 1), *b2 = malloc(n2 + 1);
-    protobuf_c_message_pack(fast, b1);
+    size_t n2 = protobuf_c_message_get_packed_size(ref);
+    uint8_t *b2 = malloc(n2 + 1);
     protobuf_c_message_pack(ref, b2);
-    int same = memcmp(b1, b2, n1) == 0 && n1 == n;
-    free(b1);
+    int same = 1;
+    for (int alias = 0; alias < 2; alias++) {
+        cm_arena_t a;
+        cm_arena_init(&a, NULL, 0);
+        ProtobufCMessage *fast = fast_decode(m->descriptor, &a, buf, n, alias);
+        size_t n1 = protobuf_c_message_get_packed_size(fast);
+        ASSERT_INT_EQ(n1, n2);
+        uint8_t *b1 = malloc(n1 + 1);
+        protobuf_c_message_pack(fast, b1);
+        same &= memcmp(b1, b2, n1) == 0 && n1 == n;
+        free(b1);
+        cm_arena_free(&a);
+    }
     free(b2);
     protobuf_c_message_free_unpacked(ref, NULL);
-    cm_arena_free(&a);
     free(buf);
     if (!same) TEST__FAIL("%s decoded differently from protobuf-c", m->descriptor->name);
+}
+
+/* cm__pb_decode_alias: bytes fields point into the input, strings are still copies (they need
+ * their terminator), and cm__pb_decode copies both. */
+static void test_alias_points_into_input(void) {
+    uint8_t payload[300];
+    for (size_t i = 0; i < sizeof payload; i++) payload[i] = (uint8_t)i;
+    Iot__Testing__V1__EchoResponse resp = IOT__TESTING__V1__ECHO_RESPONSE__INIT;
+    resp.message = (char *)"m";
+    resp.payload.data = payload;
+    resp.payload.len = sizeof payload;
+    size_t n = protobuf_c_message_get_packed_size(&resp.base);
+    uint8_t *buf = malloc(n);
+    protobuf_c_message_pack(&resp.base, buf);
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    Iot__Testing__V1__EchoResponse *v = (void *)fast_decode(resp.base.descriptor, &a, buf, n, 1);
+    ASSERT(v->payload.data > buf && v->payload.data + v->payload.len <= buf + n);
+    ASSERT(memcmp(v->payload.data, payload, sizeof payload) == 0);
+    ASSERT(!((uint8_t *)v->message >= buf && (uint8_t *)v->message < buf + n));
+    ASSERT_STR_EQ(v->message, "m");
+    Iot__Testing__V1__EchoResponse *c = (void *)fast_decode(resp.base.descriptor, &a, buf, n, 0);
+    ASSERT(!(c->payload.data >= buf && c->payload.data < buf + n));
+    ASSERT(memcmp(c->payload.data, payload, sizeof payload) == 0);
+    cm_arena_free(&a);
+    free(buf);
 }
 
 static void test_echo_messages_match_protobuf_c(void) {
@@ -305,7 +342,7 @@ static void test_mutated_input_never_crashes(void) {
     free(buf);
 }
 
-TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
+TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_alias_points_into_input), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
           TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
           TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
           TEST_ENTRY(test_mutated_input_never_crashes))
