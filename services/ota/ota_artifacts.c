@@ -300,14 +300,16 @@ void ota_upload_done(cm_call_t *call, int cancelled) {
 /* ---- reads --------------------------------------------------------------------------------- */
 
 /* Loads one complete artifact into *out (call arena). 0, or the status the call was failed with. */
-static int ota__load_or_fail(cm_call_t *call, ota_ctx_t *ctx, const char *id, Iot__Ota__V1__Artifact **out) {
+/* The artifact, and the chunk size it was stored with when chunk is not NULL. */
+static int ota__load_or_fail(cm_call_t *call, ota_ctx_t *ctx, const char *id, Iot__Ota__V1__Artifact **out, int64_t *chunk) {
     if (!ota__id(id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
     int rc;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     PGresult *r = NULL;
     const char *p[1] = {id};
-    if (cm_pg_exec(c, &r, "SELECT " OTA_ARTIFACT_COLS " FROM artifacts AS a WHERE a.id = $1::bigint AND a.manifest IS NOT NULL", 1, p))
+    if (cm_pg_exec(c, &r, "SELECT " OTA_ARTIFACT_COLS ", a.chunk_size FROM artifacts AS a WHERE a.id = $1::bigint AND a.manifest IS NOT NULL",
+                   1, p))
         return ota__pg_fail(call, ctx, c);
     cm_pg_release(ctx->pg, c);
     if (PQntuples(r) == 0) {
@@ -315,6 +317,7 @@ static int ota__load_or_fail(cm_call_t *call, ota_ctx_t *ctx, const char *id, Io
         return cm_call_fail(call, CM_STATUS_NOT_FOUND, "no artifact %s", id);
     }
     *out = ota__artifact_row(call, r, 0);
+    if (chunk) *chunk = strtoll(PQgetvalue(r, 0, PQnfields(r) - 1), NULL, 10);
     PQclear(r);
     return 0;
 }
@@ -322,7 +325,7 @@ static int ota__load_or_fail(cm_call_t *call, ota_ctx_t *ctx, const char *id, Io
 int ota_get_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__GetArtifactRequest *req = (const void *)req_;
     Iot__Ota__V1__Artifact *a = NULL;
-    int rc = ota__load_or_fail(call, cm_call_service_ctx(call), req->id, &a);
+    int rc = ota__load_or_fail(call, cm_call_service_ctx(call), req->id, &a, NULL);
     if (rc) return rc;
     memcpy(resp_, a, sizeof *a);
     return 0;
@@ -499,25 +502,23 @@ static int ota__send_slice(cm_call_t *call, ota__download_t *d, Iot__Ota__V1__Ar
     Iot__Ota__V1__DownloadArtifactResponse m = IOT__OTA__V1__DOWNLOAD_ARTIFACT_RESPONSE__INIT;
     m.artifact = first;
     m.offset = d->next;
-    const ota_chunk_t *ch = NULL;
-    if (d->next < d->size) {
-        int rc = 0;
-        int64_t within = d->next % d->chunk;
-        ch = ota__chunk_or_fail(call, d, (int)(d->next / d->chunk), &rc);
-        if (!ch) return rc;
-        if ((size_t)within >= ch->len) {
-            ota_cache_release(ctx->cache, ch);
-            return cm_call_fail(call, CM_STATUS_DATA_LOSS, "artifact %s: chunk %" PRId64 " is shorter than its offset", d->id,
-                                d->next / d->chunk);
-        }
-        m.data.data = (uint8_t *)ch->data + within;
-        m.data.len = ch->len - (size_t)within;
+    if (d->next >= d->size) return cm_call_send(call, &m.base) ? CM_STATUS_CANCELLED : CM_PENDING; /* empty artifact */
+    int rc = 0;
+    int64_t within = d->next % d->chunk;
+    const ota_chunk_t *ch = ota__chunk_or_fail(call, d, (int)(d->next / d->chunk), &rc);
+    if (!ch) return rc;
+    if ((size_t)within >= ch->len) {
+        ota_cache_release(ctx->cache, ch);
+        return cm_call_fail(call, CM_STATUS_DATA_LOSS, "artifact %s: chunk %" PRId64 " is shorter than its offset", d->id,
+                            d->next / d->chunk);
     }
-    int rc = cm_call_send(call, &m.base); /* serialises: the chunk is free to go after it */
-    ota_cache_release(ctx->cache, ch);
-    if (rc) return CM_STATUS_CANCELLED;
-    d->next += (int64_t)m.data.len;
-    cm_counter_add(ctx->c_download_bytes, (double)m.data.len);
+    size_t len = ch->len - (size_t)within;
+    /* The chunk goes out in place (no copy per device): grpc holds the cache reference until the
+     * bytes are written. */
+    if (cm_call_send_tail(call, &m.base, 3 /* data */, ch->data + within, len, ota_chunk_release, (void *)ch))
+        return CM_STATUS_CANCELLED;
+    d->next += (int64_t)len;
+    cm_counter_add(ctx->c_download_bytes, (double)len);
     return CM_PENDING;
 }
 
@@ -529,7 +530,8 @@ int ota_download_start(cm_call_t *call, const ProtobufCMessage *req_) {
     if (rc) return rc;
     if (req->offset < 0) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "offset: 0 or more");
     Iot__Ota__V1__Artifact *a = NULL;
-    if ((rc = ota__load_or_fail(call, ctx, req->artifact_id, &a))) return rc;
+    int64_t chunk = 0;
+    if ((rc = ota__load_or_fail(call, ctx, req->artifact_id, &a, &chunk))) return rc;
     if (req->offset > a->size)
         return cm_call_fail(call, CM_STATUS_OUT_OF_RANGE, "offset %" PRId64 " is beyond the artifact's %" PRId64 " bytes",
                             req->offset, a->size);
@@ -539,19 +541,11 @@ int ota_download_start(cm_call_t *call, const ProtobufCMessage *req_) {
     d->aid = ota__id(a->id);
     d->next = req->offset;
     d->size = a->size;
+    d->chunk = chunk; /* what the artifact was stored with (it may differ from today's setting) */
     cm_call_set_user(call, d);
     cm_counter_add(ctx->c_downloads, 1);
     cm_gauge_set(ctx->g_downloads, (double)atomic_fetch_add(&ctx->downloads, 1) + 1);
-    /* The chunk size the artifact was stored with (it may differ from today's setting). */
-    cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
-    if (!c) return rc;
-    PGresult *r = NULL;
-    const char *p[1] = {d->id};
-    if (cm_pg_exec(c, &r, "SELECT chunk_size FROM artifacts WHERE id = $1::bigint", 1, p)) return ota__pg_fail(call, ctx, c);
-    cm_pg_release(ctx->pg, c);
-    d->chunk = PQntuples(r) ? strtoll(PQgetvalue(r, 0, 0), NULL, 10) : 0;
-    PQclear(r);
-    if (d->chunk <= 0) return cm_call_fail(call, CM_STATUS_NOT_FOUND, "artifact %s was deleted", d->id);
+    if (d->chunk <= 0) return cm_call_fail(call, CM_STATUS_DATA_LOSS, "artifact %s has no chunk size", d->id);
     return ota__send_slice(call, d, a);
 }
 

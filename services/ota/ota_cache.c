@@ -12,6 +12,7 @@ typedef struct ota__entry_s {
     uint8_t key[12];
     int refs;
     int dead; /* dropped while in use: freed on the last release */
+    ota_cache_t *owner;
     struct ota__entry_s *prev, *next; /* LRU list, most recent first */
 } ota__entry_t;
 
@@ -22,6 +23,8 @@ struct ota_cache_s {
     ota__entry_t *head, *tail;
     size_t cap, bytes;
     uint64_t hits, misses;
+    size_t users; /* references handed out and not released */
+    int closed;   /* ota_cache_free was called while users > 0: the last release frees */
 };
 
 static void ota__key(uint8_t key[12], int64_t artifact, int idx) {
@@ -79,8 +82,7 @@ ota_cache_t *ota_cache_new(size_t cap_bytes) {
     return c;
 }
 
-void ota_cache_free(ota_cache_t *c) {
-    if (!c) return;
+static void ota__cache_destroy(ota_cache_t *c) {
     for (ota__entry_t *e = c->head; e;) {
         ota__entry_t *next = e->next;
         ota__entry_free(e);
@@ -92,6 +94,15 @@ void ota_cache_free(ota_cache_t *c) {
     cm_free(c);
 }
 
+void ota_cache_free(ota_cache_t *c) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    c->closed = 1;
+    int now = c->users == 0;
+    pthread_mutex_unlock(&c->mu);
+    if (now) ota__cache_destroy(c);
+}
+
 const ota_chunk_t *ota_cache_get(ota_cache_t *c, int64_t artifact, int idx) {
     uint8_t key[12];
     ota__key(key, artifact, idx);
@@ -99,6 +110,7 @@ const ota_chunk_t *ota_cache_get(ota_cache_t *c, int64_t artifact, int idx) {
     ota__entry_t *e = cm_map_get(c->map, key, sizeof key);
     if (e) {
         e->refs++;
+        c->users++;
         ota__unlink(c, e);
         ota__push_front(c, e);
         c->hits++;
@@ -116,8 +128,10 @@ const ota_chunk_t *ota_cache_put(ota_cache_t *c, int64_t artifact, int idx, cons
     e->chunk.data = copy;
     e->chunk.len = len;
     e->refs = 1;
+    e->owner = c;
     ota__key(e->key, artifact, idx);
     pthread_mutex_lock(&c->mu);
+    c->users++;
     if (c->cap == 0 || cm_map_get(c->dropped, &artifact, sizeof artifact)) { /* not kept: a private copy that dies on release */
         e->dead = 1;
         pthread_mutex_unlock(&c->mu);
@@ -145,8 +159,14 @@ void ota_cache_release(ota_cache_t *c, const ota_chunk_t *chunk) {
     pthread_mutex_lock(&c->mu);
     int gone = --e->refs == 0 && e->dead;
     if (!gone && !e->dead) ota__trim(c); /* it may have been what kept the cache over its cap */
+    int last = --c->users == 0 && c->closed;
     pthread_mutex_unlock(&c->mu);
     if (gone) ota__entry_free(e);
+    if (last) ota__cache_destroy(c);
+}
+
+void ota_chunk_release(void *chunk) {
+    if (chunk) ota_cache_release(((ota__entry_t *)chunk)->owner, chunk);
 }
 
 void ota_cache_drop(ota_cache_t *c, int64_t artifact) {

@@ -20,6 +20,7 @@ typedef struct ota_chunk_s {
 
 /* cap_bytes 0: nothing is kept (every get misses; put hands back a private copy). */
 ota_cache_t *ota_cache_new(size_t cap_bytes);
+/* Entries still referenced (by data grpc has yet to write) keep the cache until their release. */
 void ota_cache_free(ota_cache_t *c);
 /* The chunk, referenced (release it), or NULL. */
 const ota_chunk_t *ota_cache_get(ota_cache_t *c, int64_t artifact, int idx);
@@ -27,6 +28,8 @@ const ota_chunk_t *ota_cache_get(ota_cache_t *c, int64_t artifact, int idx);
  * same chunk meanwhile, that one is returned. */
 const ota_chunk_t *ota_cache_put(ota_cache_t *c, int64_t artifact, int idx, const uint8_t *data, size_t len);
 void ota_cache_release(ota_cache_t *c, const ota_chunk_t *chunk);
+/* ota_cache_release of the chunk's own cache, for release callbacks (cm_call_send_tail). */
+void ota_chunk_release(void *chunk);
 /* Forgets every chunk of artifact (entries in use go when released), and keeps none of it again
  * (a download that read a chunk just before the delete does not put it back). */
 void ota_cache_drop(ota_cache_t *c, int64_t artifact);

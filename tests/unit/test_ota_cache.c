@@ -1,6 +1,7 @@
 /* ota's download chunk cache: hits and misses, the byte cap with least-recently-used eviction,
  * chunks in use never evicted (and freed when released after a drop), concurrent puts of one
- * chunk sharing the first copy, and a cap of 0 keeping nothing. */
+ * chunk sharing the first copy, a cap of 0 keeping nothing, and chunks grpc still holds (released
+ * through ota_chunk_release) keeping a freed cache alive until the last one goes. */
 #include <string.h>
 
 #include "ota_cache.h"
@@ -64,4 +65,30 @@ static void test_zero_cap_keeps_nothing(void) {
     ota_cache_free(c);
 }
 
-TEST_MAIN(TEST_ENTRY(test_hits_eviction_and_refs), TEST_ENTRY(test_zero_cap_keeps_nothing))
+/* ota_cache_free while downloads' chunks are still being written: the chunks stay readable and
+ * the last release (from grpc's thread, by the chunk alone) frees the cache. ASan and LSan check
+ * that nothing is used after free or left behind. */
+static void test_free_waits_for_outstanding_chunks(void) {
+    ota_cache_t *c = ota_cache_new(1 << 20);
+    uint8_t buf[100];
+    memset(buf, 9, sizeof buf);
+    const ota_chunk_t *kept = ota_cache_put(c, 1, 0, buf, sizeof buf);
+    const ota_chunk_t *again = ota_cache_get(c, 1, 0);
+    ota_cache_drop(c, 2);
+    const ota_chunk_t *priv = ota_cache_put(c, 2, 0, buf, sizeof buf); /* dropped artifact: a private copy */
+    ASSERT(kept == again && priv != kept);
+    ota_cache_free(c);
+    ASSERT(kept->data[99] == 9 && priv->data[0] == 9);
+    ota_chunk_release((void *)kept);
+    ota_chunk_release((void *)priv);
+    ASSERT(again->data[50] == 9);
+    ota_chunk_release((void *)again); /* the last: the cache goes with it */
+    ota_chunk_release(NULL);
+    /* Without outstanding chunks, free is immediate. */
+    c = ota_cache_new(0);
+    ota_chunk_release((void *)ota_cache_put(c, 3, 0, buf, sizeof buf));
+    ota_cache_free(c);
+}
+
+TEST_MAIN(TEST_ENTRY(test_hits_eviction_and_refs), TEST_ENTRY(test_zero_cap_keeps_nothing),
+          TEST_ENTRY(test_free_waits_for_outstanding_chunks))
