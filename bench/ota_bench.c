@@ -166,17 +166,21 @@ static void *dl_main(void *arg) {
     req.artifact_id = (char *)d->id;
     cm_stream_send(s, &req.base);
     cm_stream_close_send(s);
+    /* As a bulk client would: each message decoded in place (cm_stream_recv_view), no allocation. */
+    cm_arena_t arena;
+    cm_arena_init(&arena, NULL, 0);
     Iot__Ota__V1__DownloadArtifactResponse *m = NULL;
-    while (cm_stream_recv(s, &iot__ota__v1__download_artifact_response__descriptor, (ProtobufCMessage **)&m) == 1) {
+    while (cm_stream_recv_view(s, &iot__ota__v1__download_artifact_response__descriptor, &arena, (ProtobufCMessage **)&m) ==
+           1) {
         int64_t n = (int64_t)m->data.len;
         if (m->offset != d->bytes || d->bytes + n > d->size)
             d->bad++;
         else if (n && memcmp(m->data.data, d->want + d->bytes, (size_t)(d->full_check || n < 64 ? n : 64)) != 0)
             d->bad++;
         d->bytes += n;
-        protobuf_c_message_free_unpacked(&m->base, NULL);
-        m = NULL;
+        cm_arena_reset(&arena);
     }
+    cm_arena_free(&arena);
     cm_rpc_status_t st = {0};
     d->code = cm_stream_finish(s, &st);
     snprintf(d->msg, sizeof d->msg, "%s", st.message);
@@ -379,13 +383,15 @@ static int cmd_echo(const char *addr, long mb) {
     cm_stream_t *s = cm_stream_open(ch, "/iot.testing.v1.Echo/ServerStream", &o);
     cm_stream_send(s, &req.base);
     cm_stream_close_send(s);
+    cm_arena_t arena; /* the download's client path: messages decoded in place */
+    cm_arena_init(&arena, NULL, 0);
     Iot__Testing__V1__EchoResponse *m = NULL;
-    while (cm_stream_recv(s, &iot__testing__v1__echo_response__descriptor, (ProtobufCMessage **)&m) == 1) {
+    while (cm_stream_recv_view(s, &iot__testing__v1__echo_response__descriptor, &arena, (ProtobufCMessage **)&m) == 1) {
         if (m->payload.len != PIECE || memcmp(m->payload.data, piece, PIECE) != 0) bad++;
         bytes += (int64_t)m->payload.len;
-        protobuf_c_message_free_unpacked(&m->base, NULL);
-        m = NULL;
+        cm_arena_reset(&arena);
     }
+    cm_arena_free(&arena);
     int code = cm_stream_finish(s, NULL);
     double secs = secs_since(t0);
     cm_channel_free(ch);
