@@ -67,6 +67,9 @@ for dir in services/*/; do
 done
 sleep 1
 for f in "$STATE"/logs/*.out; do [ -f "$f" ] && cat "$f"; done
+if [ -x "$B/services/gateway/gateway" ]; then
+    echo "REST API: http://127.0.0.1:8080/api/v1/ (API key: the bootstrap key above, printed on the first run only)"
+fi
 if [ "$started" -eq 0 ]; then
     echo "no services are built yet; Postgres and Redis are up for development"
 fi

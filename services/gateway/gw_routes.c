@@ -1,0 +1,217 @@
+/* The REST routes and the generic proxy that serves most of them: the request message is built
+ * from the JSON body, the path parameters and the query by one descriptor-driven mapping
+ * (cm_pbjson), sent to the backend with the gateway's deadline, and the answer mapped back.
+ *
+ * Conventions (grpc-gateway's): GET lists and reads, POST creates (201) or acts ("...:pause"),
+ * PATCH updates with ?updateMask=, DELETE deletes; path parameters name request fields (a dotted
+ * name reaches into the body's message: PATCH /devices/{device.id}); every other request field can
+ * be given as a query parameter in lowerCamelCase or its proto name (?pageSize=50&filter.type=x). */
+#include <stdio.h>
+#include <string.h>
+
+#include "cm_err.h"
+#include "cm_json.h"
+#include "cm_pbjson.h"
+#include "gw.h"
+#include "gw_api.h"
+#include "iot/device/v1/device.pb-c.h"
+#include "iot/ingest/v1/ingest.pb-c.h"
+#include "iot/ota/v1/ota.pb-c.h"
+#include "iot/processing/v1/processing.pb-c.h"
+#include "iot/registry/v1/registry.pb-c.h"
+
+#define V GW_ROLE_VIEWER
+#define O GW_ROLE_OPERATOR
+#define A GW_ROLE_ADMIN
+#define DM "/iot.device.v1.DeviceManager/"
+#define ING "/iot.ingest.v1.Ingest/"
+#define PROC "/iot.processing.v1.Processing/"
+#define OTA "/iot.ota.v1.Ota/"
+#define REG "/iot.registry.v1.Registry/"
+#define D(x) &iot__device__v1__##x##__descriptor
+#define I(x) &iot__ingest__v1__##x##__descriptor
+#define P(x) &iot__processing__v1__##x##__descriptor
+#define T(x) &iot__ota__v1__##x##__descriptor
+#define R(x) &iot__registry__v1__##x##__descriptor
+
+/* method, pattern, role, handler, backend, rpc, request, response, body, idempotent, ok status, summary */
+const gw_route_t gw_routes[] = {
+    /* devices */
+    {"GET", "/api/v1/devices", V, NULL, GW_DM, DM "ListDevices", D(list_devices_request), D(list_devices_response), NULL, 1, 0, "List devices (filters: filter.type, filter.labelSelector, filter.statuses, ...)"},
+    {"POST", "/api/v1/devices", A, NULL, GW_DM, DM "CreateDevice", D(create_device_request), D(device), "device", 0, 201, "Create a device"},
+    {"POST", "/api/v1/devices:batchCreate", A, NULL, GW_DM, DM "BatchCreateDevices", D(batch_create_devices_request), D(batch_create_devices_response), "*", 0, 201, "Create up to 10,000 devices at once (all or none)"},
+    {"GET", "/api/v1/devices/{id}", V, NULL, GW_DM, DM "GetDevice", D(get_device_request), D(device), NULL, 1, 0, "Get a device"},
+    {"PATCH", "/api/v1/devices/{device.id}", A, NULL, GW_DM, DM "UpdateDevice", D(update_device_request), D(device), "device", 0, 0, "Update a device (?updateMask=name,labels; etag in the body must match when given)"},
+    {"DELETE", "/api/v1/devices/{id}", A, NULL, GW_DM, DM "DeleteDevice", D(delete_device_request), D(delete_device_response), NULL, 0, 0, "Delete a device"},
+    {"POST", "/api/v1/devices/{device_id}/tokens", A, NULL, GW_DM, DM "IssueToken", D(issue_token_request), D(issue_token_response), "*", 0, 201, "Issue a device token (shown once)"},
+    {"POST", "/api/v1/tokens/{token_id}:rotate", A, NULL, GW_DM, DM "RotateToken", D(rotate_token_request), D(issue_token_response), "*", 0, 0, "Replace a token by a new one"},
+    {"DELETE", "/api/v1/tokens/{token_id}", A, NULL, GW_DM, DM "RevokeToken", D(revoke_token_request), D(revoke_token_response), NULL, 0, 0, "Revoke a token"},
+    {"GET", "/api/v1/devices/{device_id}/shadow", V, NULL, GW_DM, DM "GetShadow", D(get_shadow_request), D(shadow), NULL, 1, 0, "A device's shadow: desired, reported and their delta"},
+    {"PATCH", "/api/v1/devices/{device_id}/shadow/desired", O, NULL, GW_DM, DM "UpdateDesired", D(update_shadow_request), D(shadow), "*", 0, 0, "Merge-patch the desired state (JSON merge patch in \"patch\")"},
+    {"POST", "/api/v1/devices/{device_id}/commands", O, NULL, GW_DM, DM "SendCommand", D(send_command_request), D(command), "*", 0, 201, "Send a command to a device"},
+    {"GET", "/api/v1/devices/{device_id}/commands", V, NULL, GW_DM, DM "ListCommands", D(list_commands_request), D(list_commands_response), NULL, 1, 0, "A device's commands, newest first"},
+    {"GET", "/api/v1/commands/{id}", V, NULL, GW_DM, DM "GetCommand", D(get_command_request), D(command), NULL, 1, 0, "Get a command"},
+    /* groups */
+    {"GET", "/api/v1/groups", V, NULL, GW_DM, DM "ListGroups", D(list_groups_request), D(list_groups_response), NULL, 1, 0, "List groups"},
+    {"POST", "/api/v1/groups", A, NULL, GW_DM, DM "CreateGroup", D(create_group_request), D(group), "group", 0, 201, "Create a group (static members, or a dynamic filter)"},
+    {"GET", "/api/v1/groups/{id}", V, NULL, GW_DM, DM "GetGroup", D(get_group_request), D(group), NULL, 1, 0, "Get a group"},
+    {"PATCH", "/api/v1/groups/{group.id}", A, NULL, GW_DM, DM "UpdateGroup", D(update_group_request), D(group), "group", 0, 0, "Update a group"},
+    {"DELETE", "/api/v1/groups/{id}", A, NULL, GW_DM, DM "DeleteGroup", D(delete_group_request), D(delete_group_response), NULL, 0, 0, "Delete a group"},
+    {"GET", "/api/v1/groups/{group_id}/members", V, NULL, GW_DM, DM "ListGroupMembers", D(list_group_members_request), D(list_group_members_response), NULL, 1, 0, "A group's members"},
+    {"POST", "/api/v1/groups/{group_id}/members:add", A, NULL, GW_DM, DM "AddGroupMembers", D(group_members_request), D(group_members_response), "*", 0, 0, "Add devices to a static group"},
+    {"POST", "/api/v1/groups/{group_id}/members:remove", A, NULL, GW_DM, DM "RemoveGroupMembers", D(group_members_request), D(group_members_response), "*", 0, 0, "Remove devices from a static group"},
+    /* telemetry */
+    {"GET", "/api/v1/devices/{device_id}/telemetry", V, NULL, GW_INGEST, ING "QueryTelemetry", I(query_telemetry_request), I(query_telemetry_response), NULL, 1, 0, "Telemetry of a device (metric, fromMs, toMs, stepMs with aggregation)"},
+    {"GET", "/api/v1/devices/{device_id}/telemetry/latest", V, NULL, GW_INGEST, ING "LatestValues", I(latest_values_request), I(latest_values_response), NULL, 1, 0, "The latest value of each metric of a device"},
+    {"POST", "/api/v1/telemetry", 0, NULL, GW_INGEST, ING "PushTelemetry", I(push_telemetry_request), I(telemetry_ack), "*", 0, 0, "Push telemetry as a device (the device's token as \"Authorization: Bearer\")"},
+    /* rules, alerts, windows, rollups */
+    {"GET", "/api/v1/rules", V, NULL, GW_PROC, PROC "ListRules", P(list_rules_request), P(list_rules_response), NULL, 1, 0, "List rules"},
+    {"POST", "/api/v1/rules", O, NULL, GW_PROC, PROC "CreateRule", P(create_rule_request), P(rule), "rule", 0, 201, "Create a rule"},
+    {"GET", "/api/v1/rules/{id}", V, NULL, GW_PROC, PROC "GetRule", P(get_rule_request), P(rule), NULL, 1, 0, "Get a rule"},
+    {"PATCH", "/api/v1/rules/{rule.id}", O, NULL, GW_PROC, PROC "UpdateRule", P(update_rule_request), P(rule), "rule", 0, 0, "Update a rule"},
+    {"DELETE", "/api/v1/rules/{id}", O, NULL, GW_PROC, PROC "DeleteRule", P(delete_rule_request), P(delete_rule_response), NULL, 0, 0, "Delete a rule"},
+    {"POST", "/api/v1/rules/{id}:setEnabled", O, NULL, GW_PROC, PROC "SetRuleEnabled", P(set_rule_enabled_request), P(rule), "*", 0, 0, "Enable or disable a rule ({\"enabled\": false})"},
+    {"GET", "/api/v1/rules/{rule_id}/stats", V, NULL, GW_PROC, PROC "GetRuleStats", P(get_rule_stats_request), P(rule_stats), NULL, 1, 0, "A rule's evaluation counters"},
+    {"GET", "/api/v1/rules/{rule_id}/windows/{device_id}", V, NULL, GW_PROC, PROC "GetWindowStats", P(get_window_stats_request), P(window_stats), NULL, 1, 0, "The current window of a rule for a device"},
+    {"GET", "/api/v1/alerts", V, NULL, GW_PROC, PROC "ListAlerts", P(list_alerts_request), P(list_alerts_response), NULL, 1, 0, "List alerts (state, minSeverity, ruleId, deviceId, firedAfter)"},
+    {"GET", "/api/v1/alerts/{id}", V, NULL, GW_PROC, PROC "GetAlert", P(get_alert_request), P(alert), NULL, 1, 0, "Get an alert"},
+    {"POST", "/api/v1/alerts/{id}:ack", O, NULL, GW_PROC, PROC "AckAlert", P(ack_alert_request), P(alert), "*", 0, 0, "Acknowledge an alert (by: who; the key id when left out)"},
+    {"GET", "/api/v1/devices/{device_id}/rollups", V, NULL, GW_PROC, PROC "QueryRollups", P(query_rollups_request), P(query_rollups_response), NULL, 1, 0, "Stored rollups of a device's metric"},
+    /* firmware */
+    {"GET", "/api/v1/artifacts", V, NULL, GW_OTA, OTA "ListArtifacts", T(list_artifacts_request), T(list_artifacts_response), NULL, 1, 0, "List firmware artifacts"},
+    {"GET", "/api/v1/artifacts/{id}", V, NULL, GW_OTA, OTA "GetArtifact", T(get_artifact_request), T(artifact), NULL, 1, 0, "Get an artifact (manifest and signature)"},
+    {"DELETE", "/api/v1/artifacts/{id}", A, NULL, GW_OTA, OTA "DeleteArtifact", T(delete_artifact_request), T(delete_artifact_response), NULL, 0, 0, "Delete an artifact no rollout uses"},
+    {"GET", "/api/v1/signing-keys", V, NULL, GW_OTA, OTA "ListSigningKeys", T(list_signing_keys_request), T(list_signing_keys_response), NULL, 1, 0, "Public keys that sign artifacts"},
+    {"GET", "/api/v1/rollouts", V, NULL, GW_OTA, OTA "ListRollouts", T(list_rollouts_request), T(list_rollouts_response), NULL, 1, 0, "List rollouts"},
+    {"POST", "/api/v1/rollouts", O, NULL, GW_OTA, OTA "CreateRollout", T(create_rollout_request), T(rollout), "rollout", 0, 201, "Create a staged rollout"},
+    {"GET", "/api/v1/rollouts/{id}", V, NULL, GW_OTA, OTA "GetRollout", T(get_rollout_request), T(rollout), NULL, 1, 0, "A rollout with per-stage counts"},
+    {"POST", "/api/v1/rollouts/{id}:start", O, NULL, GW_OTA, OTA "StartRollout", T(rollout_action_request), T(rollout), "*", 0, 0, "Start a rollout"},
+    {"POST", "/api/v1/rollouts/{id}:pause", O, NULL, GW_OTA, OTA "PauseRollout", T(rollout_action_request), T(rollout), "*", 0, 0, "Pause a rollout (reason)"},
+    {"POST", "/api/v1/rollouts/{id}:resume", O, NULL, GW_OTA, OTA "ResumeRollout", T(rollout_action_request), T(rollout), "*", 0, 0, "Resume a paused rollout"},
+    {"POST", "/api/v1/rollouts/{id}:cancel", O, NULL, GW_OTA, OTA "CancelRollout", T(rollout_action_request), T(rollout), "*", 0, 0, "Cancel a rollout"},
+    {"POST", "/api/v1/rollouts/{id}:approveStage", O, NULL, GW_OTA, OTA "ApproveStage", T(approve_stage_request), T(rollout), "*", 0, 0, "Approve the stage awaiting manual approval"},
+    {"GET", "/api/v1/rollouts/{rollout_id}/devices", V, NULL, GW_OTA, OTA "ListDeviceUpdates", T(list_device_updates_request), T(list_device_updates_response), NULL, 1, 0, "Each device's update in a rollout"},
+    /* services */
+    {"GET", "/api/v1/services", V, NULL, GW_REGISTRY, REG "ListServices", R(list_services_request), R(list_services_response), NULL, 1, 0, "Registered services with instance counts"},
+    {"GET", "/api/v1/services/{service}/instances", V, NULL, GW_REGISTRY, REG "Discover", R(discover_request), R(discover_response), NULL, 1, 0, "A service's instances and their health"},
+    /* the gateway's own */
+    {"GET", "/api/v1/whoami", V, gw_api_whoami, 0, NULL, &iot__gateway__v1__who_am_irequest__descriptor, &iot__gateway__v1__api_key__descriptor, NULL, 1, 0, "The key making the request"},
+    {"GET", "/api/v1/keys", A, gw_api_list_keys, 0, NULL, &iot__gateway__v1__list_api_keys_request__descriptor, &iot__gateway__v1__list_api_keys_response__descriptor, NULL, 1, 0, "List API keys"},
+    {"POST", "/api/v1/keys", A, gw_api_create_key, 0, NULL, &iot__gateway__v1__create_api_key_request__descriptor, &iot__gateway__v1__create_api_key_response__descriptor, "*", 0, 201, "Create an API key (its secret is shown only in this answer)"},
+    {"GET", "/api/v1/keys/{id}", A, gw_api_get_key, 0, NULL, &iot__gateway__v1__get_api_key_request__descriptor, &iot__gateway__v1__api_key__descriptor, NULL, 1, 0, "Get an API key"},
+    {"DELETE", "/api/v1/keys/{id}", A, gw_api_revoke_key, 0, NULL, &iot__gateway__v1__revoke_api_key_request__descriptor, &iot__gateway__v1__api_key__descriptor, NULL, 0, 0, "Revoke an API key"},
+};
+const size_t gw_n_routes = sizeof gw_routes / sizeof gw_routes[0];
+
+/* "line 1, column 7 (byte 6): ..." from cm_json_parse, as the 400's message. */
+static json_t *gw__parse_body_or_reply(gw_req_t *r) {
+    size_t len;
+    const char *body = cm_http_body(r->http, &len);
+    if (len == 0) return json_object(); /* an empty body is an empty message */
+    char err[256];
+    json_t *j = cm_json_parse(body, len, err, sizeof err);
+    if (!j) gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "malformed JSON: %s", err);
+    return j;
+}
+
+ProtobufCMessage *gw_build_request_or_reply(gw_req_t *r) {
+    const gw_route_t *rt = r->route;
+    ProtobufCMessage *m = cm_arena_alloc(&r->arena, rt->req->sizeof_message);
+    rt->req->message_init(m);
+    char err[512];
+    if (rt->body) {
+        json_t *j = gw__parse_body_or_reply(r);
+        if (!j) return NULL;
+        int rc;
+        if (strcmp(rt->body, "*") == 0) {
+            rc = cm_pbjson_merge(j, m, &r->arena, err, sizeof err);
+        } else {
+            const ProtobufCFieldDescriptor *f = cm_pbjson_field(rt->req, rt->body);
+            ProtobufCMessage *sub = NULL;
+            rc = cm_pbjson_to_msg(j, f->descriptor, &r->arena, &sub, err, sizeof err);
+            if (rc == 0) *(ProtobufCMessage **)((char *)m + f->offset) = sub;
+        }
+        json_decref(j);
+        if (rc) {
+            gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "body: %s", err);
+            return NULL;
+        }
+    }
+    for (size_t i = 0;; i++) { /* the query: any request field */
+        const char *k, *v;
+        if (cm_http_query_at(r->http, i, &k, &v)) break;
+        if (cm_pbjson_set(m, k, v, &r->arena, err, sizeof err)) {
+            gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "query parameter %s", err);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < r->n_params; i++) { /* the path wins over body and query */
+        if (cm_pbjson_set(m, r->param_name[i], r->param[i], &r->arena, err, sizeof err)) {
+            gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "path parameter %s", err);
+            return NULL;
+        }
+    }
+    return m;
+}
+
+void gw_proxy(gw_req_t *r) {
+    const gw_route_t *rt = r->route;
+    ProtobufCMessage *req = gw_build_request_or_reply(r);
+    if (!req) return;
+    /* Who acknowledges, when the caller does not say: the key. */
+    const ProtobufCFieldDescriptor *by = protobuf_c_message_descriptor_get_field_by_name(rt->req, "by");
+    if (by && by->type == PROTOBUF_C_TYPE_STRING && r->key.id[0]) {
+        char **p = (char **)((char *)req + by->offset);
+        if (!*p || !**p) {
+            *p = cm_arena_alloc(&r->arena, sizeof r->key.id + 8);
+            snprintf(*p, sizeof r->key.id + 8, "api-key:%s", r->key.id);
+        }
+    }
+    cm_md_t md[1];
+    cm_call_opts_t o = {.timeout_ms = r->gw->cfg->timeout_ms, .idempotent = rt->idempotent};
+    if (rt->role == 0) { /* device routes: the device's own token goes through */
+        const char *auth = cm_http_header(r->http, "Authorization");
+        if (!auth) {
+            gw_reply_error(r, CM_STATUS_UNAUTHENTICATED, NULL, "a device token is required: send \"Authorization: Bearer <token>\"");
+            return;
+        }
+        md[0].key = "authorization";
+        md[0].val = auth;
+        md[0].vlen = 0;
+        o.md = md;
+        o.n_md = 1;
+    }
+    ProtobufCMessage *resp = NULL;
+    cm_rpc_status_t st = {0};
+    int code = cm_channel_unary(r->gw->ch[rt->backend], rt->rpc, req, rt->resp, &resp, &o, &st);
+    if (code == CM_STATUS_OK) gw_reply_msg(r, rt->ok_status ? rt->ok_status : 200, resp);
+    else gw_reply_backend_error(r, rt->backend, &st);
+    if (resp) protobuf_c_message_free_unpacked(resp, NULL);
+    cm_rpc_status_clear(&st);
+}
+
+int gw_routes_check(char *why, size_t cap) {
+    for (size_t i = 0; i < gw_n_routes; i++) {
+        const gw_route_t *rt = &gw_routes[i];
+        if (rt->body && strcmp(rt->body, "*")) {
+            const ProtobufCFieldDescriptor *f = cm_pbjson_field(rt->req, rt->body);
+            if (!f || f->type != PROTOBUF_C_TYPE_MESSAGE || f->label == PROTOBUF_C_LABEL_REPEATED) {
+                snprintf(why, cap, "%s %s: body field %s is not a message field of %s", rt->method, rt->pattern, rt->body, rt->req->name);
+                return CM_EINVAL;
+            }
+        }
+        for (const char *p = strchr(rt->pattern, '{'); p; p = strchr(p + 1, '{')) {
+            char name[64];
+            const char *e = strchr(p, '}');
+            snprintf(name, sizeof name, "%.*s", (int)(e - p - 1), p + 1);
+            /* A dotted parameter reaches into a sub-message: check its first part here. */
+            char *dot = strchr(name, '.');
+            if (dot) *dot = 0;
+            if (!cm_pbjson_field(rt->req, name)) {
+                snprintf(why, cap, "%s %s: {%s} is not a field of %s", rt->method, rt->pattern, name, rt->req->name);
+                return CM_EINVAL;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,107 @@
+// Starts real service binaries on loopback for the gateway tests (REST and browser): device-mgmt,
+// registry, processing, ingest, ota and the gateway, each with its own schema / key prefix in the
+// Postgres and Redis that tests/run.sh started. Also a tiny test runner printing like the C tests.
+'use strict';
+
+const path = require('path');
+const fs = require('fs');
+const os = require('os');
+const crypto = require('crypto');
+const { spawn } = require('child_process');
+const readline = require('readline');
+
+const root = path.resolve(__dirname, '..', '..');
+const buildDir = process.env.IOT_BUILD_DIR || path.join(root, 'build', 'release');
+
+// Starts bin with env; resolves with the ports it printed ("<name> grpc=N admin=N", "gateway http=N").
+function start(name, bin, env, want) {
+  return new Promise((resolve, reject) => {
+    const errFile = path.join(process.env.IOT_TEST_TMP || os.tmpdir(), `gw-${name}-${process.pid}.err`);
+    const child = spawn(path.join(buildDir, 'services', bin, bin), [], {
+      cwd: root,
+      env: { ...process.env, IOT_GRPC_LISTEN: '127.0.0.1:0', IOT_ADMIN_LISTEN: '127.0.0.1:0', ...env },
+      stdio: ['ignore', 'pipe', fs.openSync(errFile, 'w')],
+    });
+    const proc = { name, child, errFile, lines: [] };
+    const timer = setTimeout(() => reject(new Error(`${name} did not start: ${fs.readFileSync(errFile, 'utf8')}`)), 20000);
+    readline.createInterface({ input: child.stdout }).on('line', (line) => {
+      proc.lines.push(line);
+      let m = /grpc=(\d+) admin=(\d+)/.exec(line);
+      if (m) { proc.grpc = Number(m[1]); proc.admin = Number(m[2]); }
+      m = /http=(\d+)/.exec(line);
+      if (m) proc.http = Number(m[1]);
+      if (proc.grpc && (!want || proc[want])) { clearTimeout(timer); resolve(proc); }
+    });
+    child.on('exit', (code) => { proc.exited = code; clearTimeout(timer); reject(new Error(`${name} exited with ${code}: ${fs.readFileSync(errFile, 'utf8')}`)); });
+  });
+}
+
+function stop(proc) {
+  if (!proc || proc.exited !== undefined) return Promise.resolve();
+  return new Promise((resolve) => {
+    proc.child.removeAllListeners('exit');
+    proc.child.on('exit', (code) => { proc.exited = code; resolve(code); });
+    proc.child.kill('SIGTERM');
+  });
+}
+
+const newKey = () => `iotk_${crypto.randomBytes(6).toString('hex')}_${crypto.randomBytes(32).toString('hex')}`;
+
+// The suite: which backends to run (the others point at a closed port, for 503 tests).
+async function startSuite(tag, opts = {}) {
+  const id = `${tag}_${process.pid}`;
+  const pg = process.env.IOT_TEST_PG, redis = process.env.IOT_TEST_REDIS;
+  const s = { procs: [], adminKey: newKey() };
+  const closed = '127.0.0.1:1';
+  const dm = await start('device-mgmt', 'device-mgmt', {
+    IOT_PG_DSN: pg, IOT_REDIS_ADDR: redis, IOT_DM_PG_SCHEMA: `gw_dm_${id}`, IOT_DM_REDIS_PREFIX: `{gw-${id}}:`,
+    IOT_DM_MIGRATIONS: 'services/device-mgmt/migrations',
+  });
+  s.procs.push(dm);
+  const reg = await start('registry', 'registry', { IOT_REDIS_ADDR: redis, IOT_REGISTRY_PREFIX: `{gwreg-${id}}:` });
+  s.procs.push(reg);
+  const gwEnv = {
+    IOT_PG_DSN: pg, IOT_GW_PG_SCHEMA: `gw_${id}`, IOT_GW_HTTP_LISTEN: '127.0.0.1:0',
+    IOT_GW_DM_ADDR: `127.0.0.1:${dm.grpc}`, IOT_GW_REGISTRY_ADDR: `127.0.0.1:${reg.grpc}`,
+    IOT_GW_INGEST_ADDR: closed, IOT_GW_PROC_ADDR: closed, IOT_GW_OTA_ADDR: closed,
+    IOT_GW_BOOTSTRAP_KEY: s.adminKey, IOT_GW_BACKEND_TIMEOUT: '3s', ...(opts.gatewayEnv || {}),
+  };
+  s.gateway = await start('gateway', 'gateway', gwEnv, 'http');
+  s.procs.push(s.gateway);
+  s.base = `http://127.0.0.1:${s.gateway.http}`;
+  s.dm = dm;
+  return s;
+}
+
+// Stops every process with SIGTERM; a non-zero exit (a crash, or a leak under the sanitizers) fails.
+async function stopSuite(s) {
+  const bad = [];
+  for (const p of [...s.procs].reverse()) {
+    const code = await stop(p);
+    if (code !== 0 && code !== undefined) bad.push(`${p.name} exited with ${code}: ${fs.readFileSync(p.errFile, 'utf8').slice(-2000)}`);
+  }
+  if (bad.length) throw new Error(bad.join('\n'));
+}
+
+// Runs tests in order; prints "ok - <prog>/<name>" lines and "<prog>: N passed, N failed".
+async function run(prog, tests, setup, teardown) {
+  let passed = 0, failed = 0;
+  let ctx;
+  try { ctx = await setup(); } catch (e) { console.log(`not ok - ${prog}/setup\n    ${e.stack}`); console.log(`${prog}: 0 passed, 1 failed`); process.exit(1); }
+  for (const [name, fn] of tests) {
+    const t0 = Date.now();
+    try { await fn(ctx); passed++; console.log(`ok - ${prog}/${name} (${Date.now() - t0} ms)`); }
+    catch (e) { failed++; console.log(`not ok - ${prog}/${name}\n    ${e.stack}`); }
+  }
+  try { await teardown(ctx); } catch (e) { failed++; console.log(`not ok - ${prog}/teardown\n    ${e.stack}`); }
+  console.log(`${prog}: ${passed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+}
+
+function assert(cond, msg) { if (!cond) throw new Error(msg || 'assertion failed'); }
+function eq(got, want, what) {
+  const g = JSON.stringify(got), w = JSON.stringify(want);
+  if (g !== w) throw new Error(`${what || 'value'}: got ${g}, want ${w}`);
+}
+
+module.exports = { startSuite, stopSuite, start, stop, run, assert, eq, newKey, root, buildDir };
