@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "cm_admin.h"
@@ -17,6 +18,9 @@
 #include "cm_buf.h"
 #include "cm_err.h"
 #include "cm_log.h"
+
+/* Body bytes read and dropped after an answer is decided, before it goes out early. */
+#define CM__HTTP_DRAIN_MAX (4u << 20)
 
 struct cm_http_s {
     struct MHD_Daemon *d;
@@ -34,15 +38,31 @@ struct cm_http_req_s {
     int too_big;
     int (*body_fn)(cm_http_req_t *, const char *, size_t, void *);
     void *body_arg;
-    int body_dropped;
     char **q; /* name, value, name, value, ... */
     size_t nq, capq;
     void *user;
     void (*cleanup)(void *);
     struct MHD_Response *resp;
     int status;
+    int queued;     /* r->resp is handed to MHD (and no longer ours) */
+    size_t drained; /* body bytes read and dropped after the answer was decided */
+    atomic_int refs; /* the connection, and a streamed response while MHD holds it */
     char peer[64];
 };
+
+/* Drops a reference; the last one runs the user's cleanup and frees the request. A streamed reply
+ * can outlive the connection's "completed" notice (MHD frees the response after it), so its done()
+ * still sees the request and the user pointer alive. */
+static void cm__http_req_release(cm_http_req_t *r) {
+    if (atomic_fetch_sub(&r->refs, 1) != 1) return;
+    if (r->cleanup) r->cleanup(r->user);
+    for (size_t i = 0; i < 2 * r->nq; i++) cm_free(r->q[i]);
+    cm_free(r->q);
+    cm_buf_free(&r->body);
+    cm_free(r->method);
+    cm_free(r->path);
+    cm_free(r);
+}
 
 const char *cm_http_method(const cm_http_req_t *r) { return r->method; }
 const char *cm_http_path(const cm_http_req_t *r) { return r->path; }
@@ -98,6 +118,7 @@ typedef struct cm__http_stream_s {
     ssize_t (*read)(void *, char *, size_t);
     void (*done)(void *);
     void *arg;
+    cm_http_req_t *req;
 } cm__http_stream_t;
 
 static ssize_t cm__http_stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
@@ -111,6 +132,7 @@ static ssize_t cm__http_stream_read(void *cls, uint64_t pos, char *buf, size_t m
 static void cm__http_stream_free(void *cls) {
     cm__http_stream_t *s = cls;
     if (s->done) s->done(s->arg);
+    cm__http_req_release(s->req);
     cm_free(s);
 }
 
@@ -124,6 +146,8 @@ int cm_http_reply_stream(cm_http_req_t *r, int status, const char *content_type,
     s->read = read;
     s->done = done;
     s->arg = arg;
+    s->req = r;
+    atomic_fetch_add(&r->refs, 1);
     /* 32 KiB blocks: large enough for downloads, and a read returns whatever it has sooner. */
     r->resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 32 * 1024, cm__http_stream_read, s, cm__http_stream_free);
     if (content_type) MHD_add_response_header(r->resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
@@ -162,17 +186,34 @@ static void cm__http_peer(cm_http_req_t *r) {
     snprintf(r->peer, sizeof r->peer, "%s:%d", host, port);
 }
 
-/* Hands the request to handle() and queues what it answered. */
-static enum MHD_Result cm__http_finish(cm_http_t *h, cm_http_req_t *r) {
+/* The answer is decided: handle() has run (unless begin() answered), r->resp is built. */
+static void cm__http_decide(cm_http_t *h, cm_http_req_t *r) {
     if (!r->resp) h->o.handle(r, h->o.arg);
     if (!r->resp) {
         CM_LOG(CM_LOG_ERROR, "%s: no answer for %s %s", h->o.name ? h->o.name : "http", r->method, r->path);
         static const char msg[] = "{\"code\":13,\"status\":\"INTERNAL\",\"message\":\"the server did not answer\"}";
         cm_http_reply(r, 500, "application/json", msg, sizeof msg - 1, NULL, 0);
     }
+}
+
+/* Decides if need be and hands the answer to MHD. Queued before the body is in, MHD reads no more
+ * of it and closes the connection after the answer. */
+static enum MHD_Result cm__http_queue(cm_http_t *h, cm_http_req_t *r) {
+    cm__http_decide(h, r);
     enum MHD_Result ok = MHD_queue_response(r->c, (unsigned)r->status, r->resp);
     MHD_destroy_response(r->resp);
+    r->queued = 1;
     return ok;
+}
+
+/* An answer decided before the body is in (a refused key, a body over the limit, a consumer that
+ * gave up) waits while the rest of the body is read and dropped, up to CM__HTTP_DRAIN_MAX: closing
+ * a socket with unread data resets the connection, and the client would lose the answer. Past
+ * that (or when the client waits for "100 Continue" and has sent nothing) it goes out at once. */
+static enum MHD_Result cm__http_drain(cm_http_t *h, cm_http_req_t *r, size_t n) {
+    r->drained += n;
+    if (r->drained > CM__HTTP_DRAIN_MAX) return cm__http_queue(h, r);
+    return MHD_YES;
 }
 
 static enum MHD_Result cm__http_access(void *cls, struct MHD_Connection *c, const char *url, const char *method,
@@ -183,6 +224,7 @@ static enum MHD_Result cm__http_access(void *cls, struct MHD_Connection *c, cons
     cm_http_req_t *r = *con_cls;
     if (!r) {
         r = cm_calloc(1, sizeof *r);
+        atomic_init(&r->refs, 1);
         r->h = h;
         r->c = c;
         r->method = cm_strdup(method);
@@ -191,33 +233,38 @@ static enum MHD_Result cm__http_access(void *cls, struct MHD_Connection *c, cons
         MHD_get_connection_values(c, MHD_GET_ARGUMENT_KIND, cm__http_query, r);
         *con_cls = r;
         r->limit = h->o.begin ? h->o.begin(r, h->o.arg) : 0;
-        if (r->resp) return cm__http_finish(h, r); /* begin() answered at once */
-        /* A declared length over the limit is refused before a byte of the body is read. */
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl && !r->body_fn && strtoull(cl, NULL, 10) > r->limit) {
+        unsigned long long declared = cl ? strtoull(cl, NULL, 10) : 0;
+        if (!r->resp && cl && !r->body_fn && declared > r->limit) { /* refused before a byte of the body is read */
             r->too_big = 1;
-            return cm__http_finish(h, r);
+            cm__http_decide(h, r);
         }
-        return MHD_YES;
+        if (r->resp) {
+            const char *expect = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+            if ((expect && strcasecmp(expect, "100-continue") == 0) || declared > CM__HTTP_DRAIN_MAX) return cm__http_queue(h, r);
+        }
+        return MHD_YES; /* a decided answer goes out when the (small) body is in: see cm__http_drain */
     }
     if (*upload_data_size) {
         size_t n = *upload_data_size;
         *upload_data_size = 0;
-        if (r->resp) return MHD_YES; /* answered early: drain */
+        if (r->queued) return MHD_NO; /* MHD should read no more after an early answer */
+        if (r->resp) return cm__http_drain(h, r, n);
         if (r->body_fn) {
-            if (!r->body_dropped && r->body_fn(r, upload_data, n, r->body_arg)) r->body_dropped = 1;
-        } else if (!r->too_big) {
-            if (r->body.len + n > r->limit) {
-                r->too_big = 1;
-                cm_buf_free(&r->body);
-            } else {
-                cm_buf_append(&r->body, upload_data, n);
+            if (r->body_fn(r, upload_data, n, r->body_arg)) {
+                cm__http_decide(h, r); /* the consumer gave up: handle() answers now */
             }
+        } else if (r->body.len + n > r->limit) { /* no declared length (chunked): found out now */
+            r->too_big = 1;
+            cm_buf_free(&r->body);
+            cm__http_decide(h, r);
+        } else {
+            cm_buf_append(&r->body, upload_data, n);
         }
         return MHD_YES;
     }
-    if (r->resp && r->status) return MHD_YES; /* queued in the first call already */
-    return cm__http_finish(h, r);
+    if (r->queued) return MHD_YES;
+    return cm__http_queue(h, r);
 }
 
 static void cm__http_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
@@ -226,14 +273,9 @@ static void cm__http_completed(void *cls, struct MHD_Connection *c, void **con_c
     (void)toe;
     cm_http_req_t *r = *con_cls;
     if (!r) return;
-    if (r->cleanup) r->cleanup(r->user);
-    for (size_t i = 0; i < 2 * r->nq; i++) cm_free(r->q[i]);
-    cm_free(r->q);
-    cm_buf_free(&r->body);
-    cm_free(r->method);
-    cm_free(r->path);
-    cm_free(r);
     *con_cls = NULL;
+    if (r->resp && !r->queued) MHD_destroy_response(r->resp); /* decided, never sent: a stream's done() runs now */
+    cm__http_req_release(r);
 }
 
 cm_http_t *cm_http_start(const cm_http_opts_t *o, int *err) {

@@ -4,12 +4,18 @@
  * Flow of a request: begin() runs when the headers are in and chooses how the body is taken
  * (buffered up to a limit, or streamed to a callback); handle() runs when the body is complete and
  * must answer with exactly one cm_http_reply() or cm_http_reply_stream(). A body over the limit is
- * read and dropped, and handle() sees cm_http_body_too_big() (so the service words the 413).
+ * not kept: handle() runs as soon as the overflow is known (at once for a Content-Length over it,
+ * or when a chunked body passes it) and sees cm_http_body_too_big() (so the service words the 413).
+ * An answer decided before the body is in (by begin(), an overflow, or a stream consumer giving up)
+ * is sent once up to 4 MiB more of the body has been read and dropped (so the client, still
+ * sending, is not reset before it reads the answer); past that, or when the client asked for
+ * "100 Continue", it is sent at once and the connection closes after it.
  * Connections are kept alive between requests. Each connection has its own thread, so begin(),
  * handle() and a stream's read callback may block (a backend call, a wait for the next event).
  *
  * Ownership: a cm_http_req_t and everything its accessors return live until the response has been
- * sent (or the client went away); the user pointer's cleanup (cm_http_req_set_user) runs then. */
+ * sent (or the client went away) and, for a streamed response, its done() has run; the user
+ * pointer's cleanup (cm_http_req_set_user) runs then, last. */
 #ifndef CM_HTTP_H
 #define CM_HTTP_H
 
@@ -55,7 +61,8 @@ int cm_http_body_too_big(const cm_http_req_t *r);
 const char *cm_http_peer(const cm_http_req_t *r);
 
 /* From begin(): the body goes to fn as it arrives, in pieces of any size, instead of being
- * buffered. fn returns 0 to go on, or non-zero to drop the rest (handle() still runs: answer then). */
+ * buffered. fn returns 0 to go on, or non-zero to take no more: handle() runs at once (answer
+ * then) and fn sees nothing more of the body. */
 void cm_http_req_stream_body(cm_http_req_t *r, int (*fn)(cm_http_req_t *r, const char *data, size_t len, void *arg),
                              void *arg);
 
