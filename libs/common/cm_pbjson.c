@@ -750,10 +750,21 @@ int cm_pbjson_set(ProtobufCMessage *m, const char *path, const char *text, cm_ar
             if (f->type != PROTOBUF_C_TYPE_MESSAGE || f->label == PROTOBUF_C_LABEL_REPEATED || wkt)
                 return cm__fail(&in, path, "%s has no fields", name);
             ProtobufCMessage **sub = CM__AT(m, f->offset);
-            if (!*sub) {
+            int fresh = !*sub;
+            if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) { /* members share storage: the case tells */
+                uint32_t *c = CM__AT(m, f->quantifier_offset);
+                if (*c && *c != f->id) {
+                    for (unsigned i = 0; i < m->descriptor->n_fields; i++)
+                        if (m->descriptor->fields[i].id == *c)
+                            return cm__fail(&in, path, "only one of a set of alternatives may be given; %s is set already",
+                                            m->descriptor->fields[i].name);
+                }
+                fresh = *c != f->id;
+                *c = f->id;
+            }
+            if (fresh) {
                 *sub = cm_arena_alloc(a, ((const ProtobufCMessageDescriptor *)f->descriptor)->sizeof_message);
                 ((const ProtobufCMessageDescriptor *)f->descriptor)->message_init(*sub);
-                if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) *(uint32_t *)CM__AT(m, f->quantifier_offset) = f->id;
             }
             m = *sub;
             p = dot + 1;

@@ -238,6 +238,16 @@ static void test_set_from_text(void) {
     ASSERT_INT_EQ(e->echo_metadata, 1);
     ASSERT_INT_EQ(cm_pbjson_set(&e->base, "echoMetadata", "yes", &a, err, sizeof err), CM_EINVAL);
     ASSERT_INT_EQ(cm_pbjson_set(&e->base, "message", "\xff", &a, err, sizeof err), CM_EINVAL);
+    /* Into a oneof member: the first path picks it, a second member is refused naming the first. */
+    Iot__Processing__V1__Rule *rule = cm_arena_alloc(&a, sizeof *rule);
+    iot__processing__v1__rule__init(rule);
+    ASSERT_INT_EQ(cm_pbjson_set(&rule->base, "threshold.threshold", "30", &a, err, sizeof err), 0);
+    ASSERT_INT_EQ(cm_pbjson_set(&rule->base, "threshold.forMs", "1000", &a, err, sizeof err), 0);
+    ASSERT_INT_EQ(rule->condition_case, IOT__PROCESSING__V1__RULE__CONDITION_THRESHOLD);
+    ASSERT(rule->threshold->threshold == 30 && rule->threshold->for_ms == 1000);
+    ASSERT_INT_EQ(cm_pbjson_set(&rule->base, "detector.level", "0.5", &a, err, sizeof err), CM_EINVAL);
+    ASSERT(strstr(err, "threshold is set already") != NULL);
+    ASSERT(rule->threshold->threshold == 30); /* untouched */
     cm_arena_free(&a);
 }
 
