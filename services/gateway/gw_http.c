@@ -114,8 +114,13 @@ int gw_call(gw_req_t *r, int backend, const char *rpc, const ProtobufCMessage *r
     return cm_channel_unary(r->gw->ch[backend], rpc, req, resp, out, &o, st);
 }
 
-/* Matches path against pattern, filling r's parameters; 1 on a match. */
-static int gw__match(const char *pattern, const char *path, gw_req_t *r) {
+typedef struct gw__params_s {
+    const char *name[GW_MAX_PARAMS], *value[GW_MAX_PARAMS];
+    int n;
+} gw__params_t;
+
+/* Matches path against pattern, filling out's parameters (strings in a); 1 on a match. */
+static int gw__match(const char *pattern, const char *path, cm_arena_t *a, gw__params_t *out) {
     int n = 0;
     const char *p = pattern, *s = path;
     while (*p && *s) {
@@ -131,8 +136,8 @@ static int gw__match(const char *pattern, const char *path, gw_req_t *r) {
                 sl = (size_t)(colon - s);
             }
             if (!pe || sl == 0 || n == GW_MAX_PARAMS) return 0;
-            r->param_name[n] = cm_arena_strndup(&r->arena, p + 1, (size_t)(pe - p - 1));
-            r->param[n++] = cm_arena_strndup(&r->arena, s, sl);
+            out->name[n] = cm_arena_strndup(a, p + 1, (size_t)(pe - p - 1));
+            out->value[n++] = cm_arena_strndup(a, s, sl);
             p = pe + 1;
             s += sl;
             continue;
@@ -142,7 +147,7 @@ static int gw__match(const char *pattern, const char *path, gw_req_t *r) {
         s++;
     }
     if (*p || *s) return 0;
-    r->n_params = n;
+    out->n = n;
     return 1;
 }
 
@@ -168,19 +173,35 @@ static size_t gw__begin(cm_http_req_t *h, void *arg) {
     cm_arena_init(&r->arena, NULL, 0);
     cm_http_req_set_user(h, r, gw__done);
     const char *method = cm_http_method(h), *path = cm_http_path(h);
-    int path_known = 0;
+    /* A route with an action ("/rules/{id}:setEnabled") wins over a bare parameter ("/rules/{id}"):
+     * GET /rules/x:setEnabled is a 405, not a rule named "x:setEnabled". */
+    int path_known = 0, best = -1;
     for (size_t i = 0; i < gw_n_routes; i++) {
-        r->n_params = 0;
-        if (!gw__match(gw_routes[i].pattern, path, r)) continue;
-        path_known = 1;
-        if (strcmp(gw_routes[i].method, method) == 0 || (strcmp(method, "HEAD") == 0 && strcmp(gw_routes[i].method, "GET") == 0)) {
-            r->route = &gw_routes[i];
-            break;
+        gw__params_t probe;
+        if (!gw__match(gw_routes[i].pattern, path, &r->arena, &probe)) continue;
+        int action = strstr(gw_routes[i].pattern, "}:") != NULL;
+        if (action + 1 > path_known) {
+            path_known = action + 1;
+            best = -1;
+        } else if (action + 1 < path_known) {
+            continue;
+        }
+        if (best < 0 && (strcmp(gw_routes[i].method, method) == 0 ||
+                         (strcmp(method, "HEAD") == 0 && strcmp(gw_routes[i].method, "GET") == 0))) {
+            best = (int)i;
+            memcpy(r->param_name, probe.name, sizeof r->param_name);
+            memcpy(r->param, probe.value, sizeof r->param);
+            r->n_params = probe.n;
         }
     }
+    if (best >= 0) r->route = &gw_routes[best];
     if (!r->route) {
         if (path_known) gw__error(r, 405, CM_STATUS_UNIMPLEMENTED, NULL, "%s is not served on %s", method, path);
         else gw_reply_error(r, CM_STATUS_NOT_FOUND, NULL, "no such route: %s %s (see /api/v1/openapi.json)", method, path);
+        return 0;
+    }
+    if (r->route->role == 0 && !cm_http_header(h, "Authorization")) { /* refused before the body is read */
+        gw_reply_error(r, CM_STATUS_UNAUTHENTICATED, NULL, "a device token is required: send \"Authorization: Bearer <token>\"");
         return 0;
     }
     if (r->route->role) {

@@ -24,11 +24,17 @@ typedef struct gw__cached_s {
     int64_t until_ms;
 } gw__cached_t;
 
+/* Unknown ids are remembered too (a client retrying a deleted key costs no query), in a map that
+ * is emptied when it reaches this size, so guessing ids cannot fill memory. */
+#define GW__UNKNOWN_MAX 4096
+
 struct gw_keys_s {
     cm_pg_t *pg;
     int64_t cache_ms;
     pthread_mutex_t mu;
-    cm_map_t *cache; /* id -> gw__cached_t */
+    cm_map_t *cache;   /* id -> gw__cached_t */
+    cm_map_t *unknown; /* id -> int64_t until_ms */
+    uint64_t gen;      /* bumped by every revoke: a lookup that raced one does not cache */
 };
 
 gw_keys_t *gw_keys_new(cm_pg_t *pg, int64_t cache_ms) {
@@ -37,12 +43,14 @@ gw_keys_t *gw_keys_new(cm_pg_t *pg, int64_t cache_ms) {
     k->cache_ms = cache_ms;
     pthread_mutex_init(&k->mu, NULL);
     k->cache = cm_map_new();
+    k->unknown = cm_map_new();
     return k;
 }
 
 void gw_keys_free(gw_keys_t *k) {
     if (!k) return;
     cm_map_free(k->cache, cm_free);
+    cm_map_free(k->unknown, cm_free);
     pthread_mutex_destroy(&k->mu);
     cm_free(k);
 }
@@ -91,16 +99,29 @@ int gw_keys_check(gw_keys_t *k, const char *presented, gw_key_t *out) {
     gw__cached_t e;
     pthread_mutex_lock(&k->mu);
     gw__cached_t *c = cm_map_get(k->cache, id, GW_KEY_ID_LEN);
-    int hit = c && c->until_ms > now;
+    int64_t *unknown_until = cm_map_get(k->unknown, id, GW_KEY_ID_LEN);
+    int hit = c && c->until_ms > now, unknown = unknown_until && *unknown_until > now;
     if (hit) e = *c;
+    uint64_t gen = k->gen;
     pthread_mutex_unlock(&k->mu);
+    if (unknown) return CM_ENOTFOUND;
     if (!hit) {
         PGresult *r = NULL;
         const char *p[1] = {id};
         if (gw__exec(k, &r, "SELECT role, secret_sha256, revoke_time IS NOT NULL FROM api_keys WHERE id = $1", 1, p, NULL, NULL))
             return CM_EPG;
-        if (PQntuples(r) == 0) { /* unknown ids are not cached: guessing cannot fill memory */
+        if (PQntuples(r) == 0) {
             PQclear(r);
+            pthread_mutex_lock(&k->mu);
+            if (cm_map_len(k->unknown) >= GW__UNKNOWN_MAX) {
+                cm_map_free(k->unknown, cm_free);
+                k->unknown = cm_map_new();
+            }
+            int created;
+            void **slot = cm_map_slot(k->unknown, id, GW_KEY_ID_LEN, &created);
+            if (created) *slot = cm_malloc(sizeof(int64_t));
+            *(int64_t *)*slot = now + k->cache_ms;
+            pthread_mutex_unlock(&k->mu);
             return CM_ENOTFOUND;
         }
         e.role = atoi(PQgetvalue(r, 0, 0));
@@ -113,10 +134,12 @@ int gw_keys_check(gw_keys_t *k, const char *presented, gw_key_t *out) {
         e.until_ms = now + k->cache_ms;
         PQclear(r);
         pthread_mutex_lock(&k->mu);
-        int created;
-        void **slot = cm_map_slot(k->cache, id, GW_KEY_ID_LEN, &created);
-        if (created) *slot = cm_malloc(sizeof e);
-        memcpy(*slot, &e, sizeof e);
+        if (gen == k->gen) { /* no revoke since the query began: what it read is current */
+            int created;
+            void **slot = cm_map_slot(k->cache, id, GW_KEY_ID_LEN, &created);
+            if (created) *slot = cm_malloc(sizeof e);
+            memcpy(*slot, &e, sizeof e);
+        }
         pthread_mutex_unlock(&k->mu);
     }
     if (e.revoked || CRYPTO_memcmp(sha, e.sha, sizeof sha) != 0) return CM_ENOTFOUND;
@@ -203,6 +226,9 @@ int gw_keys_create(gw_keys_t *k, const char *name, int role, const char *by, cm_
     cm_random_hex(secret, GW__SECRET_HEX / 2);
     int rc = gw__store(k, id, secret, name, role, by, 0);
     if (rc) return rc;
+    pthread_mutex_lock(&k->mu);
+    cm_free(cm_map_del(k->unknown, id, GW_KEY_ID_LEN));
+    pthread_mutex_unlock(&k->mu);
     Iot__Gateway__V1__CreateApiKeyResponse *resp = cm_arena_alloc(a, sizeof *resp);
     iot__gateway__v1__create_api_key_response__init(resp);
     if ((rc = gw_keys_get(k, id, a, &resp->key))) return rc;
@@ -241,6 +267,7 @@ int gw_keys_revoke(gw_keys_t *k, const char *id, cm_arena_t *a, Iot__Gateway__V1
         return CM_EPG;
     pthread_mutex_lock(&k->mu);
     cm_free(cm_map_del(k->cache, id, strlen(id))); /* this replica forgets it at once */
+    k->gen++;
     pthread_mutex_unlock(&k->mu);
     return gw_keys_get(k, id, a, out);
 }

@@ -75,7 +75,7 @@ const gw_route_t gw_routes[] = {
     {"GET", "/api/v1/rules/{rule_id}/windows/{device_id}", V, NULL, GW_PROC, PROC "GetWindowStats", P(get_window_stats_request), P(window_stats), NULL, 1, 0, "The current window of a rule for a device"},
     {"GET", "/api/v1/alerts", V, NULL, GW_PROC, PROC "ListAlerts", P(list_alerts_request), P(list_alerts_response), NULL, 1, 0, "List alerts (state, minSeverity, ruleId, deviceId, firedAfter)"},
     {"GET", "/api/v1/alerts/{id}", V, NULL, GW_PROC, PROC "GetAlert", P(get_alert_request), P(alert), NULL, 1, 0, "Get an alert"},
-    {"POST", "/api/v1/alerts/{id}:ack", O, NULL, GW_PROC, PROC "AckAlert", P(ack_alert_request), P(alert), "*", 0, 0, "Acknowledge an alert (by: who; the key id when left out)"},
+    {"POST", "/api/v1/alerts/{id}:ack", O, NULL, GW_PROC, PROC "AckAlert", P(ack_alert_request), P(alert), "*", 0, 0, "Acknowledge an alert (by: a name, recorded with the key id)"},
     {"GET", "/api/v1/devices/{device_id}/rollups", V, NULL, GW_PROC, PROC "QueryRollups", P(query_rollups_request), P(query_rollups_response), NULL, 1, 0, "Stored rollups of a device's metric"},
     /* firmware */
     {"GET", "/api/v1/artifacts", V, NULL, GW_OTA, OTA "ListArtifacts", T(list_artifacts_request), T(list_artifacts_response), NULL, 1, 0, "List firmware artifacts"},
@@ -158,14 +158,17 @@ void gw_proxy(gw_req_t *r) {
     const gw_route_t *rt = r->route;
     ProtobufCMessage *req = gw_build_request_or_reply(r);
     if (!req) return;
-    /* Who acknowledges, when the caller does not say: the key. */
+    /* Who acts (AckAlert's "by"): always the key, so it cannot be claimed for another; a name the
+     * caller gives is kept in front of it ("alice (api-key:0a1b...)"). */
     const ProtobufCFieldDescriptor *by = protobuf_c_message_descriptor_get_field_by_name(rt->req, "by");
     if (by && by->type == PROTOBUF_C_TYPE_STRING && r->key.id[0]) {
         char **p = (char **)((char *)req + by->offset);
-        if (!*p || !**p) {
-            *p = cm_arena_alloc(&r->arena, sizeof r->key.id + 8);
-            snprintf(*p, sizeof r->key.id + 8, "api-key:%s", r->key.id);
-        }
+        const char *given = *p && **p ? *p : NULL;
+        size_t cap = (given ? strlen(given) + 3 : 0) + sizeof r->key.id + 8;
+        char *v = cm_arena_alloc(&r->arena, cap);
+        if (given) snprintf(v, cap, "%s (api-key:%s)", given, r->key.id);
+        else snprintf(v, cap, "api-key:%s", r->key.id);
+        *p = v;
     }
     cm_md_t md[1];
     cm_call_opts_t o = {.timeout_ms = r->gw->cfg->timeout_ms, .idempotent = rt->idempotent};

@@ -139,6 +139,10 @@ const tests = [
   ['unknown_routes', async (s) => {
     isError(await api(s, 'GET', '/api/v1/nothing', { key: s.adminKey }), 404, 5, 'no such route');
     isError(await api(s, 'PUT', '/api/v1/devices', { key: s.adminKey }), 405, 12);
+    // An action path is never taken for a resource id.
+    isError(await api(s, 'GET', '/api/v1/rules/r1:setEnabled', { key: s.adminKey }), 405, 12);
+    // A device route without a token is refused before its body is read.
+    isError(await api(s, 'POST', '/api/v1/telemetry', { body: { points: [] } }), 401, 16, 'device token');
   }],
   ['backend_down_is_503_naming_it', async (s) => {
     const r = await api(s, 'GET', '/api/v1/rules', { key: s.ROLE_VIEWER });
