@@ -33,6 +33,8 @@ struct cm_stream_s {
     size_t n_md_slices;
     uint8_t *rbuf; /* cm_stream_recv_view: the last message's bytes, contiguous */
     size_t rcap;
+    int read_pending;          /* a receive is started and not yet collected (cm_stream_recv_wait timed out) */
+    grpc_byte_buffer *pending; /* where that receive lands */
 };
 
 cm_channel_t *cm_channel_new(const char *target, const cm_channel_opts_t *o, int *err) {
@@ -410,22 +412,49 @@ int cm_stream_close_send(cm_stream_t *s) {
     return ev.success ? 0 : CM_ECLOSED;
 }
 
-/* Receives the next message (and, the first time, the initial metadata). *buf is NULL at the end
- * of the stream; returns the batch's success flag. */
-static int cm__stream_read(cm_stream_t *s, grpc_byte_buffer **buf) {
-    grpc_op ops[2];
-    size_t n = 0;
-    memset(ops, 0, sizeof ops);
+/* Receives the next message (and, the first time, the initial metadata), waiting until deadline.
+ * *buf is NULL at the end of the stream; returns the batch's success flag, or -1 when the deadline
+ * passed first (the receive stays started: the next call collects it). */
+static int cm__stream_read_until(cm_stream_t *s, grpc_byte_buffer **buf, gpr_timespec deadline) {
     *buf = NULL;
-    if (!s->got_initial_md) {
-        ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
-        ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
-        s->got_initial_md = 1;
+    if (!s->read_pending) {
+        grpc_op ops[2];
+        size_t n = 0;
+        memset(ops, 0, sizeof ops);
+        if (!s->got_initial_md) {
+            ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+            ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->initial_md;
+            s->got_initial_md = 1;
+        }
+        ops[n].op = GRPC_OP_RECV_MESSAGE;
+        ops[n++].data.recv_message.recv_message = &s->pending;
+        if (grpc_call_start_batch(s->call, ops, n, &s->tag_read, NULL) != GRPC_CALL_OK) abort();
+        s->read_pending = 1;
     }
-    ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = buf;
-    if (grpc_call_start_batch(s->call, ops, n, &s->tag_read, NULL) != GRPC_CALL_OK) abort();
-    return grpc_completion_queue_pluck(s->cq, &s->tag_read, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).success;
+    grpc_event ev = grpc_completion_queue_pluck(s->cq, &s->tag_read, deadline, NULL);
+    if (ev.type == GRPC_QUEUE_TIMEOUT) return -1;
+    s->read_pending = 0;
+    *buf = s->pending;
+    s->pending = NULL;
+    return ev.success;
+}
+
+static int cm__stream_read(cm_stream_t *s, grpc_byte_buffer **buf) {
+    return cm__stream_read_until(s, buf, gpr_inf_future(GPR_CLOCK_REALTIME));
+}
+
+int cm_stream_recv_wait(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, int64_t timeout_ms, ProtobufCMessage **out) {
+    grpc_byte_buffer *buf;
+    *out = NULL;
+    int ok = cm__stream_read_until(s, &buf, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN)));
+    if (ok < 0) return CM_ETIMEOUT;
+    if (!ok || !buf) {
+        if (buf) grpc_byte_buffer_destroy(buf);
+        return 0;
+    }
+    *out = cm__decode(desc, NULL, buf);
+    grpc_byte_buffer_destroy(buf);
+    return *out ? 1 : CM_EDECODE;
 }
 
 int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out) {

@@ -302,6 +302,10 @@ int cm_stream_close_send(cm_stream_t *s);
 /* 1 with *out set (free with protobuf_c_message_free_unpacked(out, NULL)), 0 at end of stream,
  * negative on error (CM_EDECODE for a message that does not parse). */
 int cm_stream_recv(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out);
+/* cm_stream_recv waiting at most timeout_ms: CM_ETIMEOUT when nothing came by then (the stream is
+ * unchanged: call again, or cancel and finish). For a reader that must also notice other things
+ * (a client gone, a shutdown) while a stream is quiet. */
+int cm_stream_recv_wait(cm_stream_t *s, const ProtobufCMessageDescriptor *desc, int64_t timeout_ms, ProtobufCMessage **out);
 /* cm_stream_recv for bulk data, without per-message allocations: *out lives in arena a (reset it
  * between messages; do not free *out) and its bytes fields point into the stream's receive buffer,
  * reused by the next receive: the message is valid until the next cm_stream_recv_view or

@@ -200,6 +200,40 @@ static void test_server_stream(void) {
     fx_stop(&f);
 }
 
+/* cm_stream_recv_wait: a quiet stream times out without losing the receive in flight; the message
+ * arrives on a later wait; a cancel while a receive is pending ends the stream cleanly. */
+static void test_server_stream_recv_wait(void) {
+    fixture_t f;
+    fx_start(&f);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    req.message = (char *)"slow";
+    req.repeat = 3;
+    req.delay_ms = 300;
+    cm_stream_t *s = cm_stream_open(f.ch, "/iot.testing.v1.Echo/ServerStream", NULL);
+    ASSERT_INT_EQ(cm_stream_send(s, &req.base), 0);
+    ASSERT_INT_EQ(cm_stream_close_send(s), 0);
+    Iot__Testing__V1__EchoResponse *resp = NULL;
+    int timeouts = 0, n = 0;
+    while (n < 2) {
+        int rc = cm_stream_recv_wait(s, &iot__testing__v1__echo_response__descriptor, 50, (ProtobufCMessage **)&resp);
+        if (rc == CM_ETIMEOUT) {
+            ASSERT(resp == NULL);
+            timeouts++;
+            continue;
+        }
+        ASSERT_INT_EQ(rc, 1);
+        ASSERT_INT_EQ(resp->index, n);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+        n++;
+    }
+    ASSERT(timeouts >= 4); /* 300 ms apart, 50 ms waits */
+    /* The third is 300 ms away: a wait times out, then the caller gives up on the stream. */
+    ASSERT_INT_EQ(cm_stream_recv_wait(s, &iot__testing__v1__echo_response__descriptor, 10, (ProtobufCMessage **)&resp), CM_ETIMEOUT);
+    cm_stream_cancel(s);
+    ASSERT_INT_EQ(cm_stream_finish(s, NULL), CM_STATUS_CANCELLED);
+    fx_stop(&f);
+}
+
 /* Pull-style server streams (cm_method_t.writable): every message arrives in order, a slow reader
  * holds the server back (it sends only what the client takes, plus what the transport's window
  * holds), a status set by writable() ends the stream, and a cancel mid-stream releases the call. */
@@ -1036,7 +1070,7 @@ static void test_busy_port_fails(void) {
 
 TEST_MAIN(TEST_ENTRY(test_unary_roundtrip), TEST_ENTRY(test_status_code_and_message), TEST_ENTRY(test_metadata_roundtrip),
           TEST_ENTRY(test_traceparent_propagated), TEST_ENTRY(test_client_stream),
-          TEST_ENTRY(test_client_stream_error_midway), TEST_ENTRY(test_server_stream), TEST_ENTRY(test_server_stream_paced),
+          TEST_ENTRY(test_client_stream_error_midway), TEST_ENTRY(test_server_stream), TEST_ENTRY(test_server_stream_recv_wait), TEST_ENTRY(test_server_stream_paced),
           TEST_ENTRY(test_server_stream_send_tail),
           TEST_ENTRY(test_bidi),
           TEST_ENTRY(test_deadline_exceeded), TEST_ENTRY(test_cancel_seen_by_handler), TEST_ENTRY(test_malformed_message),
