@@ -20,7 +20,7 @@
 #include "cm_log.h"
 
 /* Body bytes read and dropped after an answer is decided, before it goes out early. */
-#define CM__HTTP_DRAIN_MAX (4u << 20)
+#define CM__HTTP_DRAIN_MAX (64u << 20)
 
 struct cm_http_s {
     struct MHD_Daemon *d;

@@ -7,7 +7,7 @@
  * not kept: handle() runs as soon as the overflow is known (at once for a Content-Length over it,
  * or when a chunked body passes it) and sees cm_http_body_too_big() (so the service words the 413).
  * An answer decided before the body is in (by begin(), an overflow, or a stream consumer giving up)
- * is sent once up to 4 MiB more of the body has been read and dropped (so the client, still
+ * is sent once up to 64 MiB more of the body has been read and dropped (so the client, still
  * sending, is not reset before it reads the answer); past that, or when the client asked for
  * "100 Continue", it is sent at once and the connection closes after it.
  * Connections are kept alive between requests. Each connection has its own thread, so begin(),
