@@ -45,6 +45,9 @@ typedef struct gw_route_s {
     int idempotent; /* safe to retry on UNAVAILABLE */
     int ok_status;  /* 0: 200 */
     const char *summary;
+    /* Routes that take the body as a stream: runs when the headers are in (after the key check);
+     * calls cm_http_req_stream_body, or answers at once. */
+    void (*begin)(gw_req_t *r);
 } gw_route_t;
 
 struct gw_req_s {
@@ -57,6 +60,8 @@ struct gw_req_s {
     cm_arena_t arena;
     int64_t start_ns;
     int status;
+    void *ext; /* a route's own state, freed with ext_free when the response is over */
+    void (*ext_free)(void *ext);
 };
 
 /* The route table (gw_routes.c). */
@@ -72,6 +77,9 @@ void gw_reply_msg(gw_req_t *r, int status, const ProtobufCMessage *m);
 /* The error body {code, status, message, details}: the HTTP status follows the gRPC code. details
  * may be NULL (taken otherwise). */
 void gw_reply_error(gw_req_t *r, int grpc_code, json_t *details, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+/* The same with an HTTP status of its own (405, 413, 422 have no gRPC code of their own). */
+void gw_reply_error_http(gw_req_t *r, int http_status, int grpc_code, json_t *details, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 /* The HTTP status for a gRPC code. */
 int gw_http_status(int grpc_code);
 /* A backend call failed with st: the error, naming the backend when it is down or slow. */
@@ -90,6 +98,8 @@ void gw_proxy(gw_req_t *r);
 /* Checks the route table against the descriptors (body fields, path parameters); 0 or CM_EINVAL
  * with why. Run at start, so a mistyped route cannot ship. */
 int gw_routes_check(char *why, size_t cap);
+/* Serves the dashboard's embedded files (GET/HEAD outside /api/): 1 when it answered r. */
+int gw_web_serve(gw_req_t *r);
 /* Starts and stops the HTTP side. */
 int gw_http_start(gw_t *gw);
 void gw_http_stop(gw_t *gw);

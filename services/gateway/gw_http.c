@@ -81,8 +81,7 @@ static void gw__verror(gw_req_t *r, int status, int code, json_t *details, const
     r->status = status;
 }
 
-static void gw__error(gw_req_t *r, int status, int code, json_t *details, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static void gw__error(gw_req_t *r, int status, int code, json_t *details, const char *fmt, ...) {
+void gw_reply_error_http(gw_req_t *r, int status, int code, json_t *details, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     gw__verror(r, status, code, details, fmt, ap);
@@ -173,6 +172,7 @@ static size_t gw__begin(cm_http_req_t *h, void *arg) {
     cm_arena_init(&r->arena, NULL, 0);
     cm_http_req_set_user(h, r, gw__done);
     const char *method = cm_http_method(h), *path = cm_http_path(h);
+    if (gw_web_serve(r)) return 0;
     /* A route with an action ("/rules/{id}:setEnabled") wins over a bare parameter ("/rules/{id}"):
      * GET /rules/x:setEnabled is a 405, not a rule named "x:setEnabled". */
     int path_known = 0, best = -1;
@@ -196,7 +196,7 @@ static size_t gw__begin(cm_http_req_t *h, void *arg) {
     }
     if (best >= 0) r->route = &gw_routes[best];
     if (!r->route) {
-        if (path_known) gw__error(r, 405, CM_STATUS_UNIMPLEMENTED, NULL, "%s is not served on %s", method, path);
+        if (path_known) gw_reply_error_http(r, 405, CM_STATUS_UNIMPLEMENTED, NULL, "%s is not served on %s", method, path);
         else gw_reply_error(r, CM_STATUS_NOT_FOUND, NULL, "no such route: %s %s (see /api/v1/openapi.json)", method, path);
         return 0;
     }
@@ -226,6 +226,10 @@ static size_t gw__begin(cm_http_req_t *h, void *arg) {
             return 0;
         }
     }
+    if (r->route->begin) {
+        r->route->begin(r);
+        return 0; /* streamed (or answered): nothing is buffered */
+    }
     return (size_t)gw->cfg->max_body;
 }
 
@@ -233,7 +237,7 @@ static void gw__handle(cm_http_req_t *h, void *arg) {
     (void)arg;
     gw_req_t *r = cm_http_req_user(h);
     if (cm_http_body_too_big(h)) {
-        gw__error(r, 413, CM_STATUS_RESOURCE_EXHAUSTED, NULL, "the request body is over the limit of %" PRId64 " bytes (IOT_GW_MAX_BODY)",
+        gw_reply_error_http(r, 413, CM_STATUS_RESOURCE_EXHAUSTED, NULL, "the request body is over the limit of %" PRId64 " bytes (IOT_GW_MAX_BODY)",
                   r->gw->cfg->max_body);
         return;
     }
@@ -256,6 +260,7 @@ static void gw__done(void *p) {
         cm_log_kv(CM_LOG_INFO, "request", "key_id", r->key.id[0] ? r->key.id : "-", "method", cm_http_method(r->http), "path",
                   cm_http_path(r->http), "status", st, "latency_ms", lat, "peer", cm_http_peer(r->http), NULL);
     }
+    if (r->ext_free) r->ext_free(r->ext);
     cm_arena_free(&r->arena);
     cm_free(r);
 }

@@ -47,29 +47,60 @@ function stop(proc) {
 
 const newKey = () => `iotk_${crypto.randomBytes(6).toString('hex')}_${crypto.randomBytes(32).toString('hex')}`;
 
-// The suite: which backends to run (the others point at a closed port, for 503 tests).
+// The suite: device-mgmt, registry and the gateway always; ingest, processing and ota with
+// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv adds to the
+// gateway's environment.
 async function startSuite(tag, opts = {}) {
   const id = `${tag}_${process.pid}`;
   const pg = process.env.IOT_TEST_PG, redis = process.env.IOT_TEST_REDIS;
   const s = { procs: [], adminKey: newKey() };
   const closed = '127.0.0.1:1';
+  const base = { IOT_PG_DSN: pg, IOT_REDIS_ADDR: redis };
   const dm = await start('device-mgmt', 'device-mgmt', {
-    IOT_PG_DSN: pg, IOT_REDIS_ADDR: redis, IOT_DM_PG_SCHEMA: `gw_dm_${id}`, IOT_DM_REDIS_PREFIX: `{gw-${id}}:`,
+    ...base, IOT_DM_PG_SCHEMA: `gw_dm_${id}`, IOT_DM_REDIS_PREFIX: `{gw-${id}}:`,
     IOT_DM_MIGRATIONS: 'services/device-mgmt/migrations',
   });
   s.procs.push(dm);
   const reg = await start('registry', 'registry', { IOT_REDIS_ADDR: redis, IOT_REGISTRY_PREFIX: `{gwreg-${id}}:` });
   s.procs.push(reg);
+  const addr = { ingest: closed, proc: closed, ota: closed };
+  if (opts.full) {
+    const dmAddr = `127.0.0.1:${dm.grpc}`, regAddr = `127.0.0.1:${reg.grpc}`;
+    const streams = `gw-${id}:`;
+    const ingest = await start('ingest', 'ingest', {
+      ...base, IOT_INGEST_PG_SCHEMA: `gw_ing_${id}`, IOT_INGEST_STREAM_PREFIX: streams, IOT_INGEST_DM_ADDR: dmAddr,
+      IOT_INGEST_MIGRATIONS: 'services/ingest/migrations', IOT_REGISTRY_ADDR: regAddr,
+    });
+    s.procs.push(ingest);
+    const proc = await start('processing', 'processing', {
+      ...base, IOT_PROC_PG_SCHEMA: `gw_proc_${id}`, IOT_PROC_REDIS_PREFIX: `gw-${id}:proc:`, IOT_INGEST_STREAM_PREFIX: streams,
+      IOT_PROC_DM_ADDR: dmAddr, IOT_PROC_MIGRATIONS: 'services/processing/migrations', IOT_PROC_RULES_POLL: '50ms',
+      IOT_REGISTRY_ADDR: regAddr,
+    });
+    s.procs.push(proc);
+    const keys = fs.mkdtempSync(path.join(process.env.IOT_TEST_TMP || os.tmpdir(), 'gw-ota-keys-'));
+    const ota = await start('ota', 'ota', {
+      ...base, IOT_OTA_PG_SCHEMA: `gw_ota_${id}`, IOT_OTA_MIGRATIONS: 'services/ota/migrations', IOT_OTA_KEYS_DIR: keys,
+      IOT_OTA_DM_ADDR: dmAddr, IOT_OTA_PROC_ADDR: `127.0.0.1:${proc.grpc}`, IOT_OTA_CONTROLLER_INTERVAL: '100ms',
+      IOT_REGISTRY_ADDR: regAddr, ...(opts.otaEnv || {}),
+    });
+    s.procs.push(ota);
+    addr.ingest = `127.0.0.1:${ingest.grpc}`;
+    addr.proc = `127.0.0.1:${proc.grpc}`;
+    addr.ota = `127.0.0.1:${ota.grpc}`;
+    Object.assign(s, { ingest, proc, ota });
+  }
   const gwEnv = {
     IOT_PG_DSN: pg, IOT_GW_PG_SCHEMA: `gw_${id}`, IOT_GW_HTTP_LISTEN: '127.0.0.1:0',
     IOT_GW_DM_ADDR: `127.0.0.1:${dm.grpc}`, IOT_GW_REGISTRY_ADDR: `127.0.0.1:${reg.grpc}`,
-    IOT_GW_INGEST_ADDR: closed, IOT_GW_PROC_ADDR: closed, IOT_GW_OTA_ADDR: closed,
+    IOT_GW_INGEST_ADDR: addr.ingest, IOT_GW_PROC_ADDR: addr.proc, IOT_GW_OTA_ADDR: addr.ota,
     IOT_GW_BOOTSTRAP_KEY: s.adminKey, IOT_GW_BACKEND_TIMEOUT: '3s', ...(opts.gatewayEnv || {}),
   };
   s.gateway = await start('gateway', 'gateway', gwEnv, 'http');
   s.procs.push(s.gateway);
   s.base = `http://127.0.0.1:${s.gateway.http}`;
   s.dm = dm;
+  s.registry = reg;
   return s;
 }
 
