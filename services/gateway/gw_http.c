@@ -204,7 +204,7 @@ static size_t gw__begin(cm_http_req_t *h, void *arg) {
         gw_reply_error(r, CM_STATUS_UNAUTHENTICATED, NULL, "a device token is required: send \"Authorization: Bearer <token>\"");
         return 0;
     }
-    if (r->route->role) {
+    if (r->route->role > 0) {
         const char *key = gw__presented(r);
         if (!key || !*key) {
             gw_reply_error(r, CM_STATUS_UNAUTHENTICATED, NULL, "an API key is required: send \"Authorization: Bearer <key>\" or \"X-API-Key: <key>\"");

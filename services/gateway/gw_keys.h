@@ -12,7 +12,8 @@
 #include "cm_pg.h"
 #include "iot/gateway/v1/gateway.pb-c.h"
 
-enum { GW_ROLE_VIEWER = 1, GW_ROLE_OPERATOR = 2, GW_ROLE_ADMIN = 3 };
+/* A route's least role; GW_ROLE_DEVICE routes take a device token instead, GW_ROLE_PUBLIC no key. */
+enum { GW_ROLE_PUBLIC = -1, GW_ROLE_DEVICE = 0, GW_ROLE_VIEWER = 1, GW_ROLE_OPERATOR = 2, GW_ROLE_ADMIN = 3 };
 
 #define GW_KEY_ID_LEN 12
 

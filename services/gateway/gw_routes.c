@@ -15,6 +15,7 @@
 #include "gw.h"
 #include "gw_api.h"
 #include "gw_artifacts.h"
+#include "gw_openapi.h"
 #include "gw_sse.h"
 #include "iot/device/v1/device.pb-c.h"
 #include "iot/ingest/v1/ingest.pb-c.h"
@@ -100,6 +101,7 @@ const gw_route_t gw_routes[] = {
     {"GET", "/api/v1/services", V, NULL, GW_REGISTRY, REG "ListServices", R(list_services_request), R(list_services_response), NULL, 1, 0, "Registered services with instance counts", NULL},
     {"GET", "/api/v1/services/{service}/instances", V, NULL, GW_REGISTRY, REG "Discover", R(discover_request), R(discover_response), NULL, 1, 0, "A service's instances and their health", NULL},
     /* the gateway's own */
+    {"GET", "/api/v1/openapi.json", GW_ROLE_PUBLIC, gw_openapi, -1, NULL, &iot__gateway__v1__who_am_irequest__descriptor, &iot__gateway__v1__api_key__descriptor, NULL, 1, 0, "This document (OpenAPI 3.0)", NULL},
     {"GET", "/api/v1/whoami", V, gw_api_whoami, 0, NULL, &iot__gateway__v1__who_am_irequest__descriptor, &iot__gateway__v1__api_key__descriptor, NULL, 1, 0, "The key making the request", NULL},
     {"GET", "/api/v1/keys", A, gw_api_list_keys, 0, NULL, &iot__gateway__v1__list_api_keys_request__descriptor, &iot__gateway__v1__list_api_keys_response__descriptor, NULL, 1, 0, "List API keys", NULL},
     {"POST", "/api/v1/keys", A, gw_api_create_key, 0, NULL, &iot__gateway__v1__create_api_key_request__descriptor, &iot__gateway__v1__create_api_key_response__descriptor, "*", 0, 201, "Create an API key (its secret is shown only in this answer)", NULL},

@@ -7,6 +7,7 @@
 #include "cm_err.h"
 #include "cm_log.h"
 #include "gw.h"
+#include "gw_openapi.h"
 
 static int gw__ready(void *pg, char *why, size_t len) { return cm_pg_check(pg, 1000, why, len); }
 
@@ -80,6 +81,7 @@ int main(int argc, char **argv) {
     cm_app_stop(&app);
     for (int i = 0; i < GW_NBACKENDS; i++) cm_channel_free(gw.ch[i]);
     gw_keys_free(gw.keys);
+    gw_openapi_free();
     cm_pg_free(gw.pg);
     return rc;
 }

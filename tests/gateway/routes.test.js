@@ -204,6 +204,75 @@ const tests = [
     eq(badtok.status, 401, 'bad token');
     s.artifact = a;
   }],
+  ['openapi_matches_the_routes_served', async (s) => {
+    const r = await fetch(s.base + '/api/v1/openapi.json'); /* no key: it describes, it holds nothing */
+    eq(r.status, 200, 'openapi.json');
+    const doc = await r.json();
+    eq(doc.openapi, '3.0.3', 'version');
+    // Every $ref resolves.
+    const refs = JSON.stringify(doc).match(/"\$ref":"[^"]+"/g) || [];
+    for (const ref of new Set(refs)) {
+      const name = ref.slice(8, -1).replace('#/components/schemas/', '');
+      assert(doc.components.schemas[name], `dangling ${ref}`);
+    }
+    // Every documented operation is served: no "no such route" 404 and no 405.
+    let n = 0;
+    for (const [p, item] of Object.entries(doc.paths)) {
+      for (const [method, op] of Object.entries(item)) {
+        const url = p.replace(/\{[^}]+\}/g, 'zz-nothing');
+        const ctl = new AbortController();
+        const headers = { Authorization: `Bearer ${op.security.length && op.security[0].deviceToken ? 'not-a-token' : s.adminKey}` };
+        const body = ['post', 'patch'].includes(method) ? '{}' : undefined;
+        const res = await fetch(s.base + url, { method: method.toUpperCase(), headers, body, signal: ctl.signal });
+        const type = res.headers.get('content-type') || '';
+        let text = '';
+        if (!type.includes('event-stream') && !type.includes('octet-stream')) text = await res.text();
+        ctl.abort();
+        assert(res.status !== 405 && !(res.status === 404 && text.includes('no such route')), `${method} ${p}: ${res.status} ${text}`);
+        n++;
+      }
+    }
+    console.log(`# ${n} documented operations, each served`);
+    assert(n >= 60, `only ${n} operations`);
+    const none = await api(s, 'GET', '/api/v1/not-documented', { key: s.adminKey });
+    isError(none, 404, 5, 'no such route');
+    // Answers of the real backends fit the documented schemas (no undocumented fields, right types).
+    const check = (v, schema, where) => {
+      if (schema.$ref) return check(v, doc.components.schemas[schema.$ref.split('/').pop()], where);
+      if (schema.enum) { assert(schema.enum.includes(v), `${where}: ${v} not in enum`); return; }
+      switch (schema.type) {
+        case 'object':
+          assert(v && typeof v === 'object' && !Array.isArray(v), `${where}: not an object`);
+          for (const [k, x] of Object.entries(v)) {
+            const ps = schema.properties && schema.properties[k];
+            if (ps) check(x, ps, `${where}.${k}`);
+            else assert(schema.additionalProperties, `${where}.${k}: not documented`);
+            if (!ps && typeof schema.additionalProperties === 'object') check(x, schema.additionalProperties, `${where}.${k}`);
+          }
+          return;
+        case 'array': assert(Array.isArray(v), `${where}: not an array`); v.forEach((x, i) => check(x, schema.items, `${where}[${i}]`)); return;
+        case 'string': assert(typeof v === 'string', `${where}: not a string`); if (schema.format === 'int64') assert(/^-?\d+$/.test(v), `${where}: int64`); return;
+        case 'integer': assert(Number.isInteger(v), `${where}: not an integer`); return;
+        case 'number': assert(typeof v === 'number' || ['NaN', 'Infinity', '-Infinity'].includes(v), `${where}: not a number`); return;
+        case 'boolean': assert(typeof v === 'boolean', `${where}: not a boolean`); return;
+        default: return;
+      }
+    };
+    const fits = async (path, method = 'get') => {
+      const got = ok(await api(s, method.toUpperCase(), path, { key: s.adminKey }), 200, path);
+      const route = Object.keys(doc.paths).find((p) => doc.paths[p][method] && new RegExp('^' + p.replace(/\{[^}]+\}/g, '[^/:]+') + '$').test(path.split('?')[0]));
+      check(got, doc.paths[route][method].responses['200'].content['application/json'].schema, path);
+    };
+    await fits('/api/v1/devices');
+    await fits(`/api/v1/devices/${s.alertDev.id}`);
+    await fits('/api/v1/rules');
+    await fits('/api/v1/alerts');
+    await fits('/api/v1/artifacts');
+    await fits(`/api/v1/artifacts/${s.artifact.id}`);
+    await fits('/api/v1/signing-keys');
+    await fits('/api/v1/services');
+    await fits('/api/v1/keys');
+  }],
 ];
 
 run('gateway_routes', tests, () => startSuite('routes', { full: true, gatewayEnv: { IOT_GW_MAX_UPLOAD: String(8 * 1024 * 1024) } }), stopSuite);
