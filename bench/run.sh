@@ -6,6 +6,7 @@
 # with default settings, and with 10,000 idle client streams open. Then the registry: Discover
 # against raw Redis reads, and instance death to watcher event. Then device-mgmt against raw
 # COPY/Redis/SQL, and ingest against raw COPY (points/s, ack latency, RSS, 10,000 open streams).
+# Last the gateway: REST GET of a device (wrk) against the same GetDevice over gRPC directly.
 #   BENCH_THREADS (2)  worker threads for ours and the async reference (callback: grpc's pool)
 #   ROUNDS (3), SECONDS_PER_RUN (2), IDLE_STREAMS (10000)
 #   ING_DEVICES (1000), ING_POINTS (2000 per device and round), ING_STREAMS (10000)
@@ -385,3 +386,34 @@ printf '%-40s %8.1f MB/s  (%s of %s received exactly %s MiB, in %s s)\n' "ota, $
 printf '%-40s %s kB before, %s kB peak: +%s kB, %s kB per download (the artifacts in full: %s kB)\n' \
     "ota RSS during the downloads" "$(om rss_before_kb)" "$(om rss_peak_kb)" "$(om grew_kb)" "$(om per_download_kb)" \
     "$((OTA_CONCURRENT * OTA_MB * 1024))"
+
+echo
+echo "== gateway (services/gateway in front of the same device-mgmt)"
+# GET /api/v1/devices/{id} through the gateway (REST/JSON, API key checked from its cache, one
+# GetDevice to device-mgmt per request) measured with wrk, against the same GetDevice sent to
+# device-mgmt directly with the gRPC load generator, same concurrency, A B per round.
+GW_KEY=iotk_00000000be0c_$(printf '%064d' 0 | tr 0 b)
+start gateway env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_GW_PG_SCHEMA=gwbench IOT_GW_BOOTSTRAP_KEY="$GW_KEY" \
+    IOT_GW_DM_ADDR="127.0.0.1:$P_DM" IOT_GW_HTTP_LISTEN=127.0.0.1:0 IOT_GRPC_LISTEN=127.0.0.1:0 IOT_ADMIN_LISTEN=127.0.0.1:0 \
+    "$B/services/gateway/gateway"
+P_GW_HTTP=$(sed -n 's/^gateway http=\([0-9]*\).*/\1/p' "$tmp/gateway.out" | head -n 1)
+for _ in $(seq 50); do [ -n "$P_GW_HTTP" ] && break; sleep 0.1; P_GW_HTTP=$(sed -n 's/^gateway http=\([0-9]*\).*/\1/p' "$tmp/gateway.out" | head -n 1); done
+GW_URL=http://127.0.0.1:$P_GW_HTTP
+curl -sf -o /dev/null -H "Authorization: Bearer $GW_KEY" -H 'Content-Type: application/json' \
+    -d '{"id":"gw-bench-1","name":"gateway bench","type":"meter","labels":{"site":"bench"}}' "$GW_URL/api/v1/devices" ||
+    echo "bench: could not create the gateway's bench device" >&2
+# GetDeviceRequest{id: "gw-bench-1"}: field 1, length-delimited.
+gw_get_hex=0a0a$(printf 'gw-bench-1' | od -An -v -tx1 | tr -d ' \n')
+for r in $(seq "$ROUNDS"); do
+    wrk -t2 -c64 -d"${SECS}s" --latency -H "Authorization: Bearer $GW_KEY" "$GW_URL/api/v1/devices/gw-bench-1" >>"$tmp/gw_rest" 2>&1
+    "$LOADGEN" --target "127.0.0.1:$P_DM" --mode unary --concurrency 64 --seconds "$SECS" \
+        --method /iot.device.v1.DeviceManager/GetDevice --request-hex "$gw_get_hex" >>"$tmp/gw_grpc" 2>&1
+done
+rest=$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' "$tmp/gw_rest" | median)
+direct=$(field qps <"$tmp/gw_grpc" | median)
+non2xx=$(sed -n 's/.*Non-2xx or 3xx responses: *\([0-9]*\).*/\1/p' "$tmp/gw_rest" | awk '{s+=$1} END {print s+0}')
+[ "$non2xx" = 0 ] || echo "bench: wrk saw $non2xx non-2xx answers from the gateway" >&2
+printf '%-40s %8.0f/s  p99 %s   (wrk -t2 -c64, median of %s)\n' "REST GET /api/v1/devices/{id}" "$rest" \
+    "$(sed -n 's/^ *99% *\([0-9.]*[a-z]*\).*/\1/p' "$tmp/gw_rest" | head -n 1)" "$ROUNDS"
+printf '%-40s %8.0f/s  (loadgen c64, the same device; REST/gRPC %.2f, target >= 0.5)\n' "reference: GetDevice over gRPC directly" \
+    "$direct" "$(awk -v x="$rest" -v y="$direct" 'BEGIN{print (y>0)?x/y:0}')"
