@@ -7,7 +7,8 @@ PKGS="build-essential make pkg-config openssl ca-certificates
       libgrpc-dev libgrpc++-dev protobuf-compiler-grpc grpc-proto
       libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
       libpq-dev libhiredis-dev libmicrohttpd-dev libjansson-dev libssl-dev
-      postgresql redis-server"
+      postgresql redis-server
+      curl wrk"
 
 missing=
 for p in $PKGS; do
