@@ -611,7 +611,10 @@ static int64_t proc__poll(void *arg) {
         a.event_id = PQgetvalue(r, i, 14);
         for (size_t k = 0; k < api->nw; k++) {
             proc__watcher_t *w = &api->w[k];
-            if (ev <= w->cursor) continue;
+            /* A watcher that joined during the query with an older cursor than `from` was not
+             * asked for: advancing it here would skip the events between its cursor and `from`.
+             * The next poll starts from its cursor. */
+            if (ev <= w->cursor || w->cursor < from) continue;
             w->cursor = ev;
             if (sev < w->min_severity) continue;
             int s = cm_call_send(w->call, &a.base);
