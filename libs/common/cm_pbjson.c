@@ -53,7 +53,7 @@ const ProtobufCFieldDescriptor *cm_pbjson_field(const ProtobufCMessageDescriptor
 
 /* protobuf-c keeps no map_entry option: a map field is a repeated message field whose type is the
  * nested "<FieldName>Entry" with fields key = 1 and value = 2, which protoc reserves for maps. */
-static int cm__is_map(const ProtobufCFieldDescriptor *f) {
+int cm_pbjson_is_map(const ProtobufCFieldDescriptor *f) {
     if (f->label != PROTOBUF_C_LABEL_REPEATED || f->type != PROTOBUF_C_TYPE_MESSAGE) return 0;
     const ProtobufCMessageDescriptor *e = f->descriptor;
     if (e->n_fields != 2 || e->fields[0].id != 1 || e->fields[1].id != 2 || strcmp(e->fields[0].name, "key") ||
@@ -86,17 +86,22 @@ static size_t cm__elem_size(ProtobufCType t) {
 
 static const char cm__b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-static json_t *cm__b64_out(const uint8_t *p, size_t n) {
-    char *s = cm_malloc((n + 2) / 3 * 4 + 1);
+void cm_pbjson_base64(char *out, const uint8_t *p, size_t n) {
     size_t k = 0;
     for (size_t i = 0; i < n; i += 3) {
         uint32_t v = (uint32_t)p[i] << 16 | (i + 1 < n ? (uint32_t)p[i + 1] << 8 : 0) | (i + 2 < n ? p[i + 2] : 0);
-        s[k++] = cm__b64[v >> 18 & 63];
-        s[k++] = cm__b64[v >> 12 & 63];
-        s[k++] = i + 1 < n ? cm__b64[v >> 6 & 63] : '=';
-        s[k++] = i + 2 < n ? cm__b64[v & 63] : '=';
+        out[k++] = cm__b64[v >> 18 & 63];
+        out[k++] = cm__b64[v >> 12 & 63];
+        out[k++] = i + 1 < n ? cm__b64[v >> 6 & 63] : '=';
+        out[k++] = i + 2 < n ? cm__b64[v & 63] : '=';
     }
-    json_t *j = json_stringn(s, k);
+    out[k] = 0;
+}
+
+static json_t *cm__b64_out(const uint8_t *p, size_t n) {
+    char *s = cm_malloc(CM_PBJSON_BASE64_LEN(n) + 1);
+    cm_pbjson_base64(s, p, n);
+    json_t *j = json_stringn(s, CM_PBJSON_BASE64_LEN(n));
     cm_free(s);
     return j;
 }
@@ -381,7 +386,7 @@ static json_t *cm__msg_out(const ProtobufCMessage *m, int depth) {
             size_t n = *(const size_t *)CM__CAT(m, f->quantifier_offset);
             const char *arr = *(char *const *)CM__CAT(m, f->offset);
             size_t es = cm__elem_size(f->type);
-            if (cm__is_map(f)) {
+            if (cm_pbjson_is_map(f)) {
                 const ProtobufCMessageDescriptor *ed = f->descriptor;
                 const ProtobufCFieldDescriptor *kf = &ed->fields[0], *vf = &ed->fields[1];
                 v = json_object();
@@ -638,6 +643,16 @@ static int cm__map_key_in(const ProtobufCFieldDescriptor *kf, const char *k, voi
 }
 
 /* Sets field f of m from v; repeated fields take arrays (maps: objects), replacing what was there. */
+/* 1 (err set) when another member of f's oneof is set in m. */
+static int cm__oneof_taken(const ProtobufCFieldDescriptor *f, const ProtobufCMessage *m, cm__in_t *in, const char *path) {
+    uint32_t c = *(const uint32_t *)CM__CAT(m, f->quantifier_offset);
+    if (!c || c == f->id) return 0;
+    for (unsigned i = 0; i < m->descriptor->n_fields; i++)
+        if (m->descriptor->fields[i].id == c)
+            cm__fail(in, path, "only one of a set of alternatives may be given; %s is set already", m->descriptor->fields[i].name);
+    return 1;
+}
+
 static int cm__field_in(const ProtobufCFieldDescriptor *f, const json_t *v, ProtobufCMessage *m, cm__in_t *in,
                         const char *path, int depth) {
     void *p = CM__AT(m, f->offset);
@@ -646,12 +661,7 @@ static int cm__field_in(const ProtobufCFieldDescriptor *f, const json_t *v, Prot
     if (f->label != PROTOBUF_C_LABEL_REPEATED) {
         if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) {
             uint32_t *c = CM__AT(m, f->quantifier_offset);
-            if (*c && *c != f->id) {
-                for (unsigned i = 0; i < m->descriptor->n_fields; i++)
-                    if (m->descriptor->fields[i].id == *c)
-                        return cm__fail(in, path, "only one of a set of alternatives may be given; %s is set already",
-                                        m->descriptor->fields[i].name);
-            }
+            if (cm__oneof_taken(f, m, in, path)) return CM_EINVAL;
             int rc = cm__value_in(f, v, p, in, path, depth);
             if (rc == 0) *c = f->id;
             return rc;
@@ -664,7 +674,7 @@ static int cm__field_in(const ProtobufCFieldDescriptor *f, const json_t *v, Prot
     }
     size_t *count = CM__AT(m, f->quantifier_offset);
     size_t es = cm__elem_size(f->type);
-    if (cm__is_map(f)) {
+    if (cm_pbjson_is_map(f)) {
         if (!json_is_object(v)) return cm__fail(in, path, "expected an object (a map)");
         const ProtobufCMessageDescriptor *ed = f->descriptor;
         ProtobufCMessage **arr = cm_arena_alloc(in->a, (json_object_size(v) + 1) * sizeof *arr);
@@ -753,12 +763,7 @@ int cm_pbjson_set(ProtobufCMessage *m, const char *path, const char *text, cm_ar
             int fresh = !*sub;
             if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) { /* members share storage: the case tells */
                 uint32_t *c = CM__AT(m, f->quantifier_offset);
-                if (*c && *c != f->id) {
-                    for (unsigned i = 0; i < m->descriptor->n_fields; i++)
-                        if (m->descriptor->fields[i].id == *c)
-                            return cm__fail(&in, path, "only one of a set of alternatives may be given; %s is set already",
-                                            m->descriptor->fields[i].name);
-                }
+                if (cm__oneof_taken(f, m, &in, path)) return CM_EINVAL;
                 fresh = *c != f->id;
                 *c = f->id;
             }

@@ -37,6 +37,11 @@ int cm_pbjson_merge(const json_t *j, ProtobufCMessage *m, cm_arena_t *a, char *e
 int cm_pbjson_set(ProtobufCMessage *m, const char *path, const char *text, cm_arena_t *a, char *err, size_t cap);
 /* The field of d named name (lowerCamelCase or proto name), or NULL. */
 const ProtobufCFieldDescriptor *cm_pbjson_field(const ProtobufCMessageDescriptor *d, const char *name);
+/* 1 when f is a map field (a repeated <Name>Entry message of key and value). */
+int cm_pbjson_is_map(const ProtobufCFieldDescriptor *f);
+/* Standard base64 of p[0..n) into out (CM_PBJSON_BASE64_LEN(n) + 1 bytes, NUL-terminated). */
+#define CM_PBJSON_BASE64_LEN(n) (((n) + 2) / 3 * 4)
+void cm_pbjson_base64(char *out, const uint8_t *p, size_t n);
 /* The JSON name of a proto field name ("last_seen_time" -> "lastSeenTime") into buf. */
 const char *cm_pbjson_camel(const char *name, char *buf, size_t cap);
 

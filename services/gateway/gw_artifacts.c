@@ -186,16 +186,8 @@ static int64_t gw__range(const char *h) {
 }
 
 static char *gw__b64(cm_arena_t *a, const uint8_t *p, size_t n) {
-    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    char *out = cm_arena_alloc(a, 4 * ((n + 2) / 3) + 1), *o = out;
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)p[i] << 16 | (i + 1 < n ? (uint32_t)p[i + 1] << 8 : 0) | (i + 2 < n ? p[i + 2] : 0);
-        *o++ = tbl[v >> 18 & 63];
-        *o++ = tbl[v >> 12 & 63];
-        *o++ = i + 1 < n ? tbl[v >> 6 & 63] : '=';
-        *o++ = i + 2 < n ? tbl[v & 63] : '=';
-    }
-    *o = 0;
+    char *out = cm_arena_alloc(a, CM_PBJSON_BASE64_LEN(n) + 1);
+    cm_pbjson_base64(out, p, n);
     return out;
 }
 

@@ -61,15 +61,8 @@ static json_t *gw__value_schema(json_t *schemas, const ProtobufCFieldDescriptor 
     return json_object();
 }
 
-static int gw__is_map(const ProtobufCFieldDescriptor *f) {
-    if (f->type != PROTOBUF_C_TYPE_MESSAGE || f->label != PROTOBUF_C_LABEL_REPEATED) return 0;
-    const ProtobufCMessageDescriptor *m = f->descriptor;
-    size_t n = strlen(m->name);
-    return n > 5 && strcmp(m->name + n - 5, "Entry") == 0 && m->n_fields == 2;
-}
-
 static json_t *gw__field_schema(json_t *schemas, const ProtobufCFieldDescriptor *f) {
-    if (gw__is_map(f)) {
+    if (cm_pbjson_is_map(f)) {
         const ProtobufCMessageDescriptor *m = f->descriptor;
         return json_pack("{s:s,s:o}", "type", "object", "additionalProperties", gw__value_schema(schemas, &m->fields[1]));
     }
@@ -105,7 +98,7 @@ static void gw__query_params(json_t *params, json_t *schemas, const gw_route_t *
         char brace[210];
         snprintf(brace, sizeof brace, "{%s}", f->name);
         if (!*prefix && strstr(rt->pattern, brace)) continue;
-        if (f->type == PROTOBUF_C_TYPE_MESSAGE && !gw__is_map(f)) {
+        if (f->type == PROTOBUF_C_TYPE_MESSAGE && !cm_pbjson_is_map(f)) {
             const ProtobufCMessageDescriptor *m = f->descriptor;
             if (strcmp(m->name, "google.protobuf.Timestamp") && strcmp(m->name, "google.protobuf.FieldMask")) {
                 if (depth == 0 && f->label != PROTOBUF_C_LABEL_REPEATED) {
@@ -116,7 +109,7 @@ static void gw__query_params(json_t *params, json_t *schemas, const gw_route_t *
                 continue;
             }
         }
-        if (gw__is_map(f)) continue;
+        if (cm_pbjson_is_map(f)) continue;
         json_t *p = json_pack("{s:s,s:s,s:o}", "name", name, "in", "query", "schema", gw__field_schema(schemas, f));
         if (f->label == PROTOBUF_C_LABEL_REPEATED) json_object_set_new(p, "explode", json_true());
         json_array_append_new(params, p);
