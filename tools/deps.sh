@@ -8,7 +8,7 @@ PKGS="build-essential make pkg-config openssl ca-certificates
       libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
       libpq-dev libhiredis-dev libmicrohttpd-dev libjansson-dev libssl-dev
       postgresql redis-server
-      curl wrk"
+      curl wrk chromium"
 
 missing=
 for p in $PKGS; do
@@ -43,4 +43,14 @@ if [ ! -d "$interop/node_modules/@grpc/grpc-js" ] || [ "$interop/package-lock.js
     (cd "$interop" && npm ci --no-audit --no-fund --loglevel=error)
 else
     echo "deps: npm packages present"
+fi
+
+# npm packages for the dashboard's browser test (playwright-core driving /usr/bin/chromium), pinned
+# by the lock file.
+gateway=$root/tests/gateway
+if [ ! -d "$gateway/node_modules/playwright-core" ] || [ "$gateway/package-lock.json" -nt "$gateway/node_modules/.package-lock.json" ]; then
+    echo "deps: installing npm packages for tests/gateway"
+    (cd "$gateway" && npm ci --no-audit --no-fund --loglevel=error)
+else
+    echo "deps: npm packages for tests/gateway present"
 fi
