@@ -34,6 +34,7 @@ void ing_config_vars(ing_config_t *c, cm_config_var_t *out) {
         {"IOT_INGEST_PRESENCE_INTERVAL", CM_CFG_DURATION, "10s", "how often last-seen times are reported to device-mgmt", 100, 3600000, &c->presence_ms},
         {"IOT_INGEST_QUERY_POOL", CM_CFG_INT, "4", "Postgres connections for queries and partition upkeep", 1, 256, &c->query_pool},
         {"IOT_INGEST_REPUBLISH_INTERVAL", CM_CFG_DURATION, "30s", "how often devices with committed points missing from their stream are looked for (and republished)", 100, 3600000, &c->republish_ms},
+        {"IOT_INGEST_MAX_WATCHERS", CM_CFG_INT, "1000", "open WatchTelemetry streams at most; beyond it calls get RESOURCE_EXHAUSTED", 1, 1000000, &c->max_watchers},
     };
     memcpy(out, vars, sizeof vars);
 }

@@ -28,9 +28,10 @@ typedef struct ing_config_s {
     int64_t presence_ms;
     int64_t query_pool;
     int64_t republish_ms;
+    int64_t max_watchers;
 } ing_config_t;
 
-#define ING_CONFIG_NVARS 23
+#define ING_CONFIG_NVARS 24
 void ing_config_vars(ing_config_t *c, cm_config_var_t *out);
 /* Checks what the types cannot express; prints the problem and returns CM_ECONFIG, or 0. */
 int ing_config_check(const ing_config_t *c, const char *prog);

@@ -253,6 +253,10 @@ static int ing_latest_values_rpc(cm_call_t *call, const ProtobufCMessage *req, P
     return ing_latest_values(call, ing__ctx(call)->store->pg, (const void *)req, (void *)resp);
 }
 
+static int ing_watch_start_rpc(cm_call_t *call, const ProtobufCMessage *req) {
+    return ing_watch_start(ing__ctx(call)->watch, call, req);
+}
+
 static const cm_method_t ing__methods[] = {
     {.name = "PushTelemetry", .kind = CM_RPC_UNARY, .unary = ing_push_telemetry, .async = 1},
     {.name = "StreamTelemetry",
@@ -263,6 +267,7 @@ static const cm_method_t ing__methods[] = {
      .done = ing_stream_done},
     {.name = "QueryTelemetry", .kind = CM_RPC_UNARY, .unary = ing_query_telemetry_rpc},
     {.name = "LatestValues", .kind = CM_RPC_UNARY, .unary = ing_latest_values_rpc},
+    {.name = "WatchTelemetry", .kind = CM_RPC_SERVER_STREAM, .start = ing_watch_start_rpc, .done = ing_watch_done},
 };
 
 void ing_service_init(cm_service_t *svc, ing_ctx_t *ctx) {
@@ -277,6 +282,7 @@ void ing_service_init(cm_service_t *svc, ing_ctx_t *ctx) {
 
 void ing_ctx_shutdown(void *arg) {
     ing_ctx_t *ctx = arg;
+    ing_watch_shutdown(ctx->watch);
     ing_committers_drain(ctx->commit, ctx->drain_ms);
     /* Collect under the lock, end outside it: ending a call must not wait on ctx->mu. */
     pthread_mutex_lock(&ctx->mu);

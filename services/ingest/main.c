@@ -48,6 +48,14 @@ int main(int argc, char **argv) {
         ing_store_close(&store);
         return 2;
     }
+    ctx.watch = ing_watch_new(&cfg);
+    if (!ctx.watch) {
+        cm_log_kv(CM_LOG_ERROR, "IOT_REDIS_ADDR is not host:port or unix:/path", "value", cfg.redis_addr, NULL);
+        ing_committers_stop(ctx.commit);
+        ing_devices_free(devices);
+        ing_store_close(&store);
+        return 2;
+    }
     cm_service_t svc;
     ing_service_init(&svc, &ctx);
     const cm_service_t *svcs[] = {&svc};
@@ -62,6 +70,7 @@ int main(int argc, char **argv) {
         rc = 1;
     }
     cm_app_stop(&app);
+    ing_watch_free(ctx.watch);
     ing_committers_stop(ctx.commit);
     ing_ctx_destroy(&ctx);
     ing_devices_free(devices);

@@ -14,6 +14,8 @@
 
 #include <libpq-fe.h>
 
+#include "cm_err.h"
+#include "cm_map.h"
 #include "cm_redis.h"
 #include "cm_rpc.h"
 #include "iot/device/v1/device.pb-c.h"
@@ -991,6 +993,158 @@ static void test_partition_size_change(void) {
     stop_all(&dm, &in, tok, 1);
 }
 
+/* ---- WatchTelemetry ---------------------------------------------------------------------------- */
+
+static cm_stream_t *watch_open(cm_channel_t *ch, const char *device, const char **metrics, size_t n) {
+    Iot__Ingest__V1__WatchTelemetryRequest req = IOT__INGEST__V1__WATCH_TELEMETRY_REQUEST__INIT;
+    req.device_id = (char *)device;
+    req.n_metrics = n;
+    req.metrics = (char **)metrics;
+    cm_call_opts_t o = {.timeout_ms = 60000};
+    cm_stream_t *s = cm_stream_open(ch, ING "WatchTelemetry", &o);
+    ASSERT(s);
+    ASSERT_INT_EQ(cm_stream_send(s, &req.base), 0);
+    cm_stream_close_send(s);
+    return s;
+}
+
+/* The status a watch ends with (it must end by itself within a few seconds). */
+static int watch_status(cm_stream_t *s) {
+    Iot__Ingest__V1__PublishedBatch *b = NULL;
+    int rc = cm_stream_recv_wait(s, &iot__ingest__v1__published_batch__descriptor, 5000, (ProtobufCMessage **)&b);
+    pbfree(b);
+    if (rc == CM_ETIMEOUT) TEST__FAIL("the watch did not end");
+    cm_rpc_status_t st = {0};
+    int code = cm_stream_finish(s, &st);
+    snprintf(last_msg, sizeof last_msg, "%s", st.message);
+    cm_rpc_status_clear(&st);
+    return code;
+}
+
+/* Points received on s until `want` have come (fails after 5 s): seqs and metrics in order. */
+static size_t watch_collect(cm_stream_t *s, const char *device, size_t want, uint64_t *seqs, char (*metrics)[16]) {
+    size_t n = 0;
+    while (n < want) {
+        Iot__Ingest__V1__PublishedBatch *b = NULL;
+        int rc = cm_stream_recv_wait(s, &iot__ingest__v1__published_batch__descriptor, 5000, (ProtobufCMessage **)&b);
+        if (rc != 1) TEST__FAIL("watch of %s: %zu of %zu points, then %d", device, n, want, rc);
+        ASSERT_STR_EQ(b->device_id, device);
+        ASSERT(b->n_points > 0);
+        for (size_t i = 0; i < b->n_points && n < want + 8; i++, n++) {
+            seqs[n] = b->points[i]->seq;
+            snprintf(metrics[n], 16, "%s", b->points[i]->metric);
+        }
+        pbfree(b);
+    }
+    return n;
+}
+
+static long watchers_gauge(int admin_port) {
+    static char body[65536];
+    if (test_http_get(admin_port, "/metrics", body, sizeof body) != 200) return -1;
+    const char *g = strstr(body, "\ningest_telemetry_watchers ");
+    return g ? atol(g + strlen("\ningest_telemetry_watchers ")) : -1;
+}
+
+static void wait_watchers(int admin_port, long want) {
+    long got = -1;
+    for (int i = 0; i < 100 && (got = watchers_gauge(admin_port)) != want; i++) usleep(20000);
+    if (got != want) TEST__FAIL("ingest_telemetry_watchers %ld, want %ld", got, want);
+}
+
+/* Live points of one device, only after the watch started, only the metrics asked for, each seq
+ * once even when the stream carries it twice; validation, the watcher limit, cancellation, and
+ * shutdown ending the open watches. */
+static void test_watch_telemetry(void) {
+    svc_t dm, in;
+    char **tok = start_dm("watch", 2, &dm);
+    const char *extra[] = {"IOT_INGEST_MAX_WATCHERS=3", NULL};
+    ing_start(&in, dm.p.grpc_port, extra);
+    static pts_t b;
+    int64_t t0 = now_ms() - 60000;
+    Iot__Ingest__V1__TelemetryAck *ack = NULL;
+    fill(&b, 1, 10, t0);
+    ASSERT_INT_EQ(push(in.ch, tok[0], &b, 10, &ack), 0); /* before any watch: never sent */
+    pbfree(ack);
+
+    const char *bad_metric[] = {"no spaces"};
+    ASSERT_INT_EQ(watch_status(watch_open(in.ch, "", NULL, 0)), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "device_id"));
+    ASSERT_INT_EQ(watch_status(watch_open(in.ch, "dev-watch-0", bad_metric, 1)), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT(strstr(last_msg, "metrics[0]"));
+
+    const char *hum[] = {"hum"};
+    cm_stream_t *all = watch_open(in.ch, "dev-watch-0", NULL, 0);
+    cm_stream_t *only_hum = watch_open(in.ch, "dev-watch-0", hum, 1);
+    cm_stream_t *other = watch_open(in.ch, "dev-watch-1", NULL, 0);
+    wait_watchers(in.p.admin_port, 3);
+    ASSERT_INT_EQ(watch_status(watch_open(in.ch, "dev-watch-0", NULL, 0)), CM_STATUS_RESOURCE_EXHAUSTED);
+    ASSERT(strstr(last_msg, "IOT_INGEST_MAX_WATCHERS"));
+
+    /* seq 11..20 alternate temp and hum; the other device sends 1..5. */
+    fill(&b, 11, 10, t0 + 100);
+    for (int i = 0; i < 10; i += 2) b.p[i].metric = (char *)"hum";
+    ASSERT_INT_EQ(push(in.ch, tok[0], &b, 10, &ack), 0);
+    pbfree(ack);
+    fill(&b, 1, 5, t0);
+    ASSERT_INT_EQ(push(in.ch, tok[1], &b, 5, &ack), 0);
+    pbfree(ack);
+
+    uint64_t seqs[32];
+    char metrics[32][16];
+    ASSERT_INT_EQ(watch_collect(all, "dev-watch-0", 10, seqs, metrics), 10);
+    for (int i = 0; i < 10; i++) {
+        ASSERT_INT_EQ(seqs[i], 11 + i);
+        ASSERT_STR_EQ(metrics[i], i % 2 ? "temp" : "hum");
+    }
+    ASSERT_INT_EQ(watch_collect(only_hum, "dev-watch-0", 5, seqs, metrics), 5);
+    for (int i = 0; i < 5; i++) {
+        ASSERT_INT_EQ(seqs[i], 11 + 2 * i);
+        ASSERT_STR_EQ(metrics[i], "hum");
+    }
+    ASSERT_INT_EQ(watch_collect(other, "dev-watch-1", 5, seqs, metrics), 5);
+    for (int i = 0; i < 5; i++) ASSERT_INT_EQ(seqs[i], 1 + i);
+
+    /* At least once on the stream, once on the watch: an entry repeating seq 15..20 and adding 21
+     * (as a republish after a crash would) yields only 21. */
+    Iot__Ingest__V1__PublishedBatch pb = IOT__INGEST__V1__PUBLISHED_BATCH__INIT;
+    fill(&b, 15, 7, t0 + 200);
+    pb.device_id = (char *)"dev-watch-0";
+    pb.n_points = 7;
+    pb.points = b.ptrs;
+    uint8_t enc[4096];
+    size_t len = iot__ingest__v1__published_batch__pack(&pb, enc);
+    char key[96];
+    snprintf(key, sizeof key, "%s{%llu}", stream_prefix,
+             (unsigned long long)(cm_hash64("dev-watch-0", strlen("dev-watch-0")) % 8));
+    cm_redis_t *r = cm_redis_new(test_env("IOT_TEST_REDIS"), 2000, NULL);
+    const char *xadd[] = {"XADD", key, "*", "device", "dev-watch-0", "batch", (const char *)enc};
+    size_t lens[] = {4, strlen(key), 1, 6, 11, 5, len};
+    redisReply *x = cm_redis_cmd(r, 7, xadd, lens);
+    ASSERT(x && x->type == REDIS_REPLY_STRING);
+    freeReplyObject(x);
+    cm_redis_free(r);
+    ASSERT_INT_EQ(watch_collect(all, "dev-watch-0", 1, seqs, metrics), 1);
+    ASSERT_INT_EQ(seqs[0], 21);
+
+    /* A cancelled watch leaves; shutdown ends the others with UNAVAILABLE. */
+    cm_stream_cancel(all);
+    cm_stream_finish(all, NULL);
+    wait_watchers(in.p.admin_port, 2);
+    cm_channel_free(dm.ch);
+    dm.ch = NULL;
+    test_proc_kill(&in.p, SIGTERM);
+    ASSERT_INT_EQ(watch_status(only_hum), CM_STATUS_UNAVAILABLE);
+    ASSERT(strstr(last_msg, "shutting down"));
+    ASSERT_INT_EQ(watch_status(other), CM_STATUS_UNAVAILABLE);
+    cm_channel_free(in.ch);
+    in.ch = NULL;
+    ASSERT_INT_EQ(test_proc_wait(&in.p, 20000), 0);
+    free_tokens(tok, 2);
+    test_proc_kill(&dm.p, SIGTERM);
+    ASSERT_INT_EQ(test_proc_wait(&dm.p, 20000), 0);
+}
+
 static void test_help_and_bad_config(void) {
     char bin[1024];
     snprintf(bin, sizeof bin, "%s/services/ingest/ingest", test_env("IOT_BUILD_DIR"));
@@ -1016,4 +1170,4 @@ TEST_MAIN(TEST_ENTRY(test_push_codes_and_nothing_partial), TEST_ENTRY(test_resen
           TEST_ENTRY(test_failed_commit_blocks_later_batches), TEST_ENTRY(test_stream_republishes_after_publish_failure),
           TEST_ENTRY(test_kill9_under_load_keeps_every_ack), TEST_ENTRY(test_postgres_outage_under_load),
           TEST_ENTRY(test_retention_and_aggregations), TEST_ENTRY(test_partition_size_change),
-          TEST_ENTRY(test_help_and_bad_config))
+          TEST_ENTRY(test_watch_telemetry), TEST_ENTRY(test_help_and_bad_config))
