@@ -66,6 +66,7 @@ const gw_route_t gw_routes[] = {
     /* telemetry */
     {"GET", "/api/v1/devices/{device_id}/telemetry", V, NULL, GW_INGEST, ING "QueryTelemetry", I(query_telemetry_request), I(query_telemetry_response), NULL, 1, 0, "Telemetry of a device (metric, fromMs, toMs, stepMs with aggregation)", NULL},
     {"GET", "/api/v1/devices/{device_id}/telemetry/latest", V, NULL, GW_INGEST, ING "LatestValues", I(latest_values_request), I(latest_values_response), NULL, 1, 0, "The latest value of each metric of a device", NULL},
+    {"GET", "/api/v1/devices/{device_id}/telemetry/stream", V, gw_sse_telemetry, GW_INGEST, ING "WatchTelemetry", I(watch_telemetry_request), I(published_batch), NULL, 1, 0, "A device's telemetry as it is stored, as Server-Sent Events (event \"points\": a PublishedBatch; metrics filters; live only, no resume)", NULL},
     {"POST", "/api/v1/telemetry", 0, NULL, GW_INGEST, ING "PushTelemetry", I(push_telemetry_request), I(telemetry_ack), "*", 0, 0, "Push telemetry as a device (the device's token as \"Authorization: Bearer\")", NULL},
     /* rules, alerts, windows, rollups */
     {"GET", "/api/v1/rules", V, NULL, GW_PROC, PROC "ListRules", P(list_rules_request), P(list_rules_response), NULL, 1, 0, "List rules", NULL},

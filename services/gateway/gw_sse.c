@@ -14,6 +14,8 @@
 #include "cm_pbjson.h"
 #include "cm_time.h"
 #include "gw_sse.h"
+#include "iot/device/v1/device.pb-c.h"
+#include "iot/ingest/v1/ingest.pb-c.h"
 #include "iot/processing/v1/processing.pb-c.h"
 
 #define GW__SSE_WAKE_MS 1000
@@ -160,4 +162,25 @@ void gw_sse_alerts(gw_req_t *r) {
     const char *last = cm_http_header(r->http, "Last-Event-ID");
     if (last && *last) req->after_event_id = cm_arena_strdup(&r->arena, last);
     gw_sse_pipe(r, GW_PROC, r->route->rpc, &req->base, &iot__processing__v1__alert__descriptor, "alert", "event_id");
+}
+
+void gw_sse_telemetry(gw_req_t *r) {
+    Iot__Ingest__V1__WatchTelemetryRequest *req = (void *)gw_build_request_or_reply(r);
+    if (!req) return;
+    /* ingest streams whatever device id it is given: an unknown device is a 404 here, not a
+     * stream that stays quiet forever. */
+    Iot__Device__V1__GetDeviceRequest greq = IOT__DEVICE__V1__GET_DEVICE_REQUEST__INIT;
+    greq.id = req->device_id;
+    ProtobufCMessage *dev = NULL;
+    cm_rpc_status_t st = {0};
+    int code = gw_call(r, GW_DM, "/iot.device.v1.DeviceManager/GetDevice", &greq.base, &iot__device__v1__device__descriptor,
+                       &dev, 1, &st);
+    if (dev) protobuf_c_message_free_unpacked(dev, NULL);
+    if (code) {
+        gw_reply_backend_error(r, GW_DM, &st);
+        cm_rpc_status_clear(&st);
+        return;
+    }
+    cm_rpc_status_clear(&st);
+    gw_sse_pipe(r, GW_INGEST, r->route->rpc, &req->base, &iot__ingest__v1__published_batch__descriptor, "points", NULL);
 }

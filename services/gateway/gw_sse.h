@@ -10,5 +10,7 @@ void gw_sse_pipe(gw_req_t *r, int backend, const char *rpc, const ProtobufCMessa
                  const char *event, const char *id_field);
 /* GET /api/v1/alerts/stream: WatchAlerts; Last-Event-ID resumes. */
 void gw_sse_alerts(gw_req_t *r);
+/* GET /api/v1/devices/{device_id}/telemetry/stream: WatchTelemetry of a device that exists. */
+void gw_sse_telemetry(gw_req_t *r);
 
 #endif

@@ -156,6 +156,45 @@ const tests = [
     eq(bad.status, 400, bad.body);
     s.alertDev = dev;
   }],
+  ['telemetry_stream_live', async (s) => {
+    const dev = await device(s, 'sse-tel-1');
+    const other = await device(s, 'sse-tel-2');
+    await push(s, dev, 'temp', [1]); /* before the stream: never sent on it */
+    eq((await sse(s, `/api/v1/devices/${dev.id}/telemetry/stream`, 'iotk_000000000000_' + '0'.repeat(64))).status, 401, 'bad key');
+    let bad = await sse(s, '/api/v1/devices/no-such-device/telemetry/stream', s.viewer);
+    eq(bad.status, 404, `unknown device: ${bad.body}`);
+    assert(JSON.parse(bad.body).message.includes('no-such-device'), `404 names the device: ${bad.body}`);
+    bad = await sse(s, `/api/v1/devices/${dev.id}/telemetry/stream?metrics=no%20spaces`, s.viewer);
+    eq(bad.status, 400, `bad metric: ${bad.body}`);
+    assert(JSON.parse(bad.body).message.includes('metrics[0]'), `400 names the field: ${bad.body}`);
+    const all = await sse(s, `/api/v1/devices/${dev.id}/telemetry/stream`, s.viewer);
+    const humOnly = await sse(s, `/api/v1/devices/${dev.id}/telemetry/stream?metrics=hum`, s.viewer);
+    eq(all.status, 200, `stream: ${all.body}`);
+    eq(humOnly.status, 200, `stream: ${humOnly.body}`);
+    assert(/text\/event-stream/.test(all.headers.get('content-type')), 'content type');
+    await new Promise((r) => setTimeout(r, 200)); /* both watches are set up */
+    const t0 = Date.now();
+    await push(s, other, 'temp', [99]); /* another device: on neither stream */
+    await push(s, dev, 'temp', [21.5, 22]);
+    await push(s, dev, 'hum', [40]);
+    const seen = [];
+    await all.next((e) => { if (e.event === 'points') e.data.points.forEach((p) => seen.includes(p.seq) || seen.push(p.seq)); return seen.length >= 3; });
+    const lag = all.events.find((e) => e.event === 'points').at - t0;
+    console.log(`# first live batch ${lag} ms after the push`);
+    assert(lag < 1000, `live within a second (${lag} ms)`);
+    for (const e of all.events) {
+      eq(e.event, 'points', 'event name');
+      eq(e.data.deviceId, dev.id, 'only this device');
+      assert(/^\d+$/.test(e.data.ingestedMs), `int64 as a string: ${JSON.stringify(e.data)}`);
+    }
+    const pts = all.events.flatMap((e) => e.data.points);
+    eq(pts.map((p) => [p.seq, p.metric, p.doubleValue]), [['2', 'temp', 21.5], ['3', 'temp', 22], ['4', 'hum', 40]], 'the points, after the stream opened, in order');
+    await humOnly.next((e) => e.event === 'points');
+    await new Promise((r) => setTimeout(r, 100));
+    eq(humOnly.events.flatMap((e) => e.data.points).map((p) => [p.seq, p.metric]), [['4', 'hum']], 'metrics filter');
+    all.close();
+    humOnly.close();
+  }],
   ['artifacts_upload_and_download', async (s) => {
     const content = crypto.randomBytes(5 * 1024 * 1024 + 123);
     const sha = crypto.createHash('sha256').update(content).digest('hex');
