@@ -116,9 +116,10 @@ static int dm__filter_or_fail(cm_call_t *call, const char *where, const dm_filte
     if (!dm__type_ok(f->type))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "%s.type: a device type (a-z, 0-9, '.', '_', '-')", where);
     if (!dm__text_ok(f->model, 64) || !dm__text_ok(f->firmware_version, 64) || !dm__text_ok(f->name_contains, 200) ||
-        !dm__text_ok(f->site_prefix, 200))
+        !dm__text_ok(f->site_prefix, 200) || !dm__text_ok(f->search, 200))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
-                            "%s: model, firmware_version up to 64 and name_contains, site_prefix up to 200 printable bytes", where);
+                            "%s: model, firmware_version up to 64 and name_contains, site_prefix, search up to 200 printable bytes",
+                            where);
     for (size_t i = 0; i < f->n_statuses; i++)
         if (!dm__status_ok(f->statuses[i]))
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "%s.statuses[%zu]: %d is not a DeviceStatus", where, i,
@@ -225,6 +226,15 @@ static int dm_list_devices(cm_call_t *call, const ProtobufCMessage *req_, Protob
     dm_err_t e;
     int code = dm_store_list_devices(dm__store(call), req->filter, req->page_size, req->page_token,
                                      cm_call_pb_allocator(call), &resp->devices, &resp->n_devices, &resp->next_page_token, &e);
+    return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
+}
+
+static int dm_count_devices(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__CountDevicesRequest *req = (const void *)req_;
+    int rc = dm__filter_or_fail(call, "filter", req->filter, 0);
+    if (rc) return rc;
+    dm_err_t e;
+    int code = dm_store_count_devices(dm__store(call), req->filter, cm_call_pb_allocator(call), (void *)resp_, &e);
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
 }
 
@@ -669,6 +679,7 @@ static const cm_method_t dm__methods[] = {
     {.name = "BatchCreateDevices", .kind = CM_RPC_UNARY, .unary = dm_batch_create_devices},
     {.name = "GetDevice", .kind = CM_RPC_UNARY, .unary = dm_get_device},
     {.name = "ListDevices", .kind = CM_RPC_UNARY, .unary = dm_list_devices},
+    {.name = "CountDevices", .kind = CM_RPC_UNARY, .unary = dm_count_devices},
     {.name = "UpdateDevice", .kind = CM_RPC_UNARY, .unary = dm_update_device},
     {.name = "DeleteDevice", .kind = CM_RPC_UNARY, .unary = dm_delete_device},
     {.name = "CreateGroup", .kind = CM_RPC_UNARY, .unary = dm_create_group},

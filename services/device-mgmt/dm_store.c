@@ -910,6 +910,10 @@ static int dm__filter_sql(dm_store_t *s, cm_pg_conn_t *c, const dm_filter_t *f, 
         cm_buf_free(&lit);
     }
     if (*f->name_contains) cm_buf_printf(sql, " AND d.name ILIKE $%d", dm__param(p, dm__like_escape(ar, f->name_contains, 1)));
+    if (*f->search) {
+        int k = dm__param(p, dm__like_escape(ar, f->search, 1));
+        cm_buf_printf(sql, " AND (d.id ILIKE $%d OR d.name ILIKE $%d)", k, k);
+    }
     if (*f->site_prefix) cm_buf_printf(sql, " AND d.site LIKE $%d", dm__param(p, dm__like_escape(ar, f->site_prefix, 0)));
     if (*f->label_selector) {
         char err[256];
@@ -1080,6 +1084,42 @@ int dm_store_list_devices(dm_store_t *s, const dm_filter_t *f, int page_size, co
         for (int i = 0; i < take; i++) (*out)[i] = dm__device_from_row(a, r, i, 0);
         *n = (size_t)take;
         if (rows > page_size) *next = dm__page_token(a, h, (*out)[take - 1]->id);
+    }
+    PQclear(r);
+    cm_buf_free(&sql);
+    cm_arena_free(&ar);
+    cm_pg_release(s->pg, c);
+    return code;
+}
+
+int dm_store_count_devices(dm_store_t *s, const dm_filter_t *f, ProtobufCAllocator *a,
+                           Iot__Device__V1__CountDevicesResponse *out, dm_err_t *e) {
+    cm_pg_conn_t *c = dm__pg(s, e);
+    if (!c) return CM_STATUS_UNAVAILABLE;
+    cm_arena_t ar;
+    cm_arena_init(&ar, NULL, 0);
+    dm__params_t p = {.n = 0};
+    cm_buf_t sql = CM_BUF_INIT;
+    cm_buf_puts(&sql, "SELECT d.status, count(*) FROM devices d WHERE true");
+    int code = dm__filter_sql(s, c, f, &sql, &p, &ar, 0, e);
+    PGresult *r = NULL;
+    if (!code) {
+        cm_buf_puts(&sql, " GROUP BY d.status ORDER BY d.status");
+        if (cm_pg_exec(c, &r, sql.data, p.n, p.v)) code = dm__pg_fail(c, "devices", e);
+    }
+    if (!code) {
+        int rows = PQntuples(r);
+        out->total = 0;
+        out->n_by_status = (size_t)rows;
+        out->by_status = a->alloc(a->allocator_data, sizeof *out->by_status * (size_t)(rows ? rows : 1));
+        for (int i = 0; i < rows; i++) {
+            Iot__Device__V1__DeviceStatusCount *sc = a->alloc(a->allocator_data, sizeof *sc);
+            iot__device__v1__device_status_count__init(sc);
+            sc->status = (Iot__Device__V1__DeviceStatus)dm__int(r, i, 0);
+            sc->count = dm__int(r, i, 1);
+            out->total += sc->count;
+            out->by_status[i] = sc;
+        }
     }
     PQclear(r);
     cm_buf_free(&sql);

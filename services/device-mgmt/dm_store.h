@@ -72,6 +72,9 @@ int dm_store_delete_device(dm_store_t *s, const char *id, const char *etag, dm_e
 /* One page ordered by id. page_token "" for the first page; *next "" after the last one. */
 int dm_store_list_devices(dm_store_t *s, const dm_filter_t *f, int page_size, const char *page_token,
                           ProtobufCAllocator *a, dm_device_t ***out, size_t *n, char **next, dm_err_t *e);
+/* The devices matching f, in total and by status (statuses with devices only, in enum order). */
+int dm_store_count_devices(dm_store_t *s, const dm_filter_t *f, ProtobufCAllocator *a,
+                           Iot__Device__V1__CountDevicesResponse *out, dm_err_t *e);
 
 /* ---- groups ---- */
 typedef Iot__Device__V1__Group dm_group_t;

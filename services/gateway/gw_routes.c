@@ -41,6 +41,7 @@
 const gw_route_t gw_routes[] = {
     /* devices */
     {"GET", "/api/v1/devices", V, NULL, GW_DM, DM "ListDevices", D(list_devices_request), D(list_devices_response), NULL, 1, 0, "List devices (filters: filter.type, filter.labelSelector, filter.statuses, ...)", NULL},
+    {"GET", "/api/v1/devices:count", V, NULL, GW_DM, DM "CountDevices", D(count_devices_request), D(count_devices_response), NULL, 1, 0, "Count devices, in total and by status (the same filters as the list)", NULL},
     {"POST", "/api/v1/devices", A, NULL, GW_DM, DM "CreateDevice", D(create_device_request), D(device), "device", 0, 201, "Create a device", NULL},
     {"POST", "/api/v1/devices:batchCreate", A, NULL, GW_DM, DM "BatchCreateDevices", D(batch_create_devices_request), D(batch_create_devices_response), "*", 0, 201, "Create up to 10,000 devices at once (all or none)", NULL},
     {"GET", "/api/v1/devices/{id}", V, NULL, GW_DM, DM "GetDevice", D(get_device_request), D(device), NULL, 1, 0, "Get a device", NULL},

@@ -173,7 +173,7 @@ const tests = [
     await go(s, 'devices');
     await waitFor(s, 'the device created over REST is listed', p.waitForSelector(sel('device-row', '[data-device-id="br-boiler-1"]'), { timeout: 5000 }));
     eq((await rowIds(s)).sort(), ['br-boiler-1', 'br-pump-1'], 'both devices listed');
-    // Search: client side, by name or id, any case.
+    // Search: by device-mgmt (filter.search), name or id, any case.
     await p.fill(sel('device-search'), 'NORTH');
     await until(s, 'search by name', () => document.querySelectorAll('[data-testid="device-row"]').length === 1);
     eq(await rowIds(s), ['br-boiler-1'], 'search "NORTH"');
@@ -197,6 +197,24 @@ const tests = [
     await until(s, 'no provisioned boiler is online', () => document.querySelectorAll('[data-testid="device-row"]').length === 0);
     await p.click(sel('filter-clear'));
     await until(s, 'filters cleared', () => document.querySelectorAll('[data-testid="device-row"]').length === 2);
+    assert(/^1–2 of 2 devices$/.test(await p.textContent(sel('device-count'))), 'the count line');
+    // Paging by the server, 50 a page: 60 more devices make three pages.
+    const more = Array.from({ length: 60 }, (_, i) => ({ id: `br-m-${String(i).padStart(2, '0')}`, name: `meter ${i}`, type: 'meter' }));
+    ok(await api(s, 'POST', '/api/v1/devices:batchCreate', { key: s.adminKey, body: { devices: more } }), 201, 'batch create');
+    await p.fill(sel('filter-type'), 'meter');
+    await p.click(sel('filter-apply'));
+    await until(s, 'the first page of meters', () => document.querySelectorAll('[data-testid="device-row"]').length === 50);
+    eq(await p.textContent(sel('device-count')), '1–50 of 60 devices', 'first page count');
+    const first = await rowIds(s);
+    await p.click(sel('page-next'));
+    await until(s, 'the second page', () => document.querySelectorAll('[data-testid="device-row"]').length === 10);
+    const second = await rowIds(s);
+    eq([...first, ...second].sort(), more.map((d) => d.id).sort(), 'every meter once over the two pages');
+    assert(await p.isDisabled(sel('page-next')), 'no third page');
+    await p.click(sel('page-prev'));
+    await until(s, 'back to the first page', () => document.querySelectorAll('[data-testid="device-row"]').length === 50);
+    await p.click(sel('filter-clear'));
+    await until(s, 'filters cleared again', () => document.querySelectorAll('[data-testid="device-row"]').length === 50);
   }),
 
   step('device_telemetry_chart_and_command', async (s) => {

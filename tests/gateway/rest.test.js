@@ -125,6 +125,17 @@ const tests = [
     isError(await api(s, 'GET', '/api/v1/devices?colour=red', { key: s.ROLE_VIEWER }), 400, 3, 'colour');
     r = await api(s, 'GET', '/api/v1/devices?filter.type=meter&filter.statuses=DEVICE_STATUS_PROVISIONED', { key: s.ROLE_VIEWER });
     eq(r.json.devices.length, 7, 'filters as query parameters');
+    // Counting with the same filters: the total and each status that has devices.
+    r = await api(s, 'PATCH', '/api/v1/devices/gw-page-0?updateMask=status', { key: s.adminKey, body: { status: 'DEVICE_STATUS_MAINTENANCE' } });
+    eq(r.status, 200, JSON.stringify(r.json));
+    r = await api(s, 'GET', '/api/v1/devices:count?filter.labelSelector=batch%3Dp', { key: s.ROLE_VIEWER });
+    eq(r.status, 200, JSON.stringify(r.json));
+    eq(r.json.total, '7', 'total');
+    eq(r.json.byStatus.map((b) => [b.status, b.count]), [['DEVICE_STATUS_PROVISIONED', '6'], ['DEVICE_STATUS_MAINTENANCE', '1']], 'by status, in enum order');
+    r = await api(s, 'GET', '/api/v1/devices:count?filter.type=no-such-type', { key: s.ROLE_VIEWER });
+    eq(r.json, {}, 'nothing matches: zero and empty are left out (proto3 JSON)');
+    isError(await api(s, 'GET', '/api/v1/devices:count?filter.labelSelector=zone%20in%20(', { key: s.ROLE_VIEWER }), 400, 3, 'label_selector');
+    isError(await api(s, 'GET', '/api/v1/devices:count'), 401, 16);
   }],
   ['bad_bodies', async (s) => {
     let r = await api(s, 'POST', '/api/v1/devices', { key: s.adminKey, raw: '{"name": "x",}' });

@@ -258,6 +258,16 @@ static void add_during_paging(int pageno) {
     pbfree(create(g_dm, id, "meter", NULL));
 }
 
+static void decommission(dm_proc_t *d, const char *id);
+
+static Iot__Device__V1__CountDevicesResponse *count_devices(dm_proc_t *d, Iot__Device__V1__DeviceFilter *f, int want_code) {
+    Iot__Device__V1__CountDevicesRequest req = IOT__DEVICE__V1__COUNT_DEVICES_REQUEST__INIT;
+    req.filter = f;
+    Iot__Device__V1__CountDevicesResponse *r = NULL;
+    ASSERT_INT_EQ(call(d, "CountDevices", &req, &iot__device__v1__count_devices_response__descriptor, &r), want_code);
+    return r;
+}
+
 static void test_list_filters_and_paging(void) {
     fresh_names("list");
     dm_proc_t d;
@@ -296,6 +306,12 @@ static void test_list_filters_and_paging(void) {
     ids = list_all(&d, &f, 10, &n, NULL);
     ASSERT_INT_EQ(n, 0); /* LIKE metacharacters are literal */
     free_ids(ids, n);
+    f.name_contains = (char *)"";
+    f.search = (char *)"M-04"; /* ids m-040..m-049 */
+    ids = list_all(&d, &f, 4, &n, NULL);
+    ASSERT_INT_EQ(n, 10);
+    free_ids(ids, n);
+    f.search = (char *)"";
     f.name_contains = (char *)"ROOM";
     bad.page_token = (char *)"zz";
     ASSERT_INT_EQ(call(&d, "ListDevices", &bad, &iot__device__v1__list_devices_response__descriptor, &r),
@@ -304,6 +320,31 @@ static void test_list_filters_and_paging(void) {
     ids = list_all(&d, &f, 10, &n, NULL);
     ASSERT_INT_EQ(n, 60);
     free_ids(ids, n);
+
+    /* CountDevices: the list's filters; the total and each status that has devices, in enum order. */
+    decommission(&d, "m-000");
+    decommission(&d, "m-003");
+    Iot__Device__V1__DeviceFilter cf = IOT__DEVICE__V1__DEVICE_FILTER__INIT;
+    cf.type = (char *)"meter";
+    Iot__Device__V1__CountDevicesResponse *cr = count_devices(&d, &cf, CM_STATUS_OK);
+    ASSERT_INT_EQ(cr->total, 20);
+    ASSERT_INT_EQ(cr->n_by_status, 2);
+    ASSERT_INT_EQ(cr->by_status[0]->status, IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_PROVISIONED);
+    ASSERT_INT_EQ(cr->by_status[0]->count, 18);
+    ASSERT_INT_EQ(cr->by_status[1]->status, IOT__DEVICE__V1__DEVICE_STATUS__DEVICE_STATUS_DECOMMISSIONED);
+    ASSERT_INT_EQ(cr->by_status[1]->count, 2);
+    pbfree(cr);
+    cr = count_devices(&d, NULL, CM_STATUS_OK);
+    ASSERT_INT_EQ(cr->total, 60);
+    pbfree(cr);
+    cf.type = (char *)"no-such-type";
+    cr = count_devices(&d, &cf, CM_STATUS_OK);
+    ASSERT_INT_EQ(cr->total, 0);
+    ASSERT_INT_EQ(cr->n_by_status, 0);
+    pbfree(cr);
+    cf.label_selector = (char *)"zone in (";
+    ASSERT(count_devices(&d, &cf, CM_STATUS_INVALID_ARGUMENT) == NULL);
+    ASSERT(strstr(last_msg, "filter.label_selector"));
 
     /* Paging while rows are added: every device that existed throughout is seen exactly once. */
     Iot__Device__V1__DeviceFilter all = IOT__DEVICE__V1__DEVICE_FILTER__INIT;

@@ -15,11 +15,6 @@ export const STATUSES = [
 ];
 const SP = 'DEVICE_STATUS_';
 
-// Every device matching a filter, 1000 a page. A device created with no status reads PROVISIONED.
-function allDevices(filter, signal) {
-  return listAll('/api/v1/devices', { pageSize: 1000, ...filter }, 'devices', { signal, maxPages: 100 });
-}
-
 // ---- overview ----------------------------------------------------------------------------------
 
 const TREND_EVERY_MS = 10000;
@@ -53,16 +48,14 @@ export async function overviewPage(main, ctx) {
 
   const sample = async () => {
     status.set('loading', 'counting devices…');
-    const devices = await allDevices({}, ctx.signal);
+    const r = (await api('GET', '/api/v1/devices:count', undefined, { signal: ctx.signal })) || {};
     if (!ctx.alive()) return;
+    const total = Number(r.total || 0);
     const by = {};
-    for (const d of devices) {
-      const s = d.status || 'DEVICE_STATUS_PROVISIONED';
-      by[s] = (by[s] || 0) + 1;
-    }
+    for (const b of r.byStatus || []) by[b.status || 'DEVICE_STATUS_UNSPECIFIED'] = Number(b.count || 0);
     clear(cards).append(
       el('a', { class: 'card', href: '#/devices', dataset: { testid: 'count-total' } },
-        el('span', { class: 'card-n' }, String(devices.length)), el('span', { class: 'card-label' }, 'devices')),
+        el('span', { class: 'card-n' }, String(total)), el('span', { class: 'card-label' }, 'devices')),
       ...STATUSES.map((s) => {
         const name = enumName(s, SP);
         return el('a', { class: `card card-${name}`, href: `#/devices?status=${s}`, dataset: { testid: `count-${name}`, status: s } },
@@ -70,7 +63,7 @@ export async function overviewPage(main, ctx) {
       }));
     trend.push({ t: Date.now(), v: by.DEVICE_STATUS_ONLINE || 0 });
     drawTrend();
-    status.set('ok', `${devices.length} devices${devices.truncated ? ' (more than could be counted)' : ''}, counted at ${fmtTime(Date.now())}`);
+    status.set('ok', `${total} devices, counted at ${fmtTime(Date.now())}`);
   };
 
   drawTrend();
@@ -123,7 +116,6 @@ export async function devicesPage(main, ctx) {
       } }, 'Clear')));
   main.append(pageTitle('Devices'), form, count, holder);
 
-  let devices = [];
   const columns = [
     { title: 'ID', cell: (d) => el('a', { href: `#/devices/${encodeURIComponent(d.id)}`, dataset: { testid: 'device-link' } }, d.id), class: 'nowrap' },
     { title: 'Name', cell: (d) => d.name || '' },
@@ -145,34 +137,56 @@ export async function devicesPage(main, ctx) {
     ctx.setQuery(s);
   };
 
-  // The search is client side (name or id substring, any case) over what the filters fetched.
-  const show = () => {
-    const needle = search.value.trim().toLowerCase();
-    const rows = needle ? devices.filter((d) => d.id.toLowerCase().includes(needle) || (d.name || '').toLowerCase().includes(needle)) : devices;
-    clear(holder).append(table(columns, rows, {
+  // Everything is filtered and paged by device-mgmt (filter.search: id or name, any case), so the
+  // page stays small whatever the fleet's size; the count comes from /devices:count.
+  const PAGE = 50;
+  const pager = el('div', { class: 'pager', dataset: { testid: 'device-pager' } });
+  main.append(pager);
+  let tokens = ['']; // the token of each page seen so far; the last one is the page shown
+  const filter = () => ({
+    'filter.search': search.value.trim(),
+    'filter.type': type.value.trim(),
+    'filter.labelSelector': labels.value.trim(),
+    'filter.statuses': boxes.filter((b) => b.box.checked).map((b) => b.s),
+  });
+
+  const show = (r, total) => {
+    const devices = (r && r.devices) || [];
+    clear(holder).append(table(columns, devices, {
       tableTestid: 'device-table',
-      empty: devices.length ? 'no device matches the search' : 'no devices match the filters',
+      empty: 'no devices match',
       attrs: (d) => ({ dataset: { testid: 'device-row', deviceId: d.id } }),
     }));
-    count.set('ok', `${rows.length} of ${devices.length} device${devices.length === 1 ? '' : 's'}${devices.truncated ? ' (list cut short)' : ''}`);
+    const first = (tokens.length - 1) * PAGE;
+    count.set('ok', devices.length
+      ? `${first + 1}–${first + devices.length} of ${total} device${total === 1 ? '' : 's'}`
+      : `${total} device${total === 1 ? '' : 's'}`);
+    const next = r && r.nextPageToken;
+    clear(pager).append(
+      el('button', { type: 'button', class: 'secondary', disabled: tokens.length < 2, dataset: { testid: 'page-prev' },
+        onclick: () => { tokens.pop(); fetchPage(); } }, 'Previous'),
+      el('button', { type: 'button', class: 'secondary', disabled: !next, dataset: { testid: 'page-next' },
+        onclick: () => { tokens.push(next); fetchPage(); } }, 'Next'));
   };
 
-  const load = () => guard('Listing devices', async () => {
-    saveQuery();
+  let seq = 0; // only the newest request draws (typing fires several)
+  const fetchPage = () => guard('Listing devices', async () => {
+    const mine = ++seq;
     count.set('loading', 'loading…');
-    const filter = {
-      'filter.type': type.value.trim(),
-      'filter.labelSelector': labels.value.trim(),
-      'filter.statuses': boxes.filter((b) => b.box.checked).map((b) => b.s),
-    };
-    const got = await allDevices(filter, ctx.signal);
-    if (!ctx.alive()) return;
-    devices = got;
-    show();
-  }).then(() => { if (count.dataset.state === 'loading') count.set('error', 'could not load the devices'); });
+    const f = filter();
+    const [r, c] = await Promise.all([
+      api('GET', `/api/v1/devices${query({ ...f, pageSize: PAGE, pageToken: tokens[tokens.length - 1] })}`, undefined, { signal: ctx.signal }),
+      api('GET', `/api/v1/devices:count${query(f)}`, undefined, { signal: ctx.signal }),
+    ]);
+    if (!ctx.alive() || mine !== seq) return;
+    show(r, Number((c && c.total) || 0));
+  }).then(() => { if (count.dataset.state === 'loading' && ctx.alive()) count.set('error', 'could not load the devices'); });
 
+  const load = () => { saveQuery(); tokens = ['']; return fetchPage(); };
+  let typing = null;
   form.addEventListener('submit', (ev) => { ev.preventDefault(); load(); });
-  search.addEventListener('input', () => { saveQuery(); show(); });
+  search.addEventListener('input', () => { clearTimeout(typing); typing = setTimeout(load, 250); });
+  ctx.onLeave(() => clearTimeout(typing));
   await load();
 }
 
