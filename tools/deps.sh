@@ -35,22 +35,17 @@ else
     echo "deps: Debian packages present"
 fi
 
-# npm packages for the interop tests (grpc-js client, grpc-health-check), pinned by the lock file.
+# npm packages of the node tests, pinned by their lock files: `npm ci` when a package is missing or
+# the lock file changed since the last install.
 root=$(cd "$(dirname "$0")/.." && pwd)
-interop=$root/tests/interop
-if [ ! -d "$interop/node_modules/@grpc/grpc-js" ] || [ "$interop/package-lock.json" -nt "$interop/node_modules/.package-lock.json" ]; then
-    echo "deps: installing npm packages for tests/interop"
-    (cd "$interop" && npm ci --no-audit --no-fund --loglevel=error)
-else
-    echo "deps: npm packages present"
-fi
-
-# npm packages for the dashboard's browser test (playwright-core driving /usr/bin/chromium), pinned
-# by the lock file.
-gateway=$root/tests/gateway
-if [ ! -d "$gateway/node_modules/playwright-core" ] || [ "$gateway/package-lock.json" -nt "$gateway/node_modules/.package-lock.json" ]; then
-    echo "deps: installing npm packages for tests/gateway"
-    (cd "$gateway" && npm ci --no-audit --no-fund --loglevel=error)
-else
-    echo "deps: npm packages for tests/gateway present"
-fi
+npm_deps() { # directory under tests/, a package that must be there
+    dir=$root/tests/$1
+    if [ ! -d "$dir/node_modules/$2" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+        echo "deps: installing npm packages for tests/$1"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    else
+        echo "deps: npm packages for tests/$1 present"
+    fi
+}
+npm_deps interop @grpc/grpc-js          # the interop tests' grpc-js client and grpc-health-check
+npm_deps gateway playwright-core        # the dashboard's browser test (driving /usr/bin/chromium)
