@@ -135,4 +135,34 @@ function eq(got, want, what) {
   if (g !== w) throw new Error(`${what || 'value'}: got ${g}, want ${w}`);
 }
 
-module.exports = { startSuite, stopSuite, start, stop, run, assert, eq, newKey, root, buildDir };
+// One REST call: key as "Authorization: Bearer", body as JSON (or raw bytes with their type).
+// Every answer of the API is JSON; anything else fails the test.
+async function api(s, method, path, { key, body, raw, headers, type } = {}) {
+  const h = { ...(headers || {}) };
+  if (key) h.Authorization = `Bearer ${key}`;
+  let payload;
+  if (raw !== undefined) payload = raw;
+  else if (body !== undefined) payload = JSON.stringify(body);
+  if (payload !== undefined) h['Content-Type'] = type || 'application/json';
+  const res = await fetch(s.base + path, { method, headers: h, body: payload, duplex: 'half' });
+  const text = await res.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch (e) { throw new Error(`${method} ${path}: ${res.status}, not JSON: ${text}`); }
+  return { status: res.status, json, headers: res.headers };
+}
+
+// An error answer: the HTTP status, the gRPC code and its name, and a message containing want.
+function isError(r, status, code, want) {
+  eq(r.status, status, `status of ${JSON.stringify(r.json)}`);
+  eq(r.json.code, code, `grpc code of ${JSON.stringify(r.json)}`);
+  assert(typeof r.json.status === 'string' && r.json.status.length > 0, 'status name');
+  if (want) assert(r.json.message.includes(want), `message "${r.json.message}" lacks "${want}"`);
+}
+
+// A success answer with this status (200 unless given): its JSON.
+function ok(r, status, what) {
+  eq(r.status, status || 200, `${what || 'answer'}: ${JSON.stringify(r.json)}`);
+  return r.json;
+}
+
+module.exports = { startSuite, stopSuite, start, stop, run, assert, eq, api, isError, ok, newKey, root, buildDir };
