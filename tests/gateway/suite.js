@@ -48,8 +48,8 @@ function stop(proc) {
 const newKey = () => `iotk_${crypto.randomBytes(6).toString('hex')}_${crypto.randomBytes(32).toString('hex')}`;
 
 // The suite: device-mgmt, registry and the gateway always; ingest, processing and ota with
-// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv adds to the
-// gateway's environment.
+// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv, ingestEnv
+// and otaEnv add to those services' environments.
 async function startSuite(tag, opts = {}) {
   const id = `${tag}_${process.pid}`;
   const pg = process.env.IOT_TEST_PG, redis = process.env.IOT_TEST_REDIS;
@@ -69,7 +69,7 @@ async function startSuite(tag, opts = {}) {
     const streams = `gw-${id}:`;
     const ingest = await start('ingest', 'ingest', {
       ...base, IOT_INGEST_PG_SCHEMA: `gw_ing_${id}`, IOT_INGEST_STREAM_PREFIX: streams, IOT_INGEST_DM_ADDR: dmAddr,
-      IOT_INGEST_MIGRATIONS: 'services/ingest/migrations', IOT_REGISTRY_ADDR: regAddr,
+      IOT_INGEST_MIGRATIONS: 'services/ingest/migrations', IOT_REGISTRY_ADDR: regAddr, ...(opts.ingestEnv || {}),
     });
     s.procs.push(ingest);
     const proc = await start('processing', 'processing', {
@@ -130,8 +130,11 @@ async function run(prog, tests, setup, teardown) {
 }
 
 function assert(cond, msg) { if (!cond) throw new Error(msg || 'assertion failed'); }
+// JSON with object members in name order: objects compare by content, arrays by order.
+const canon = (v) => JSON.stringify(v, (k, x) => (x && typeof x === 'object' && !Array.isArray(x)
+  ? Object.fromEntries(Object.keys(x).sort().map((n) => [n, x[n]])) : x));
 function eq(got, want, what) {
-  const g = JSON.stringify(got), w = JSON.stringify(want);
+  const g = canon(got), w = canon(want);
   if (g !== w) throw new Error(`${what || 'value'}: got ${g}, want ${w}`);
 }
 
