@@ -264,6 +264,22 @@ const tests = [
     eq(ok(await pushAs(s, dev.token, { points: [] })), { ackedSeq: '6' }, 'nothing of the bad batches was stored');
   }],
 
+  ['telemetry_rate_limit_429_says_when_to_retry', async (s) => {
+    // IOT_INGEST_RATE_LIMIT is 100 points a second here. A batch may overdraw the budget; the next
+    // one is refused until the debt is paid, and ingest says how long that is ("retry-after-ms",
+    // a gRPC trailer). A REST client has no trailers: it needs Retry-After and the details.
+    const dev = await device(s, 'fam-rate');
+    const t0 = Date.now() - 10000;
+    eq((await push(s, dev, 'x', Array.from({ length: 150 }, (_, i) => i), t0)).stored, 150, 'admitted, overdrawn');
+    const one = () => pushAs(s, dev.token, { points: [{ seq: String(dev.seq + 1), metric: 'x', timeMs: String(Date.now()), doubleValue: 1 }] });
+    const r = await one();
+    isError(r, 429, 8, 'rate limit');
+    const ms = r.json.details.retryAfterMs;
+    assert(Number.isInteger(ms) && ms > 0 && ms <= 1000, `details.retryAfterMs: ${JSON.stringify(r.json)}`);
+    eq(r.headers.get('retry-after'), String(Math.ceil(ms / 1000)), 'Retry-After: the same wait in whole seconds, rounded up');
+    await sleep(ms);
+    eq(ok(await one(), 200, 'after the wait').stored, 1, 'admitted after the wait it was told');
+  }],
   ['telemetry_query_raw_steps_and_latest', async (s) => {
     const dev = await device(s, 'fam-q');
     const t0 = Math.floor((Date.now() - 120000) / 1000) * 1000;
@@ -657,8 +673,9 @@ const tests = [
 
 async function setup() {
   // Ingest trusts a checked token for IOT_INGEST_AUTH_CACHE_TTL (30 s by default, documented): off
-  // here, so a push sees device-mgmt's answer at once (revoked, rotated, device deleted).
-  const s = await startSuite('families', { full: true, ingestEnv: { IOT_INGEST_AUTH_CACHE_TTL: '0' } });
+  // here, so a push sees device-mgmt's answer at once (revoked, rotated, device deleted). Its rate
+  // limit is low enough to reach (no other test sends a device more than 20 points a second).
+  const s = await startSuite('families', { full: true, ingestEnv: { IOT_INGEST_AUTH_CACHE_TTL: '0', IOT_INGEST_RATE_LIMIT: '100' } });
   for (const role of ['viewer', 'operator']) {
     const r = ok(await api(s, 'POST', '/api/v1/keys', { key: s.adminKey, body: { name: `families ${role}`, role: `ROLE_${role.toUpperCase()}` } }), 201, role);
     s[role] = r.secret;
