@@ -1,6 +1,6 @@
 // The REST gateway in front of the whole suite (device-mgmt, registry, ingest, processing, ota):
-// every route family's success path, roles, validation and not-found answers, paging, the
-// Server-Sent Event streams, artifacts up and down, and the OpenAPI document against the routes.
+// the Server-Sent Event streams, artifacts up and down, and the OpenAPI document against the
+// routes. The other route families are in families.test.js.
 'use strict';
 
 const crypto = require('crypto');
