@@ -1,8 +1,10 @@
 /* The REST request pipeline: route matching, API key checks and roles, errors as JSON with the
  * HTTP status of their gRPC code, one log line per request, request metrics. */
+#include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cm_err.h"
@@ -63,8 +65,10 @@ void gw_reply_msg(gw_req_t *r, int status, const ProtobufCMessage *m) {
     gw_reply_json(r, status, j);
 }
 
-/* The error body with an explicit HTTP status (405 and 413 have no gRPC code of their own). */
-static void gw__verror(gw_req_t *r, int status, int code, json_t *details, const char *fmt, va_list ap) {
+/* The error body with an explicit HTTP status (405 and 413 have no gRPC code of their own), and
+ * extra, when not NULL, as one more header. */
+static void gw__verror(gw_req_t *r, int status, int code, json_t *details, const cm_http_header_t *extra, const char *fmt,
+                       va_list ap) {
     char msg[1024];
     vsnprintf(msg, sizeof msg, fmt, ap);
     json_t *j = json_object();
@@ -75,8 +79,11 @@ static void gw__verror(gw_req_t *r, int status, int code, json_t *details, const
     json_object_set_new(j, "details", details ? details : json_object());
     char *s = cm_json_dump(j);
     json_decref(j);
-    cm_http_header_t h = {"WWW-Authenticate", "Bearer realm=\"iotsuite\""};
-    cm_http_reply(r->http, status, "application/json", s, strlen(s), &h, code == CM_STATUS_UNAUTHENTICATED);
+    cm_http_header_t h[2];
+    size_t n = 0;
+    if (code == CM_STATUS_UNAUTHENTICATED) h[n++] = (cm_http_header_t){"WWW-Authenticate", "Bearer realm=\"iotsuite\""};
+    if (extra) h[n++] = *extra;
+    cm_http_reply(r->http, status, "application/json", s, strlen(s), h, n);
     cm_free(s);
     r->status = status;
 }
@@ -84,26 +91,54 @@ static void gw__verror(gw_req_t *r, int status, int code, json_t *details, const
 void gw_reply_error_http(gw_req_t *r, int status, int code, json_t *details, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    gw__verror(r, status, code, details, fmt, ap);
+    gw__verror(r, status, code, details, NULL, fmt, ap);
     va_end(ap);
 }
 
 void gw_reply_error(gw_req_t *r, int code, json_t *details, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    gw__verror(r, gw_http_status(code), code, details, fmt, ap);
+    gw__verror(r, gw_http_status(code), code, details, NULL, fmt, ap);
+    va_end(ap);
+}
+
+/* gw_reply_error with one more header. */
+static void gw__error_with(gw_req_t *r, int code, json_t *details, const cm_http_header_t *extra, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void gw__error_with(gw_req_t *r, int code, json_t *details, const cm_http_header_t *extra, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    gw__verror(r, gw_http_status(code), code, details, extra, fmt, ap);
     va_end(ap);
 }
 
 void gw_reply_backend_error(gw_req_t *r, int backend, const cm_rpc_status_t *st) {
     const char *name = gw_backend_name(backend);
+    json_t *d = json_object();
+    if (st->code == CM_STATUS_UNAVAILABLE || st->code == CM_STATUS_DEADLINE_EXCEEDED) json_object_set_new(d, "service", json_string(name));
+    /* A backend that says when to come back (ingest's "retry-after-ms" trailer with
+     * RESOURCE_EXHAUSTED and UNAVAILABLE) is passed on as Retry-After, whole seconds rounded up,
+     * and as details.retryAfterMs: a REST client sees no trailers, and without the hint a device
+     * pushing over its rate limit can only guess how long to back off. */
+    const char *hint = cm_rpc_status_md(st, "retry-after-ms");
+    char secs[24];
+    cm_http_header_t ra = {"Retry-After", secs}, *extra = NULL;
+    if (hint) {
+        char *end;
+        errno = 0;
+        long long ms = strtoll(hint, &end, 10);
+        if (end != hint && !*end && !errno && ms >= 0) {
+            json_object_set_new(d, "retryAfterMs", json_integer(ms));
+            snprintf(secs, sizeof secs, "%lld", ms / 1000 + (ms % 1000 != 0));
+            extra = &ra;
+        }
+    }
     if (st->code == CM_STATUS_UNAVAILABLE || st->code == CM_STATUS_DEADLINE_EXCEEDED) {
-        json_t *d = json_pack("{s:s}", "service", name);
-        gw_reply_error(r, st->code, d, "%s %s: %s", name,
+        gw__error_with(r, st->code, d, extra, "%s %s: %s", name,
                        st->code == CM_STATUS_UNAVAILABLE ? "is unavailable" : "did not answer in time", st->message);
         return;
     }
-    gw_reply_error(r, st->code, NULL, "%s", st->message[0] ? st->message : cm_status_name(st->code));
+    gw__error_with(r, st->code, d, extra, "%s", st->message[0] ? st->message : cm_status_name(st->code));
 }
 
 int gw_call(gw_req_t *r, int backend, const char *rpc, const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp,

@@ -3,29 +3,7 @@
 // backend that is down. Other services' routes are covered where their backends run.
 'use strict';
 
-const { startSuite, stopSuite, run, assert, eq } = require('./suite');
-
-async function api(s, method, path, { key, body, raw, headers } = {}) {
-  const h = { ...(headers || {}) };
-  if (key) h.Authorization = `Bearer ${key}`;
-  let payload;
-  if (raw !== undefined) payload = raw;
-  else if (body !== undefined) payload = JSON.stringify(body);
-  if (payload !== undefined) h['Content-Type'] = 'application/json';
-  const res = await fetch(s.base + path, { method, headers: h, body: payload });
-  const text = await res.text();
-  let json = null;
-  try { json = text ? JSON.parse(text) : null; } catch (e) { throw new Error(`${method} ${path}: not JSON: ${text}`); }
-  return { status: res.status, json, headers: res.headers };
-}
-
-// An error answer: status, gRPC code, and a message containing want.
-function isError(r, status, code, want) {
-  eq(r.status, status, `status of ${JSON.stringify(r.json)}`);
-  eq(r.json.code, code, 'grpc code');
-  assert(typeof r.json.status === 'string' && r.json.status.length > 0, 'status name');
-  if (want) assert(r.json.message.includes(want), `message "${r.json.message}" lacks "${want}"`);
-}
+const { startSuite, stopSuite, run, assert, eq, api, isError } = require('./suite');
 
 const tests = [
   ['keys_required', async (s) => {

@@ -1,35 +1,10 @@
 // The REST gateway in front of the whole suite (device-mgmt, registry, ingest, processing, ota):
-// every route family's success path, roles, validation and not-found answers, paging, the
-// Server-Sent Event streams, artifacts up and down, and the OpenAPI document against the routes.
+// the Server-Sent Event streams, artifacts up and down, and the OpenAPI document against the
+// routes. The other route families are in families.test.js.
 'use strict';
 
 const crypto = require('crypto');
-const { startSuite, stopSuite, run, assert, eq } = require('./suite');
-
-async function api(s, method, path, { key, body, raw, headers, type } = {}) {
-  const h = { ...(headers || {}) };
-  if (key) h.Authorization = `Bearer ${key}`;
-  let payload;
-  if (raw !== undefined) payload = raw;
-  else if (body !== undefined) payload = JSON.stringify(body);
-  if (payload !== undefined) h['Content-Type'] = type || 'application/json';
-  const res = await fetch(s.base + path, { method, headers: h, body: payload, duplex: 'half' });
-  const text = await res.text();
-  let json = null;
-  try { json = text ? JSON.parse(text) : null; } catch (e) { json = { text }; }
-  return { status: res.status, json, headers: res.headers };
-}
-
-function isError(r, status, code, want) {
-  eq(r.status, status, `status of ${JSON.stringify(r.json)}`);
-  eq(r.json.code, code, 'grpc code');
-  if (want) assert(r.json.message.includes(want), `message "${r.json.message}" lacks "${want}"`);
-}
-
-function ok(r, status, what) {
-  eq(r.status, status || 200, `${what || 'answer'}: ${JSON.stringify(r.json)}`);
-  return r.json;
-}
+const { startSuite, stopSuite, run, assert, eq, api, isError, ok } = require('./suite');
 
 // An SSE reader over fetch: events as {id, event, data} pushed to .events; next(pred, ms) waits.
 async function sse(s, path, key, headers = {}) {

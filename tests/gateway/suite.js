@@ -48,8 +48,8 @@ function stop(proc) {
 const newKey = () => `iotk_${crypto.randomBytes(6).toString('hex')}_${crypto.randomBytes(32).toString('hex')}`;
 
 // The suite: device-mgmt, registry and the gateway always; ingest, processing and ota with
-// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv adds to the
-// gateway's environment.
+// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv, ingestEnv
+// and otaEnv add to those services' environments.
 async function startSuite(tag, opts = {}) {
   const id = `${tag}_${process.pid}`;
   const pg = process.env.IOT_TEST_PG, redis = process.env.IOT_TEST_REDIS;
@@ -69,7 +69,7 @@ async function startSuite(tag, opts = {}) {
     const streams = `gw-${id}:`;
     const ingest = await start('ingest', 'ingest', {
       ...base, IOT_INGEST_PG_SCHEMA: `gw_ing_${id}`, IOT_INGEST_STREAM_PREFIX: streams, IOT_INGEST_DM_ADDR: dmAddr,
-      IOT_INGEST_MIGRATIONS: 'services/ingest/migrations', IOT_REGISTRY_ADDR: regAddr,
+      IOT_INGEST_MIGRATIONS: 'services/ingest/migrations', IOT_REGISTRY_ADDR: regAddr, ...(opts.ingestEnv || {}),
     });
     s.procs.push(ingest);
     const proc = await start('processing', 'processing', {
@@ -130,9 +130,42 @@ async function run(prog, tests, setup, teardown) {
 }
 
 function assert(cond, msg) { if (!cond) throw new Error(msg || 'assertion failed'); }
+// JSON with object members in name order: objects compare by content, arrays by order.
+const canon = (v) => JSON.stringify(v, (k, x) => (x && typeof x === 'object' && !Array.isArray(x)
+  ? Object.fromEntries(Object.keys(x).sort().map((n) => [n, x[n]])) : x));
 function eq(got, want, what) {
-  const g = JSON.stringify(got), w = JSON.stringify(want);
+  const g = canon(got), w = canon(want);
   if (g !== w) throw new Error(`${what || 'value'}: got ${g}, want ${w}`);
 }
 
-module.exports = { startSuite, stopSuite, start, stop, run, assert, eq, newKey, root, buildDir };
+// One REST call: key as "Authorization: Bearer", body as JSON (or raw bytes with their type).
+// Every answer of the API is JSON; anything else fails the test.
+async function api(s, method, path, { key, body, raw, headers, type } = {}) {
+  const h = { ...(headers || {}) };
+  if (key) h.Authorization = `Bearer ${key}`;
+  let payload;
+  if (raw !== undefined) payload = raw;
+  else if (body !== undefined) payload = JSON.stringify(body);
+  if (payload !== undefined) h['Content-Type'] = type || 'application/json';
+  const res = await fetch(s.base + path, { method, headers: h, body: payload, duplex: 'half' });
+  const text = await res.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch (e) { throw new Error(`${method} ${path}: ${res.status}, not JSON: ${text}`); }
+  return { status: res.status, json, headers: res.headers };
+}
+
+// An error answer: the HTTP status, the gRPC code and its name, and a message containing want.
+function isError(r, status, code, want) {
+  eq(r.status, status, `status of ${JSON.stringify(r.json)}`);
+  eq(r.json.code, code, `grpc code of ${JSON.stringify(r.json)}`);
+  assert(typeof r.json.status === 'string' && r.json.status.length > 0, 'status name');
+  if (want) assert(r.json.message.includes(want), `message "${r.json.message}" lacks "${want}"`);
+}
+
+// A success answer with this status (200 unless given): its JSON.
+function ok(r, status, what) {
+  eq(r.status, status || 200, `${what || 'answer'}: ${JSON.stringify(r.json)}`);
+  return r.json;
+}
+
+module.exports = { startSuite, stopSuite, start, stop, run, assert, eq, api, isError, ok, newKey, root, buildDir };
