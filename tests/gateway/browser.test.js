@@ -11,29 +11,10 @@
 const path = require('path');
 const fs = require('fs');
 const crypto = require('crypto');
-const { startSuite, stopSuite, run, assert, eq, root } = require('./suite');
+const { startSuite, stopSuite, run, assert, eq, api, ok, root } = require('./suite');
 
 const shots = path.join(process.env.IOT_TEST_ARTIFACTS || path.join(root, 'build', 'test-artifacts'), 'browser');
 const CHROMIUM = process.env.IOT_CHROMIUM || '/usr/bin/chromium';
-
-async function api(s, method, p, { key, body, raw, headers, type } = {}) {
-  const h = { ...(headers || {}) };
-  if (key) h.Authorization = `Bearer ${key}`;
-  let payload;
-  if (raw !== undefined) payload = raw;
-  else if (body !== undefined) payload = JSON.stringify(body);
-  if (payload !== undefined) h['Content-Type'] = type || 'application/json';
-  const res = await fetch(s.base + p, { method, headers: h, body: payload });
-  const text = await res.text();
-  let json = null;
-  try { json = text ? JSON.parse(text) : null; } catch (e) { json = { text }; }
-  return { status: res.status, json };
-}
-
-function ok(r, status, what) {
-  eq(r.status, status || 200, `${what || 'answer'}: ${JSON.stringify(r.json)}`);
-  return r.json;
-}
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const sel = (testid, extra = '') => `[data-testid="${testid}"]${extra}`;
