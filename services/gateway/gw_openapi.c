@@ -181,6 +181,19 @@ static json_t *gw__operation(json_t *schemas, const gw_route_t *rt) {
     if (rt->role != GW_ROLE_PUBLIC) json_object_set_new(resp, "401", gw__error_response("no key or token, or not valid"));
     if (rt->role > 0) json_object_set_new(resp, "403", gw__error_response("the key's role is not enough"));
     json_object_set_new(resp, "404", gw__error_response("not found"));
+    if (strcmp(rt->method, "GET") != 0) {
+        json_object_set_new(resp, "409", gw__error_response("already exists, or the etag / expected version does not match"));
+        json_object_set_new(resp, "412", gw__error_response("the resource's state does not allow this (the message names it)"));
+        json_object_set_new(resp, "413", gw__error_response("the body is over the limit (IOT_GW_MAX_BODY, IOT_GW_MAX_UPLOAD)"));
+    }
+    if (rt->rpc) {
+        /* A backend's retry-after-ms hint (ingest's rate limit and back-pressure) comes back as
+         * Retry-After and details.retryAfterMs; 503 may carry it too. */
+        json_t *e = gw__error_response("a limit was reached (a device's rate, a backend's queue); wait Retry-After when given");
+        json_object_set_new(e, "headers", json_pack("{s:{s:s,s:{s:s,s:i}}}", "Retry-After", "description",
+                                                    "seconds to wait before retrying", "schema", "type", "integer", "minimum", 0));
+        json_object_set_new(resp, "429", e);
+    }
     json_object_set_new(resp, "503", gw__error_response("a backend is unavailable (details.service names it)"));
     json_object_set_new(resp, "504", gw__error_response("a backend did not answer in time"));
     json_object_set_new(op, "responses", resp);
