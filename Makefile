@@ -91,6 +91,15 @@ SERVICES :=
 BINS     :=
 -include $(wildcard services/*/module.mk)
 
+# ---- tools shipped with the services (in every image) --------------------------------------
+HEALTH_PROBE := $(B)/tools/iot-health-probe
+
+$(HEALTH_PROBE): $(B)/tools/iot_health_probe.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+TOOL_BINS := $(HEALTH_PROBE)
+
 # ---- tests ---------------------------------------------------------------------------------
 TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c tests/support/proc.c
 TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
@@ -117,7 +126,7 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 # ---- top-level targets ---------------------------------------------------------------------
 .PHONY: all deps test test-asan run bench clean help check-tree
 
-all: $(LIBCOMMON) $(BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
+all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
 
 deps:
 	sh tools/deps.sh
