@@ -124,7 +124,10 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 # ---- top-level targets ---------------------------------------------------------------------
-.PHONY: all deps test test-asan run bench clean help check-tree
+.PHONY: all bins deps test test-asan run bench images test-images clean help check-tree
+
+# The service binaries and the tools shipped with them, nothing else (what an image needs).
+bins: $(BINS) $(TOOL_BINS)
 
 all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
 
@@ -148,6 +151,13 @@ bench: deps
 	$(MAKE) --no-print-directory -C bench B=../$(B)
 	bash bench/run.sh $(B)
 
+# Container images (docker/README.md): built with Debian's Docker engine from a locally made base.
+images:
+	sh docker/build.sh
+
+test-images: images
+	sh docker/test-images.sh
+
 clean:
 	rm -rf build
 
@@ -158,5 +168,7 @@ help:
 	@echo "make test-asan  the same suite built with -fsanitize=address,undefined"
 	@echo "make run        start the suite locally with its own Postgres and Redis"
 	@echo "make bench      benchmarks against reference runs (grpc++ servers, raw Postgres/Redis)"
+	@echo "make images     the six service images (docker/README.md), iotsuite/<service>:<version>"
+	@echo "make test-images  run each image against a loopback Postgres/Redis (ends with 'N passed, N failed')"
 
 -include $(shell find build -name '*.d' 2>/dev/null)
