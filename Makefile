@@ -155,7 +155,7 @@ bench: deps
 images:
 	sh docker/build.sh
 
-test-images: images
+test-images: deps images
 	sh docker/test-images.sh
 
 clean:
