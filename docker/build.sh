@@ -15,13 +15,19 @@ base=${IOT_BASE_IMAGE:-localhost/debian:bookworm-slim}
 
 sh docker/base-image.sh
 docker_ensure
+log=$(mktemp /tmp/iotsuite-images.XXXXXX)
+trap 'rm -f "$log"' EXIT
 for s in $services; do
     start=$(date +%s)
     echo "images: $repo/$s:$version"
     # The build stage is the same for every target: after the first image it comes from the cache.
-    $DOCKER build -q -f docker/Dockerfile --target "$s" --build-arg BASE="$base" --build-arg JOBS="${JOBS:-2}" \
+    if ! $DOCKER build -f docker/Dockerfile --target "$s" --build-arg BASE="$base" --build-arg JOBS="${JOBS:-2}" \
         --label org.opencontainers.image.version="$version" \
-        -t "$repo/$s:$version" -t "$repo/$s:latest" . >/dev/null
+        -t "$repo/$s:$version" -t "$repo/$s:latest" . >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        echo "images: building $s failed" >&2
+        exit 1
+    fi
     size=$($DOCKER image inspect -f '{{ .Size }}' "$repo/$s:$version")
     echo "images: $repo/$s:$version built in $(( $(date +%s) - start )) s, $((size / 1000000)) MB"
 done
