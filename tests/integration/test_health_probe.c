@@ -1,10 +1,12 @@
 /* tools/iot-health-probe, the images' HEALTHCHECK, against a real device-mgmt on the harness's
  * Postgres and Redis: SERVING (whole server, a named service, the address taken from
- * IOT_GRPC_LISTEN), an unknown service name, a closed port, a server that never answers, bad usage. */
+ * IOT_GRPC_LISTEN), an unknown service name, a closed port, a server that never answers, mTLS,
+ * bad usage. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -40,7 +42,8 @@ typedef struct dm_s {
     char addr[64];
 } dm_t;
 
-static void dm_start(dm_t *d) {
+/* extra: more environment entries (NULL-terminated) or NULL. */
+static void dm_start_env(dm_t *d, const char *const *extra) {
     static char bin[1024], pg_env[1024], redis_env[128], schema_env[96], prefix_env[96];
     snprintf(bin, sizeof bin, "%s/services/device-mgmt/device-mgmt", test_env("IOT_BUILD_DIR"));
     snprintf(pg_env, sizeof pg_env, "IOT_PG_DSN=%s", test_env("IOT_TEST_PG"));
@@ -48,11 +51,14 @@ static void dm_start(dm_t *d) {
     snprintf(schema_env, sizeof schema_env, "IOT_DM_PG_SCHEMA=t_probe_%d", (int)getpid());
     snprintf(prefix_env, sizeof prefix_env, "IOT_DM_REDIS_PREFIX={t-probe-%d}:", (int)getpid());
     char *argv[] = {bin, NULL};
-    const char *env[] = {pg_env, redis_env, schema_env, prefix_env, "IOT_DM_MIGRATIONS=services/device-mgmt/migrations",
-                         "IOT_GRPC_LISTEN=127.0.0.1:0", "IOT_ADMIN_LISTEN=127.0.0.1:0", "IOT_LOG_LEVEL=warn", NULL};
+    const char *env[16] = {pg_env, redis_env, schema_env, prefix_env, "IOT_DM_MIGRATIONS=services/device-mgmt/migrations",
+                           "IOT_GRPC_LISTEN=127.0.0.1:0", "IOT_ADMIN_LISTEN=127.0.0.1:0", "IOT_LOG_LEVEL=warn"};
+    for (size_t i = 8, j = 0; extra && extra[j] && i < 15; i++, j++) env[i] = extra[j];
     ASSERT_INT_EQ(test_proc_start(&d->p, argv, env, 1), 0);
     snprintf(d->addr, sizeof d->addr, "127.0.0.1:%d", d->p.grpc_port);
 }
+
+static void dm_start(dm_t *d) { dm_start_env(d, NULL); }
 
 static void dm_stop(dm_t *d) {
     test_proc_kill(&d->p, SIGTERM);
@@ -119,6 +125,47 @@ static void test_silent_server_times_out(void) {
     if (took >= 5000) TEST__FAIL("a 300ms timeout took %lld ms", (long long)took);
 }
 
+/* A service with mTLS required: the probe gets SERVING with the CA and a client certificate, and
+ * no answer in plaintext or without a certificate (the handshake is refused). */
+static void test_tls(void) {
+    char dir[512], cmd[4096];
+    snprintf(dir, sizeof dir, "%s/probe-tls-%d", test_tmpdir(), (int)getpid());
+    snprintf(cmd, sizeof cmd,
+             "set -e; mkdir -p %s; cd %s; "
+             "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=probe-test-ca 2>/dev/null; "
+             "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null; "
+             "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > san.ext; "
+             "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null; "
+             "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout client.key -out client.csr -subj /CN=probe 2>/dev/null; "
+             "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 2>/dev/null",
+             dir, dir);
+    ASSERT_INT_EQ(system(cmd), 0);
+    char cert_env[600], key_env[600], ca_env[600], ca[600], cert[600], key[600];
+    snprintf(cert_env, sizeof cert_env, "IOT_TLS_CERT=%s/server.pem", dir);
+    snprintf(key_env, sizeof key_env, "IOT_TLS_KEY=%s/server.key", dir);
+    snprintf(ca_env, sizeof ca_env, "IOT_TLS_CLIENT_CA=%s/ca.pem", dir);
+    snprintf(ca, sizeof ca, "%s/ca.pem", dir);
+    snprintf(cert, sizeof cert, "%s/client.pem", dir);
+    snprintf(key, sizeof key, "%s/client.key", dir);
+    const char *extra[] = {cert_env, key_env, ca_env, "IOT_TLS_REQUIRE_CLIENT_CERT=true", NULL};
+    dm_t d;
+    dm_start_env(&d, extra);
+    static char bin[1024];
+    snprintf(bin, sizeof bin, "%s/tools/iot-health-probe", test_env("IOT_BUILD_DIR"));
+    char *argv[] = {bin, (char *)"-addr", d.addr, (char *)"-tls-ca", ca, (char *)"-tls-cert", cert, (char *)"-tls-key", key, NULL};
+    test_proc_t p;
+    char out[1024] = "";
+    ASSERT_INT_EQ(test_proc_start(&p, argv, NULL, 0), 0);
+    test_proc_read_line(&p, out, sizeof out, 10000);
+    int rc = test_proc_wait(&p, 10000);
+    close(p.out_fd);
+    if (rc != 0) TEST__FAIL("mTLS probe exited %d: %s", rc, out);
+    ASSERT_INT_EQ(probe(out, sizeof out, NULL, "-addr", d.addr, NULL, NULL), 2);
+    ASSERT_INT_EQ(probe(out, sizeof out, NULL, "-addr", d.addr, "-tls-ca", ca), 2);
+    ASSERT_INT_EQ(probe(out, sizeof out, NULL, "-addr", d.addr, "-tls-cert", cert), 3); /* needs -tls-ca */
+    dm_stop(&d);
+}
+
 static void test_bad_usage_exits_3(void) {
     char out[1024];
     const char *no_listen[] = {"IOT_GRPC_LISTEN=", NULL};
@@ -131,4 +178,4 @@ static void test_bad_usage_exits_3(void) {
 }
 
 TEST_MAIN(TEST_ENTRY(test_serving_service_and_unknown_name), TEST_ENTRY(test_closed_port_is_no_answer_at_once),
-          TEST_ENTRY(test_silent_server_times_out), TEST_ENTRY(test_bad_usage_exits_3))
+          TEST_ENTRY(test_silent_server_times_out), TEST_ENTRY(test_tls), TEST_ENTRY(test_bad_usage_exits_3))
