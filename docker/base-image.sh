@@ -13,6 +13,8 @@
 # the first Debian URI in /etc/apt/sources.list*), IOT_DEBIAN_SECURITY (default: the host's
 # debian-security URI, if any).
 set -eu
+# debootstrap and chroot need root.
+[ "$(id -u)" = 0 ] || exec sudo -E sh "$0" "$@"
 cd "$(dirname "$0")/.."
 . docker/lib.sh
 
