@@ -91,6 +91,15 @@ SERVICES :=
 BINS     :=
 -include $(wildcard services/*/module.mk)
 
+# ---- tools shipped with the services (in every image) --------------------------------------
+HEALTH_PROBE := $(B)/tools/iot-health-probe
+
+$(HEALTH_PROBE): $(B)/tools/iot_health_probe.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+TOOL_BINS := $(HEALTH_PROBE)
+
 # ---- tests ---------------------------------------------------------------------------------
 TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c tests/support/proc.c
 TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
@@ -115,9 +124,12 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 # ---- top-level targets ---------------------------------------------------------------------
-.PHONY: all deps test test-asan run bench clean help check-tree
+.PHONY: all bins deps test test-asan run bench images test-images clean help check-tree
 
-all: $(LIBCOMMON) $(BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
+# The service binaries and the tools shipped with them, nothing else (what an image needs).
+bins: $(BINS) $(TOOL_BINS)
+
+all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
 
 deps:
 	sh tools/deps.sh
@@ -139,6 +151,13 @@ bench: deps
 	$(MAKE) --no-print-directory -C bench B=../$(B)
 	bash bench/run.sh $(B)
 
+# Container images (docker/README.md): built with Debian's Docker engine from a locally made base.
+images:
+	sh docker/build.sh
+
+test-images: deps images
+	sh docker/test-images.sh
+
 clean:
 	rm -rf build
 
@@ -149,5 +168,7 @@ help:
 	@echo "make test-asan  the same suite built with -fsanitize=address,undefined"
 	@echo "make run        start the suite locally with its own Postgres and Redis"
 	@echo "make bench      benchmarks against reference runs (grpc++ servers, raw Postgres/Redis)"
+	@echo "make images     the six service images (docker/README.md), iotsuite/<service>:<version>"
+	@echo "make test-images  run each image against a loopback Postgres/Redis (ends with 'N passed, N failed')"
 
 -include $(shell find build -name '*.d' 2>/dev/null)

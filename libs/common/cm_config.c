@@ -43,6 +43,10 @@ static int cm__parse_duration(const char *s, int64_t *out) {
     return 0;
 }
 
+int cm_config_parse_duration(const char *s, int64_t *ms) {
+    return s && cm__parse_duration(s, ms) == 0 ? 0 : CM_EINVAL;
+}
+
 static const char *cm__type_name(cm_cfg_type_t t) {
     switch (t) {
     case CM_CFG_INT: return "integer";

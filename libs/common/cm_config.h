@@ -30,6 +30,11 @@ typedef struct cm_config_var_s {
  * line per bad variable naming the variable, the value and what is allowed (exit 2). */
 int cm_config_load(const cm_config_var_t *vars, size_t n, int argc, char **argv, const char *summary);
 
+/* Parses a duration the way CM_CFG_DURATION variables are parsed ("250ms", "2s", "5m", "1h", a bare
+ * number is milliseconds) into *ms. Returns 0, or CM_EINVAL for anything else. For command-line
+ * tools that take the same durations as the services' environment. */
+int cm_config_parse_duration(const char *s, int64_t *ms);
+
 /* Settings every gRPC service shares. */
 typedef struct cm_server_config_s {
     const char *listen;

@@ -1,7 +1,10 @@
 # Throwaway Postgres and Redis for one test run. Sourced by tests/run.sh and tools/run.sh.
 #
 #   harness_init DIR            scratch directory (created; removed by harness_cleanup)
-#   harness_start_postgres      initdb + start on a Unix socket in DIR; exports IOT_TEST_PG
+#   harness_start_postgres [PORT]  initdb + start on a Unix socket in DIR; exports IOT_TEST_PG; with
+#                               PORT also on 127.0.0.1:PORT (for containers), exports IOT_TEST_PG_TCP
+#   harness_free_port           sets $harness_port to a loopback TCP port nothing listens on (and not
+#                               handed out before; call it in this shell, not in $(...))
 #   harness_start_redis         redis-server on a free loopback port; exports IOT_TEST_REDIS
 #   harness_cleanup             stops both and removes DIR (install with trap ... EXIT)
 #
@@ -37,14 +40,31 @@ harness_start_postgres() {
     # Exported so that a test can stop and restart this same server (tests/support/pg_stop_start.sh).
     IOT_TEST_PG_CTL="$bin/pg_ctl"
     IOT_TEST_PG_DATA="$harness_pg_data/data"
-    IOT_TEST_PG_OPTS="-k $harness_pg_data -c listen_addresses= -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+    tcp="-c listen_addresses="
+    [ -n "${1:-}" ] && tcp="-c listen_addresses=127.0.0.1 -c port=$1"
+    IOT_TEST_PG_OPTS="-k $harness_pg_data $tcp -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
     export IOT_TEST_PG_CTL IOT_TEST_PG_DATA IOT_TEST_PG_OPTS
     harness_as_pg "$bin/pg_ctl" -D "$harness_pg_data/data" -l "$harness_pg_data/server.log" -w -t 60 \
         -o "$IOT_TEST_PG_OPTS" start >/dev/null ||
         { echo "harness: postgres did not start" >&2; cat "$harness_pg_data/server.log" >&2; return 1; }
-    harness_as_pg "$bin/createdb" -h "$harness_pg_data" -U postgres iot_test || return 1
-    IOT_TEST_PG="host=$harness_pg_data dbname=iot_test user=postgres"
+    harness_as_pg "$bin/createdb" -h "$harness_pg_data" ${1:+-p "$1"} -U postgres iot_test || return 1
+    IOT_TEST_PG="host=$harness_pg_data${1:+ port=$1} dbname=iot_test user=postgres"
     export IOT_TEST_PG
+    if [ -n "${1:-}" ]; then
+        IOT_TEST_PG_TCP="host=127.0.0.1 port=$1 dbname=iot_test user=postgres"
+        export IOT_TEST_PG_TCP
+    fi
+}
+
+harness_ports_given=
+harness_free_port() {
+    while :; do
+        harness_port=$(shuf -i 30000-49999 -n 1)
+        case " $harness_ports_given " in *" $harness_port "*) continue ;; esac
+        ss -Htln "sport = :$harness_port" 2>/dev/null | grep -q . && continue
+        harness_ports_given="$harness_ports_given $harness_port"
+        return 0
+    done
 }
 
 harness_start_redis() {
