@@ -38,6 +38,24 @@ int cm_app_init(cm_app_t *app, const char *name, const cm_config_var_t *vars, si
     return 0;
 }
 
+#define CM__READY_EVERY_MS 1000
+
+/* gRPC health follows the readiness check. */
+static int64_t cm__app_ready(void *arg) {
+    cm_app_t *app = arg;
+    char why[256] = "";
+    int ok = app->ready(app->ready_arg, why, sizeof why) ? 1 : 0;
+    if (ok != app->serving) {
+        int st = ok ? CM_HEALTH_SERVING : CM_HEALTH_NOT_SERVING;
+        cm_server_set_health(app->srv, "", st);
+        for (size_t i = 0; i < app->n_svcs; i++) cm_server_set_health(app->srv, app->svc_names[i], st);
+        cm_log_kv(ok ? CM_LOG_INFO : CM_LOG_WARN, ok ? "ready again: gRPC health SERVING" : "not ready: gRPC health NOT_SERVING",
+                  "why", why, NULL);
+        app->serving = ok;
+    }
+    return CM__READY_EVERY_MS;
+}
+
 int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n) {
     cm_tls_files_t tls = {app->cfg.tls_cert, app->cfg.tls_key, *app->cfg.tls_ca ? app->cfg.tls_ca : NULL,
                           app->cfg.tls_require_client_cert};
@@ -57,6 +75,12 @@ int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n) {
     if (app->on_shutdown) cm_server_on_shutdown(app->srv, app->on_shutdown, app->on_shutdown_arg);
     if ((err = cm_server_start(app->srv))) return err;
     cm_metrics_add_server(app->srv);
+    if (app->ready) {
+        app->serving = 1; /* what cm_server_start set */
+        for (size_t i = 0; i < n && app->n_svcs < sizeof app->svc_names / sizeof app->svc_names[0]; i++)
+            app->svc_names[app->n_svcs++] = svcs[i]->desc->name;
+        app->ready_loop = cm_loop_start(cm__app_ready, app, 0);
+    }
     app->admin = cm_admin_start(app->cfg.admin_listen, app->ready, app->ready_arg, &err);
     if (!app->admin) return err;
     if (*app->cfg.registry_addr) {
@@ -84,6 +108,9 @@ void cm_app_wait(cm_app_t *app) {
 }
 
 void cm_app_stop(cm_app_t *app) {
+    /* Before the drain: shutdown's NOT_SERVING must not be turned back. */
+    cm_loop_stop(app->ready_loop);
+    app->ready_loop = NULL;
     cm_selfreg_stop(app->selfreg);
     app->selfreg = NULL;
     if (app->srv) {

@@ -15,6 +15,7 @@
 #include "cm_admin.h"
 #include "cm_config.h"
 #include "cm_discovery.h"
+#include "cm_loop.h"
 #include "cm_rpc.h"
 
 #define CM_APP_MAX_VARS 64
@@ -25,8 +26,15 @@ typedef struct cm_app_s {
     cm_server_t *srv;
     cm_admin_t *admin;
     cm_selfreg_t *selfreg; /* when IOT_REGISTRY_ADDR is set */
-    cm_ready_fn ready; /* optional readiness check for /readyz, set before cm_app_start */
+    /* Optional readiness check, set before cm_app_start: /readyz answers with it, and gRPC health
+     * follows it (checked every second: NOT_SERVING while not ready, for the whole server and each
+     * service), so gRPC readiness probes, the registry's checks and clients all see the same. */
+    cm_ready_fn ready;
     void *ready_arg;
+    cm_loop_t *ready_loop;
+    int serving;
+    const char *svc_names[8];
+    size_t n_svcs;
     void (*on_shutdown)(void *arg); /* optional: see cm_server_on_shutdown; set before cm_app_start */
     void *on_shutdown_arg;
 } cm_app_t;

@@ -18,6 +18,7 @@
 #include "cm_map.h"
 #include "cm_redis.h"
 #include "cm_rpc.h"
+#include "grpc/health/v1/health.pb-c.h"
 #include "iot/device/v1/device.pb-c.h"
 #include "iot/ingest/v1/ingest.pb-c.h"
 #include "proc.h"
@@ -766,6 +767,17 @@ static void pg_ctl(const char *what) {
     if (rc != 0) fprintf(stdout, "    pg_stop_start %s: %d\n", what, rc);
 }
 
+/* grpc.health.v1 Check: the status (1 SERVING, 2 NOT_SERVING), or -code on an error. */
+static int health(cm_channel_t *ch, const char *service) {
+    Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    req.service = (char *)service;
+    Grpc__Health__V1__HealthCheckResponse *r = NULL;
+    int code = unary(ch, "/grpc.health.v1.Health/Check", &req, &grpc__health__v1__health_check_response__descriptor, &r, NULL);
+    int st = code ? -code : (int)r->status;
+    pbfree(r);
+    return st;
+}
+
 static void test_postgres_outage_under_load(void) {
     enum { N = 6 };
     svc_t dm, in;
@@ -784,9 +796,11 @@ static void test_postgres_outage_under_load(void) {
     /* No assertion between stop and start: the database must come back for the other tests. */
     pg_ctl("stop");
     long rss_max = 0;
+    int not_serving = 0; /* gRPC health follows readiness */
     for (int i = 0; i < 40; i++) {
         long r = test_proc_rss_kb(in.p.pid);
         if (r > rss_max) rss_max = r;
+        if (i % 5 == 4 && health(in.ch, "iot.ingest.v1.Ingest") == 2) not_serving = 1;
         usleep(100000);
     }
     uint64_t during = 0;
@@ -799,6 +813,8 @@ static void test_postgres_outage_under_load(void) {
         later = 0;
         for (int j = 0; j < N; j++) later += ls[j].acked;
     }
+    int serving_again = 0;
+    for (int i = 0; i < 50 && !(serving_again = health(in.ch, "") == 1); i++) usleep(100000);
     atomic_store(&stop, 1);
     int unavailable = 0, other = 0;
     for (int i = 0; i < N; i++) {
@@ -813,6 +829,8 @@ static void test_postgres_outage_under_load(void) {
     fprintf(stdout, "    acked before %llu, during outage %llu, after %llu; rss %ld kB before, max %ld kB during\n",
             (unsigned long long)before, (unsigned long long)during, (unsigned long long)later, rss_before, rss_max);
     ASSERT(before > 0);
+    ASSERT(not_serving);
+    ASSERT(serving_again);
     ASSERT(unavailable > 0);
     ASSERT_INT_EQ(other, 0);
     ASSERT(later >= during + 1000);
