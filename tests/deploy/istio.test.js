@@ -9,7 +9,7 @@ const path = require('path');
 const fs = require('fs');
 const os = require('os');
 const {
-  root, SERVICES, check, assert, finish, helmTemplate, parseAll, validateAll, tscObjects, yamllint,
+  root, chart, SERVICES, check, assert, finish, helmTemplate, parseAll, validateAll, tscObjects, yamllint,
 } = require('./lib');
 
 const dir = path.join(root, 'deploy', 'istio');
@@ -17,6 +17,8 @@ const tmp = fs.mkdtempSync(path.join(process.env.IOT_TEST_TMP || os.tmpdir(), 'i
 const NS = 'iot';
 const INGRESS_SA = 'cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account';
 // gRPC methods the mesh may retry: reads, and CheckForUpdate (a read for the device).
+const sortKeys = (v) => (Array.isArray(v) ? v.map(sortKeys)
+  : v && typeof v === 'object' ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sortKeys(v[k])])) : v);
 const IDEMPOTENT = /^(Get|List|Count|Query|Discover|LatestValues|CheckForUpdate)/;
 
 async function main() {
@@ -198,6 +200,28 @@ async function main() {
         }
       }
     }
+  });
+
+  check('the chart\'s istio.enabled templates render the same objects as deploy/istio (release iot, ci/istio-values.yaml)', () => {
+    const rendered = parseAll(helmTemplate([path.join(chart, 'ci', 'istio-values.yaml')]))
+      .filter((o) => /\.istio\.io\//.test(o.apiVersion));
+    assert(rendered.length > 0, 'istio.enabled rendered nothing');
+    const key = (o) => `${o.kind}/${o.metadata.namespace}/${o.metadata.name}`;
+    const plainByKey = new Map(plain.map((o) => [key(o), o]));
+    const diffs = [];
+    for (const o of rendered) {
+      const p = plainByKey.get(key(o));
+      if (!p) { diffs.push(`${key(o)}: rendered by the chart, not in deploy/istio`); continue; }
+      plainByKey.delete(key(o));
+      if (JSON.stringify(sortKeys(o.spec)) !== JSON.stringify(sortKeys(p.spec))) {
+        diffs.push(`${key(o)}: spec differs\n    chart: ${JSON.stringify(sortKeys(o.spec))}\n    file:  ${JSON.stringify(sortKeys(p.spec))}`);
+      }
+    }
+    // The ingress and east-west gateways are installation-specific (hosts, certificates): files only.
+    for (const k of plainByKey.keys()) {
+      if (!/^(Gateway\/|VirtualService\/iot\/iot-ingress-)/.test(k)) diffs.push(`${k}: in deploy/istio, not rendered by the chart`);
+    }
+    assert(diffs.length === 0, diffs.join('\n'));
   });
 
   check('east-west gateway: 15443, TLS, AUTO_PASSTHROUGH', () => {

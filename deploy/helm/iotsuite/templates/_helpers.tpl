@@ -111,3 +111,33 @@ runAsNonRoot: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* gRPC API of each service for the Istio templates: package, device-facing methods (reached
+     through the ingress), streaming methods (no mesh timeout), idempotent methods (retried). */}}
+{{- define "iotsuite.grpcApi" -}}
+registry:
+  package: iot.registry.v1.Registry
+  streams: Watch
+  idempotent: Discover|ListServices
+device-mgmt:
+  package: iot.device.v1.DeviceManager
+  device: [WatchCommands, AckCommand, ReportState, GetShadow]
+  streams: WatchCommands
+  idempotent: (Get|List|Count)[A-Za-z]*
+ingest:
+  package: iot.ingest.v1.Ingest
+  device: [PushTelemetry, StreamTelemetry]
+  streams: StreamTelemetry|WatchTelemetry
+  idempotent: QueryTelemetry|LatestValues
+processing:
+  package: iot.processing.v1.Processing
+  streams: WatchAlerts
+  idempotent: (Get|List|Query)[A-Za-z]*
+ota:
+  package: iot.ota.v1.Ota
+  device: [CheckForUpdate, DownloadArtifact, ReportStatus]
+  streams: UploadArtifact|DownloadArtifact
+  idempotent: (Get|List)[A-Za-z]*|CheckForUpdate
+gateway:
+  package: iot.gateway.v1.Gateway
+{{- end -}}
