@@ -162,15 +162,19 @@ async function main() {
       }
     });
 
-    check(`probes are native gRPC probes on the declared gRPC port (${sc.name})`, () => {
+    check(`start-up/liveness probes are gRPC probes on the gRPC port, readiness /readyz on the admin port (${sc.name})`, () => {
       for (const d of deployments) {
         const svc = component(d);
         const c = d.spec.template.spec.containers[0];
         const grpcPort = c.ports.find((p) => p.name === 'grpc-api').containerPort;
-        for (const p of ['startupProbe', 'livenessProbe', 'readinessProbe']) {
+        for (const p of ['startupProbe', 'livenessProbe']) {
           assert(c[p] && c[p].grpc, `${svc}: ${p} is not a grpc probe`);
           assert(c[p].grpc.port === grpcPort, `${svc}: ${p} port ${c[p].grpc.port}, gRPC listens on ${grpcPort}`);
         }
+        const r = c.readinessProbe && c.readinessProbe.httpGet;
+        assert(r && r.path === '/readyz', `${svc}: readiness is not GET /readyz`);
+        const admin = c.ports.find((p) => p.name === r.port || p.containerPort === r.port);
+        assert(admin && admin.name === 'http-admin', `${svc}: readiness port ${r.port} is not the admin port`);
       }
     });
 
