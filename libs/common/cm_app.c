@@ -75,6 +75,7 @@ int cm_app_start(cm_app_t *app, const cm_service_t *const *svcs, size_t n) {
     if (app->on_shutdown) cm_server_on_shutdown(app->srv, app->on_shutdown, app->on_shutdown_arg);
     if ((err = cm_server_start(app->srv))) return err;
     cm_metrics_add_server(app->srv);
+    cm_server_set_health(app->srv, CM_APP_LIVENESS, CM_HEALTH_SERVING);
     if (app->ready) {
         app->serving = 1; /* what cm_server_start set */
         for (size_t i = 0; i < n && app->n_svcs < sizeof app->svc_names / sizeof app->svc_names[0]; i++)

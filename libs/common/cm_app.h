@@ -19,6 +19,10 @@
 #include "cm_rpc.h"
 
 #define CM_APP_MAX_VARS 64
+/* The gRPC health service name that answers SERVING for as long as the process serves (until
+ * shutdown), whatever the readiness check says: for liveness probes, which must not restart a pod
+ * because its database is away. "" and the services' own names follow readiness. */
+#define CM_APP_LIVENESS "liveness"
 
 typedef struct cm_app_s {
     const char *name;

@@ -162,19 +162,16 @@ async function main() {
       }
     });
 
-    check(`start-up/liveness probes are gRPC probes on the gRPC port, readiness /readyz on the admin port (${sc.name})`, () => {
+    check(`probes are gRPC probes on the gRPC port: start-up and liveness on "liveness", readiness on "" (${sc.name})`, () => {
       for (const d of deployments) {
         const svc = component(d);
         const c = d.spec.template.spec.containers[0];
         const grpcPort = c.ports.find((p) => p.name === 'grpc-api').containerPort;
-        for (const p of ['startupProbe', 'livenessProbe']) {
+        for (const [p, service] of [['startupProbe', 'liveness'], ['livenessProbe', 'liveness'], ['readinessProbe', undefined]]) {
           assert(c[p] && c[p].grpc, `${svc}: ${p} is not a grpc probe`);
           assert(c[p].grpc.port === grpcPort, `${svc}: ${p} port ${c[p].grpc.port}, gRPC listens on ${grpcPort}`);
+          assert(c[p].grpc.service === service, `${svc}: ${p} asks for service ${c[p].grpc.service}, want ${service}`);
         }
-        const r = c.readinessProbe && c.readinessProbe.httpGet;
-        assert(r && r.path === '/readyz', `${svc}: readiness is not GET /readyz`);
-        const admin = c.ports.find((p) => p.name === r.port || p.containerPort === r.port);
-        assert(admin && admin.name === 'http-admin', `${svc}: readiness port ${r.port} is not the admin port`);
       }
     });
 
