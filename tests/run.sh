@@ -58,5 +58,18 @@ while read -r kind name timeout_s; do
     total_fail=$((total_fail + f))
 done < tests/tests.list
 
+if [ -z "$FILTER" ]; then
+    # A test program that is not in the list would never run: that is a failure too.
+    for f in tests/unit/*.c tests/integration/*.c tests/*/*.test.js; do
+        case "$f" in
+        *.c) entry="c ${f#tests/}"; entry=${entry%.c} ;;
+        *) entry="node ${f#tests/}" ;;
+        esac
+        if ! grep -q "^$entry " tests/tests.list; then
+            echo "not ok - $f is not in tests/tests.list"
+            total_fail=$((total_fail + 1))
+        fi
+    done
+fi
 echo "$total_pass passed, $total_fail failed"
 [ "$total_fail" -eq 0 ]
