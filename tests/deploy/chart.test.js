@@ -267,6 +267,66 @@ async function main() {
     assert(bad.length === 1 && bad[0] === 'gateway: IOT_GW_NO_SUCH', `found ${JSON.stringify(bad)}`);
   });
 
+  // NOTES.txt: helm template does not render it and install --dry-run needs a cluster, so a copy of
+  // the chart renders it into a ConfigMap; what it tells must name objects the chart renders.
+  const notesChart = path.join(tmp, 'notes-chart');
+  fs.cpSync(chart, notesChart, { recursive: true });
+  fs.renameSync(path.join(notesChart, 'templates', 'NOTES.txt'), path.join(notesChart, 'notes.txt'));
+  fs.writeFileSync(path.join(notesChart, 'templates', 'zz-notes.yaml'),
+    'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes-render}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n');
+  function notes(files, extra = []) {
+    const args = ['template', 'iot', notesChart, '--namespace', 'iot', '--kube-version', KUBE_VERSION, ...extra];
+    for (const f of files) args.push('-f', f);
+    const r = run(helm(), args);
+    if (r.status !== 0) throw new Error(`helm template failed: ${r.stderr}`);
+    const objs = parseAll(r.stdout);
+    const cm = objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === 'notes-render');
+    return { text: cm.data.notes, objs: objs.filter((o) => o !== cm) };
+  }
+  function gatewayRestPort(objs, name) {
+    const svc = objs.find((o) => o.kind === 'Service' && o.metadata.name === name);
+    assert(svc, `NOTES names Service ${name}, which the chart does not render`);
+    const p = svc.spec.ports.find((x) => x.name === 'http-rest');
+    assert(p, `Service ${name} has no http-rest port`);
+    return p;
+  }
+  const gwSource = fs.readFileSync(path.join(__dirname, '..', '..', 'services', 'gateway', 'main.c'), 'utf8');
+
+  check('NOTES.txt (default values): a port-forward to the gateway Service, the bootstrap-key log line, ingest address, warnings', () => {
+    const { text, objs } = notes([]);
+    const m = /kubectl -n iot port-forward service\/(\S+) (\d+):(\d+)\n\s+then open http:\/\/127\.0\.0\.1:(\d+)\//.exec(text);
+    assert(m, `no port-forward command in:\n${text}`);
+    const p = gatewayRestPort(objs, m[1]);
+    assert(Number(m[3]) === p.port && m[2] === m[4], `port-forward ${m[2]}:${m[3]}, Service port ${p.port}`);
+    const logs = /kubectl -n iot logs deployment\/(\S+) \| grep '([^']+)'/.exec(text);
+    assert(logs, `no logs command in:\n${text}`);
+    assert(objs.some((o) => o.kind === 'Deployment' && o.metadata.name === logs[1]), `no Deployment ${logs[1]}`);
+    assert(gwSource.includes(logs[2]), `the gateway never prints "${logs[2]}"`);
+    const ing = /to (\S+):(\d+)\n/.exec(text);
+    const isvc = ing && objs.find((o) => o.kind === 'Service' && o.metadata.name === ing[1]);
+    assert(isvc && isvc.spec.ports.some((x) => x.name === 'grpc-api' && x.port === Number(ing[2])), `ingest address ${ing && ing[0]}`);
+    assert(text.includes('WARNING: no OTA signing keys'), 'no OTA key warning');
+    assert(text.includes('The bundled Postgres and Redis run as single replicas'), 'no bundled-database note');
+  });
+
+  check('NOTES.txt (ci/external-values.yaml, LoadBalancer): the load balancer address, the key Secret, no warnings', () => {
+    const { text, objs } = notes([path.join(chart, 'ci', 'external-values.yaml')]);
+    const m = /get service (\S+) -o jsonpath='\{\.status\.loadBalancer\.ingress\[0\]\}'\n\s+then open http:\/\/<that address>:(\d+)\//.exec(text);
+    assert(m, `no load balancer command in:\n${text}`);
+    assert(gatewayRestPort(objs, m[1]).port === Number(m[2]), `port ${m[2]}`);
+    assert(text.includes('the bootstrap key from Secret iotsuite-gateway.'), `key Secret not named:\n${text}`);
+    assert(!text.includes('WARNING') && !text.includes('bundled'), `unexpected warning:\n${text}`);
+  });
+
+  check('NOTES.txt (gateway.service.type=NodePort): the node port of http-rest', () => {
+    const { text, objs } = notes([], ['--set', 'gateway.service.type=NodePort']);
+    const m = /get service (\S+) -o jsonpath='\{\.spec\.ports\[\?\(@\.name=="http-rest"\)\]\.nodePort\}'/.exec(text);
+    assert(m, `no node port command in:\n${text}`);
+    gatewayRestPort(objs, m[1]);
+    const svc = objs.find((o) => o.kind === 'Service' && o.metadata.name === m[1]);
+    assert(svc.spec.type === 'NodePort', `Service type ${svc.spec.type}`);
+  });
+
   // values.schema.json (or a template's fail) must refuse these, with the message the file names.
   const badDir = path.join(__dirname, 'bad-values');
   for (const f of fs.readdirSync(badDir).sort()) {
