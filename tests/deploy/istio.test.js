@@ -100,13 +100,118 @@ async function main() {
     }
   });
 
-  check('every mesh service has a VirtualService with canary weights', () => {
+  check('every mesh service has a VirtualService; every route (ingress too) splits 80/20 between v1 and v2', () => {
     for (const s of SERVICES) {
       const vs = byKind('VirtualService').find((o) => !o.spec.gateways && o.spec.hosts.includes(`iot-${s}.${NS}.svc.cluster.local`));
       assert(vs, `${s}: no VirtualService`);
+    }
+    for (const vs of byKind('VirtualService')) {
       for (const r of vs.spec.http) {
-        const subsets = r.route.map((d) => d.destination.subset).sort().join(',');
-        assert(subsets === 'v1,v2', `${s}/${r.name}: routes to ${subsets}`);
+        const split = r.route.map((d) => `${d.destination.subset}=${d.weight}`).sort().join(',');
+        assert(split === 'v1=80,v2=20', `${vs.metadata.name}/${r.name}: routes ${split}`);
+      }
+    }
+  });
+
+  const apiOf = {
+    registry: 'iot.registry.v1.Registry', 'device-mgmt': 'iot.device.v1.DeviceManager', ingest: 'iot.ingest.v1.Ingest',
+    processing: 'iot.processing.v1.Processing', ota: 'iot.ota.v1.Ota',
+  };
+  // The gRPC methods of each service, from proto/: the routes must treat each one as what it is.
+  const protoMethods = new Map();   // "/pkg.Service/Method" -> { streaming }
+  for (const f of fs.readdirSync(path.join(root, 'proto'), { recursive: true }).filter((x) => x.endsWith('.proto'))) {
+    {
+      const text = fs.readFileSync(path.join(root, 'proto', f), 'utf8');
+      const pkg = /^package\s+([\w.]+);/m.exec(text);
+      for (const svc of text.matchAll(/^service\s+(\w+)\s*\{([\s\S]*?)^\}/gm)) {
+        for (const m of svc[2].matchAll(/rpc\s+(\w+)\s*\(\s*(stream\s+)?[\w.]+\s*\)\s*returns\s*\(\s*(stream\s+)?/g)) {
+          protoMethods.set(`/${pkg[1]}.${svc[1]}/${m[1]}`, { streaming: Boolean(m[2] || m[3]) });
+        }
+      }
+    }
+  }
+  // Istio's matching: the first route with a matching condition; regexes are RE2, fully anchored.
+  const uriMatches = (u, p) => (u.exact !== undefined ? u.exact === p : u.prefix !== undefined ? p.startsWith(u.prefix)
+    : new RegExp(`^(?:${u.regex})$`).test(p));
+  const routeFor = (vs, p) => vs.spec.http.find((r) => !r.match || r.match.some((m) =>
+    (!m.uri || uriMatches(m.uri, p)) && (!m.method || m.method.exact === 'POST')));
+  const isZero = (t) => /^0+(s|ms)?$/.test(t || '');
+
+  check(`every gRPC method of proto/ (${protoMethods.size}) is routed as what it is: streams without timeout or retries, unary with a timeout, retries only for idempotent methods`, () => {
+    assert(protoMethods.size > 50, `only ${protoMethods.size} methods parsed from proto/`);
+    let routed = 0;
+    for (const vs of byKind('VirtualService')) {
+      // The REST gateway serves no gRPC API of its own (its routes are checked above).
+      if (svcOfHost(vs.spec.http[0].route[0].destination.host) === 'gateway') continue;
+      const host = vs.spec.gateways ? null : vs.spec.hosts[0];
+      for (const [p, info] of protoMethods) {
+        // In the mesh, a method goes to its own service's host; the ingress sees every path.
+        if (host && apiOf[svcOfHost(host)] !== p.split('/')[1]) continue;
+        const r = routeFor(vs, p);
+        if (!r) continue;    // no route: the ingress refuses it (checked below for device methods)
+        routed++;
+        const name = `${vs.metadata.name}/${r.name}: ${p}`;
+        const retried = r.retries && r.retries.attempts > 0;
+        if (info.streaming) {
+          assert(isZero(r.timeout), `${name} is a stream but the route times out after ${r.timeout}`);
+          assert(!retried, `${name} is a stream but the route retries it`);
+        } else {
+          assert(r.timeout && !isZero(r.timeout), `${name} is unary but the route has no timeout`);
+        }
+        assert(r.retries && r.retries.attempts !== undefined, `${name}: retries not set (Istio's default retries writes)`);
+        if (retried) assert(IDEMPOTENT.test(p.split('/')[2]), `${name} is retried but is not idempotent`);
+      }
+    }
+    assert(routed >= protoMethods.size - 10, `only ${routed} routings checked`);
+  });
+
+  check('every method a route or policy names exists in proto/ (no dead regex or path)', () => {
+    const methods = [...protoMethods.keys()];
+    for (const vs of byKind('VirtualService')) {
+      for (const r of vs.spec.http) {
+        for (const m of r.match || []) {
+          if (!m.uri || m.uri.prefix === '/grpc.health.v1.Health/Check') continue;
+          if (svcOfHost(r.route[0].destination.host) === 'gateway') continue;   // REST paths
+          assert(methods.some((p) => uriMatches(m.uri, p)), `${vs.metadata.name}/${r.name}: ${JSON.stringify(m.uri)} matches no method`);
+          const alts = /\/\((.*)\)\$$/.exec(m.uri.regex || '');
+          // A list of names (not a pattern like (Get|List)[A-Za-z]*): each must be a method.
+          for (const a of alts && !/[()]/.test(alts[1]) ? alts[1].split('|') : []) {
+            assert(methods.some((p) => p.endsWith(`/${a}`)), `${vs.metadata.name}/${r.name}: ${a} is no method`);
+          }
+        }
+      }
+    }
+    for (const ap of byKind('AuthorizationPolicy')) {
+      for (const rule of ap.spec.rules || []) {
+        for (const t of rule.to || []) {
+          for (const p of t.operation.paths || []) {
+            if (p.endsWith('/*') || /^\/(metrics|healthz|readyz)$/.test(p) || p.startsWith('/grpc.health.v1.')) continue;
+            assert(protoMethods.has(p), `${ap.metadata.name}: path ${p} is no method`);
+          }
+        }
+      }
+    }
+  });
+
+  check('the ingress routes exactly the device methods the AuthorizationPolicies let the ingress gateway call', () => {
+    const vs = byKind('VirtualService').find((o) => o.metadata.name === 'iot-ingress-devices');
+    assert(vs, 'no iot-ingress-devices VirtualService');
+    const routed = new Set(vs.spec.http.flatMap((r) => r.match.map((m) => m.uri.exact)));
+    const allowed = new Set();
+    for (const ap of byKind('AuthorizationPolicy')) {
+      if (ap.metadata.name === 'iot-gateway') continue;
+      for (const rule of ap.spec.rules || []) {
+        if (!(rule.from || []).some((f) => (f.source.principals || []).includes(INGRESS_SA))) continue;
+        for (const t of rule.to) for (const p of t.operation.paths) allowed.add(p);
+      }
+    }
+    const a = [...routed].sort().join(' '), b = [...allowed].sort().join(' ');
+    assert(a === b, `routed: ${a}\nallowed: ${b}`);
+    for (const r of vs.spec.http) {
+      for (const d of r.route) {
+        const host = d.destination.host;
+        for (const m of r.match) assert(apiOf[svcOfHost(host)] === m.uri.exact.split('/')[1], `${r.name}: ${m.uri.exact} routed to ${host}`);
+        assert(services.get(host).spec.ports.some((p) => p.name === 'grpc-api' && p.port === d.destination.port.number), `${r.name}: port ${d.destination.port.number} is not the gRPC port of ${host}`);
       }
     }
   });
@@ -120,6 +225,7 @@ async function main() {
           if (m.method) { assert(m.method.exact === 'GET', `${vs.metadata.name}/${r.name}: retried ${m.method.exact}`); continue; }
           assert(m.uri, `${vs.metadata.name}/${r.name}: retried match without a path`);
           if (m.uri.prefix === '/grpc.health.v1.Health/Check') continue;
+          if (m.uri.exact) { assert(IDEMPOTENT.test(m.uri.exact.split('/')[2]), `${vs.metadata.name}/${r.name}: retries ${m.uri.exact}, not idempotent`); continue; }
           const re = m.uri.regex || '';
           const alts = /\/\((.*)\)\$$/.exec(re);
           assert(alts, `${vs.metadata.name}/${r.name}: retried path ${JSON.stringify(m.uri)} is not a method list`);
@@ -219,9 +325,9 @@ async function main() {
         diffs.push(`${key(o)}: spec differs\n    chart: ${JSON.stringify(sortKeys(o.spec))}\n    file:  ${JSON.stringify(sortKeys(p.spec))}`);
       }
     }
-    // The ingress and east-west gateways are installation-specific (hosts, certificates): files only.
+    // The east-west gateway belongs to each cluster's istio-system, not to a release: file only.
     for (const k of plainByKey.keys()) {
-      if (!/^(Gateway\/|VirtualService\/iot\/iot-ingress-)/.test(k)) diffs.push(`${k}: in deploy/istio, not rendered by the chart`);
+      if (!/^Gateway\/istio-system\//.test(k)) diffs.push(`${k}: in deploy/istio, not rendered by the chart`);
     }
     assert(diffs.length === 0, diffs.join('\n'));
   });

@@ -141,3 +141,20 @@ ota:
 gateway:
   package: iot.gateway.v1.Gateway
 {{- end -}}
+
+{{- /* The canary split of a VirtualService route: (list $ host port); port 0 leaves the port to the
+       request (in-mesh), the ingress names it because the Services have several ports. */}}
+{{- define "iotsuite.canaryRoute" -}}
+{{- $ctx := index . 0 }}
+{{- $host := index . 1 }}
+{{- $port := index . 2 }}
+{{- range $sub := list "v1" "v2" }}
+- destination:
+    host: {{ $host }}
+    subset: {{ $sub }}
+    {{- if $port }}
+    port: {number: {{ $port }}}
+    {{- end }}
+  weight: {{ int (get $ctx.Values.istio.canary (printf "%sWeight" $sub)) }}
+{{- end }}
+{{- end -}}
