@@ -124,7 +124,7 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 # ---- top-level targets ---------------------------------------------------------------------
-.PHONY: all bins deps test test-asan run bench images test-images clean help check-tree
+.PHONY: all bins deps test test-asan run bench images test-images clean help
 
 # The service binaries and the tools shipped with them, nothing else (what an image needs).
 bins: $(BINS) $(TOOL_BINS)
