@@ -51,6 +51,7 @@ npm_deps() { # directory under tests/, a package that must be there
 npm_deps interop @grpc/grpc-js          # the interop tests' grpc-js client and grpc-health-check
 npm_deps gateway playwright-core        # the dashboard's browser test (driving /usr/bin/chromium)
 npm_deps deploy kubernetes-models       # the chart checks: kubernetes-models, istio models, yaml, typescript
+npm_deps e2e @grpc/grpc-js              # the end-to-end and fault tests: devices as grpc-js clients
 
 # helm for the chart checks (Debian has none): fetched once into a cache outside git by npm pack.
 echo "deps: helm at $(sh "$root/tools/helm.sh")"
