@@ -16,14 +16,19 @@ const suite = require('../gateway/suite');
 const root = path.resolve(__dirname, '..', '..');
 const tmpDir = process.env.IOT_TEST_TMP || os.tmpdir();
 
-// A port the kernel just handed out (closed again: a small race, fine on a test machine).
-function freePort() {
-  return new Promise((resolve, reject) => {
+// n distinct ports the kernel just handed out, all held open until all are chosen (then closed
+// again: a small race with other programs, fine on a test machine).
+async function freePorts(n) {
+  const servers = await Promise.all(Array.from({ length: n }, () => new Promise((resolve, reject) => {
     const srv = net.createServer();
     srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => { const { port } = srv.address(); srv.close(() => resolve(port)); });
-  });
+    srv.listen(0, '127.0.0.1', () => resolve(srv));
+  })));
+  const ports = servers.map((srv) => srv.address().port);
+  await Promise.all(servers.map((srv) => new Promise((r) => srv.close(r))));
+  return ports;
 }
+const freePort = async () => (await freePorts(1))[0];
 
 const ORDER = ['registry', 'device-mgmt', 'ingest', 'processing', 'ota', 'gateway'];
 
@@ -64,14 +69,18 @@ function environments(id, ports, adminKey, keysDir, extra) {
   return env;
 }
 
-// Starts the six services in dependency order. opts.env: extra environment per service.
+// Starts the six services in dependency order. opts.env: extra environment per service;
+// opts.reserve: how many more free ports to choose (ports.spare); opts.before(ports): runs first.
 async function startAll(tag, opts = {}) {
   const id = `${tag}_${process.pid}`;
   const ports = {};
-  for (const n of ORDER) ports[n] = { grpc: await freePort(), admin: await freePort() };
-  ports.gateway.http = await freePort();
+  const free = await freePorts(ORDER.length * 2 + 1 + (opts.reserve || 0));
+  for (const n of ORDER) ports[n] = { grpc: free.pop(), admin: free.pop() };
+  ports.gateway.http = free.pop();
+  ports.spare = free;
   const keysDir = fs.mkdtempSync(path.join(tmpDir, 'e2e-ota-keys-'));
   const s = { id, ports, procs: {}, adminKey: suite.newKey() };
+  if (opts.before) await opts.before(ports);   // e.g. a Redis of the test's own on a spare port
   s.env = environments(id, ports, s.adminKey, keysDir, opts.env);
   for (const n of ORDER) await startOne(s, n);
   s.base = `http://127.0.0.1:${ports.gateway.http}`;
