@@ -100,6 +100,16 @@ $(HEALTH_PROBE): $(B)/tools/iot_health_probe.o $(LIBCOMMON)
 
 TOOL_BINS := $(HEALTH_PROBE)
 
+# ---- tools for local runs (not in the images) ----------------------------------------------
+# iot-sim: simulated devices for `make demo` and tests/integration/test_sim.c.
+SIM := $(B)/tools/iot-sim
+
+$(SIM): $(B)/tools/iot_sim.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+DEV_TOOL_BINS := $(SIM)
+
 # ---- tests ---------------------------------------------------------------------------------
 TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c tests/support/proc.c
 TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
@@ -129,7 +139,7 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 # The service binaries and the tools shipped with them, nothing else (what an image needs).
 bins: $(BINS) $(TOOL_BINS)
 
-all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
+all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(DEV_TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
 
 deps:
 	sh tools/deps.sh
