@@ -100,6 +100,16 @@ $(HEALTH_PROBE): $(B)/tools/iot_health_probe.o $(LIBCOMMON)
 
 TOOL_BINS := $(HEALTH_PROBE)
 
+# ---- tools for local runs (not in the images) ----------------------------------------------
+# iot-sim: simulated devices for `make demo` and tests/integration/test_sim.c.
+SIM := $(B)/tools/iot-sim
+
+$(SIM): $(B)/tools/iot_sim.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+DEV_TOOL_BINS := $(SIM)
+
 # ---- tests ---------------------------------------------------------------------------------
 TEST_SUPPORT_SRC := tests/support/echo_service.c tests/support/test.c tests/support/proc.c
 TEST_SUPPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(TEST_SUPPORT_SRC))
@@ -124,12 +134,12 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 # ---- top-level targets ---------------------------------------------------------------------
-.PHONY: all bins deps test test-asan run bench images test-images clean help
+.PHONY: all bins deps test test-asan run demo run-clean bench images test-images clean help
 
 # The service binaries and the tools shipped with them, nothing else (what an image needs).
 bins: $(BINS) $(TOOL_BINS)
 
-all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
+all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(DEV_TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
 
 deps:
 	sh tools/deps.sh
@@ -145,6 +155,13 @@ test-asan: deps
 run: deps
 	$(MAKE) --no-print-directory all
 	sh tools/run.sh $(B)
+
+demo: deps
+	$(MAKE) --no-print-directory all
+	sh tools/run.sh --demo $(B)
+
+run-clean:
+	sh tools/run.sh --clean
 
 bench: deps
 	$(MAKE) --no-print-directory all
@@ -166,7 +183,9 @@ help:
 	@echo "make deps       install the Debian and npm packages the build, tests and run need"
 	@echo "make test       deps, build, then the whole test suite (ends with 'N passed, N failed')"
 	@echo "make test-asan  the same suite built with -fsanitize=address,undefined"
-	@echo "make run        start the suite locally with its own Postgres and Redis"
+	@echo "make run        start the suite locally with its own Postgres and Redis (state in ./state)"
+	@echo "make demo       make run plus iot-sim: a few hundred simulated devices"
+	@echo "make run-clean  wipe ./state (refused while make run uses it)"
 	@echo "make bench      benchmarks against reference runs (grpc++ servers, raw Postgres/Redis)"
 	@echo "make images     the six service images (docker/README.md), iotsuite/<service>:<version>"
 	@echo "make test-images  run each image against a loopback Postgres/Redis (ends with 'N passed, N failed')"

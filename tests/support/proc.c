@@ -132,6 +132,10 @@ void test_proc_stderr(const test_proc_t *p, char *buf, size_t cap) {
 }
 
 int test_http_get(int port, const char *path, char *buf, size_t cap) {
+    return test_http_get_hdr(port, path, NULL, buf, cap);
+}
+
+int test_http_get_hdr(int port, const char *path, const char *header, char *buf, size_t cap) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in sa = {0};
     sa.sin_family = AF_INET;
@@ -141,8 +145,13 @@ int test_http_get(int port, const char *path, char *buf, size_t cap) {
         close(fd);
         return -1;
     }
-    char req[512];
-    int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", path);
+    char req[1024];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%s%s\r\n", path, header ? header : "",
+                     header ? "\r\n" : "");
+    if (n < 0 || (size_t)n >= sizeof req) {
+        close(fd);
+        return -1;
+    }
     if (write(fd, req, (size_t)n) != n) {
         close(fd);
         return -1;

@@ -31,5 +31,7 @@ void test_proc_stderr(const test_proc_t *p, char *buf, size_t cap);
 
 /* GET http://127.0.0.1:port/path; returns the status code, body in buf (NUL-terminated), -1 on error. */
 int test_http_get(int port, const char *path, char *buf, size_t cap);
+/* The same with one more request header line ("Authorization: Bearer ...", no CRLF), or NULL. */
+int test_http_get_hdr(int port, const char *path, const char *header, char *buf, size_t cap);
 
 #endif
