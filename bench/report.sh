@@ -18,7 +18,8 @@
 # Every value in the table is one the console showed in the same run: rows take the very numbers the
 # printf next to them prints, or parse the lines a driver printed.
 
-BENCH_SECTIONS=("gRPC layer" "memory" "registry" "device-mgmt" "ingest" "processing" "ota" "gateway")
+BENCH_SECTIONS=("gRPC layer" "memory" "registry" "device-mgmt" "ingest" "ingest vs devices" "processing" "ota"
+    "gateway")
 
 report_init() {
     rep_dir=$1
@@ -88,6 +89,16 @@ report_render() {
     [ -n "$rep_section" ] && printf '%s\tfailed\texit status %s\n' "$rep_section" "$rc" >>"$rep_dir/sections.tsv"
     rep_section=
     mkdir -p "$BENCH_RESULTS"
+    # The sweep's data and plot belong to this run or to none: a stale pair would pass for this one's.
+    local f swept
+    swept=$(wc -l 2>/dev/null <"$rep_dir/ingest-devices.tsv" || echo 0)
+    for f in ingest-devices.tsv ingest-devices.svg; do
+        if [ "$swept" -gt 1 ] && [ -s "$rep_dir/$f" ]; then
+            mv "$rep_dir/$f" "$BENCH_RESULTS/$f"
+        else
+            rm -f "$BENCH_RESULTS/$f"
+        fi
+    done
     local mem cpu commit dirty load_end secs status failed notrun s
     mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
     cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
@@ -121,6 +132,9 @@ report_render() {
         echo "| load average (1/5/15 min) | at the start $rep_load_start, at the end $load_end$(rep_load_note "$rep_load_start" "$load_end") |"
         echo "| commit | \`$commit\`$([ -n "$dirty" ] && echo " with uncommitted changes") ($(git -C "$ROOT" rev-parse --abbrev-ref HEAD 2>/dev/null)) |"
         echo "| knobs | ${knobs:-} |"
+        if [ -s "$BENCH_RESULTS/ingest-devices.tsv" ] && [ -s "$BENCH_RESULTS/ingest-devices.svg" ]; then
+            echo "| plot | [ingest throughput vs number of devices](ingest-devices.svg) ([data](ingest-devices.tsv)) |"
+        fi
         echo
         echo "ratio = ours / reference value; *better* says which way is good (and the target, where the console"
         echo "states one). A reference of \"-\" means the console gives none: the figure is for information."

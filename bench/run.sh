@@ -5,15 +5,18 @@
 # (A B C A B C) and reports medians and ratios ours/reference. Then memory: idle RSS of a service
 # with default settings, and with 10,000 idle client streams open. Then the registry: Discover
 # against raw Redis reads, and instance death to watcher event. Then device-mgmt against raw
-# COPY/Redis/SQL, and ingest against raw COPY (points/s, ack latency, RSS, 10,000 open streams).
-# Then processing and ota, each against raw Redis/TCP references.
+# COPY/Redis/SQL, and ingest against raw COPY (points/s, ack latency, RSS, 10,000 open streams),
+# then ingest's points/s over a range of device counts. Then processing and ota, each against raw
+# Redis/TCP references.
 # Last the gateway: REST GET of a device (wrk) against the same GetDevice over gRPC directly.
 # Every figure also goes into one table, BENCH_RESULTS/latest.md (bench/report.sh), written at exit
-# even when a section fails.
+# even when a section fails; the ingest sweep over ING_SWEEP devices also goes to
+# ingest-devices.tsv and ingest-devices.svg there.
 #   BENCH_THREADS (2)  worker threads for ours and the async reference (callback: grpc's pool)
 #   ROUNDS (3), SECONDS_PER_RUN (2), IDLE_STREAMS (10000)
 #   ING_DEVICES (1000), ING_POINTS (2000 per device and round), ING_STREAMS (10000)
-#   BENCH_RESULTS (bench/results)  where latest.md goes
+#   ING_SWEEP ("1 10 100 1000 5000" devices), ING_SWEEP_SECONDS (3 per step)
+#   BENCH_RESULTS (bench/results)  where latest.md and the sweep's TSV and SVG go
 set -uo pipefail
 B=${1:?usage: bench/run.sh BUILD_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,6 +37,7 @@ report_init "$tmp"
 # Every knob as this run uses it, for the results header (the defaults are those of each section).
 knobs="BENCH_THREADS=$THREADS ROUNDS=$ROUNDS SECONDS_PER_RUN=$SECS IDLE_STREAMS=$IDLE"
 knobs+=" ING_DEVICES=${ING_DEVICES:-1000} ING_POINTS=${ING_POINTS:-2000} ING_STREAMS=${ING_STREAMS:-10000}"
+knobs+=" ING_SWEEP=\"${ING_SWEEP:-1 10 100 1000 5000}\" ING_SWEEP_SECONDS=${ING_SWEEP_SECONDS:-3}"
 knobs+=" PROC_DEVICES=${PROC_DEVICES:-1000} PROC_RULES=${PROC_RULES:-1000} PROC_FEED_POINTS=${PROC_FEED_POINTS:-20000}"
 knobs+=" PROC_RATE=${PROC_RATE:-50000} PROC_SECONDS=${PROC_SECONDS:-20} PROC_BATCH=${PROC_BATCH:-50}"
 knobs+=" PROC_MEM_RULES=${PROC_MEM_RULES:-100} OTA_MB=${OTA_MB:-16} OTA_DL_ROUNDS=${OTA_DL_ROUNDS:-7}"
@@ -270,6 +274,8 @@ echo "== ingest (services/ingest with device-mgmt, same Postgres and Redis)"
 ING_DEVICES=${ING_DEVICES:-1000}
 ING_POINTS=${ING_POINTS:-2000}     # per device and round
 ING_STREAMS=${ING_STREAMS:-10000}  # concurrent open streams for the memory figure
+ING_SWEEP=${ING_SWEEP:-1 10 100 1000 5000} # device counts of the sweep after this section
+ING_SWEEP_SECONDS=${ING_SWEEP_SECONDS:-3}  # about this long per step
 ING_COMMITTERS=2
 start ingest env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_REDIS_ADDR="$IOT_TEST_REDIS" \
     IOT_INGEST_PG_SCHEMA=ingbench IOT_INGEST_STREAM_PREFIX="ingbench:" IOT_INGEST_DM_ADDR="127.0.0.1:$P_DM" \
@@ -277,7 +283,11 @@ start ingest env IOT_LOG_LEVEL=warn IOT_PG_DSN="$IOT_TEST_PG" IOT_REDIS_ADDR="$I
     "$B/services/ingest/ingest"
 P_ING=$PORT
 PID_ING=$PID
-"$B/bench/ingest_bench" setup "127.0.0.1:$P_DM" "$(( ING_STREAMS > ING_DEVICES ? ING_STREAMS : ING_DEVICES ))" ib "$tmp/tokens" || die "ingest_bench setup failed"
+# One set of devices for all: the load takes the first ING_DEVICES, the sweep the first N of each
+# step, the open streams ING_STREAMS.
+# shellcheck disable=SC2086 # ING_SWEEP is a list
+ing_need=$(printf '%s\n' "$ING_DEVICES" "$ING_STREAMS" $ING_SWEEP | sort -n | tail -n 1)
+"$B/bench/ingest_bench" setup "127.0.0.1:$P_DM" "$ing_need" ib "$tmp/tokens" || die "ingest_bench setup failed"
 head -n "$ING_DEVICES" "$tmp/tokens" >"$tmp/load_tokens"
 n=$((ING_DEVICES * ING_POINTS))
 for r in $(seq "$ROUNDS"); do
@@ -312,6 +322,61 @@ row "ingest peak RSS (kB)" %s "$hwm" "-" - ""
 row "ingest RSS with $(field streams <"$tmp/ing_open") device streams open (kB)" %s "$(field rss_open_kb <"$tmp/ing_open")" \
     "-" - ""
 row "ingest memory per open device stream (bytes)" %s "$(field per_stream_bytes <"$tmp/ing_open")" "-" - ""
+
+section "ingest vs devices"
+# Ingest's throughput against the number of devices: at each ING_SWEEP step the same method as the
+# figure above (ingest_bench load: a StreamTelemetry per device, one batch of 100 in flight on each,
+# acknowledged points only) right after raw COPY of the same rows with ING_COMMITTERS connections,
+# one round per step. Points per device are chosen for about ING_SWEEP_SECONDS per step: the
+# previous step's rate times the growth in devices (each device waits for its acknowledgement, so
+# until ingest saturates the rate grows with them), at most the rate measured above, and at least
+# two batches per device; the first step is sized by a short calibration run of its own, not
+# reported.
+echo
+printf '%-40s %10s %12s %14s %14s %8s\n' "ingest vs devices (~${ING_SWEEP_SECONDS} s a step)" "points/dev" "points/s" \
+    "p50/p99 ack ms" "COPYx$ING_COMMITTERS pts/s" "ratio"
+sweep=$tmp/ingest-devices.tsv
+printf 'devices\tpoints_per_device\tpoints\tingest_pps\tack_p50_ms\tack_p99_ms\tcopy_pps\tratio\n' >"$sweep"
+sw_rate='' sw_dev=''
+sw_load=$(cut -d' ' -f1 /proc/loadavg)
+for d in $ING_SWEEP; do
+    case $d in '' | *[!0-9]* | 0) warn "ING_SWEEP: '$d' is not a number of devices, skipped"; continue ;; esac
+    head -n "$d" "$tmp/tokens" >"$tmp/sweep_tokens"
+    if [ -z "$sw_rate" ]; then
+        "$B/bench/ingest_bench" load "127.0.0.1:$P_ING" "$tmp/sweep_tokens" "$(( (2000 / d + 99) / 100 * 100 ))" 100 4 \
+            >"$tmp/sweep_probe" || { section_failed "ingest_bench load failed (calibration, $d devices)"; break; }
+        sw_rate=$(field pps <"$tmp/sweep_probe") sw_dev=$d
+    fi
+    per=$(awk -v r="$sw_rate" -v p="$sw_dev" -v d="$d" -v cap="${l:-0}" -v t="$ING_SWEEP_SECONDS" 'BEGIN {
+        est = r * d / p
+        if (cap < r) cap = r
+        if (est > cap) est = cap
+        k = int(est * t / d / 100 + 0.5)
+        print (k < 2 ? 2 : k) * 100
+    }')
+    "$B/bench/ingest_bench" copy "$IOT_TEST_PG" ingbench "$((d * per))" "$d" "$ING_COMMITTERS" >"$tmp/sweep_copy" ||
+        { section_failed "ingest_bench copy failed ($d devices)"; break; }
+    "$B/bench/ingest_bench" load "127.0.0.1:$P_ING" "$tmp/sweep_tokens" "$per" 100 4 >"$tmp/sweep_load" ||
+        { section_failed "ingest_bench load failed ($d devices)"; break; }
+    sw_rate=$(field pps <"$tmp/sweep_load") sw_dev=$d
+    sw_copy=$(field pps <"$tmp/sweep_copy")
+    sw_p50=$(field p50_ms <"$tmp/sweep_load") sw_p99=$(field p99_ms <"$tmp/sweep_load")
+    sw_ratio=$(awk -v x="$sw_rate" -v y="$sw_copy" 'BEGIN{printf "%.2f", (y>0)?x/y:0}')
+    sw_label="ingest, $d device$([ "$d" = 1 ] || echo s)"
+    printf '%-40s %10s %12.0f %14s %14.0f %8s\n' "$sw_label" "$per" "$sw_rate" "$sw_p50/$sw_p99" "$sw_copy" \
+        "$sw_ratio"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$d" "$per" "$((d * per))" "$sw_rate" "$sw_p50" "$sw_p99" "$sw_copy" \
+        "$sw_ratio" >>"$sweep"
+    row "$sw_label (points/s; $per points each)" %.0f "$sw_rate" \
+        "raw COPY of the same rows, $ING_COMMITTERS connections" "$sw_copy" higher "$sw_ratio"
+done
+if [ "$(wc -l <"$sweep")" -gt 1 ]; then
+    awk -F'\t' -v title="ingest throughput vs number of devices, $rep_start" \
+        -v subtitle="acknowledged points/s through gRPC, ingest, Postgres + Redis vs raw COPY of the same rows; $(nproc) cores, load $sw_load" \
+        -v xlabel="devices, one StreamTelemetry each, one batch of 100 in flight (log scale)" -v ylabel="points/s" \
+        -v xcol=1 -v ycol=4 -v rcol=7 -v ylab="ingest, full path" -v rlab="raw COPY, $ING_COMMITTERS connections" \
+        -f bench/plot_svg.awk "$sweep" >"$tmp/ingest-devices.svg"
+fi
 
 section processing
 echo
