@@ -339,3 +339,10 @@ int cm__pb_decode_alias(const ProtobufCMessageDescriptor *d, cm_arena_t *a, cons
     *out = NULL;
     return cm__pb_message(d, a, p, n, 0, 1, out);
 }
+
+ProtobufCMessage *cm__pb_decode_request(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n) {
+    ProtobufCMessage *m = NULL;
+    int rc = cm__pb_decode(d, a, p, n, &m);
+    if (rc == CM__PB_FALLBACK) return protobuf_c_message_unpack(d, &a->pb, n, p);
+    return rc ? NULL : m;
+}

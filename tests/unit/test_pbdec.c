@@ -284,6 +284,15 @@ static void test_malformed_input_is_refused(void) {
     const uint8_t unknown[] = {0xf8, 0x01, 0x05, 0x0a, 0x01, 'x'};
     ASSERT_INT_EQ(decode(d, unknown, sizeof unknown), 0);
     ASSERT_INT_EQ(decode(d, NULL, 0), 0);
+    /* What servers call on a request's bytes: the same answers, protobuf-c deciding the rest. */
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    ASSERT(cm__pb_decode_request(d, &a, truncated_varint, sizeof truncated_varint) == NULL);
+    Iot__Testing__V1__EchoRequest *r = (void *)cm__pb_decode_request(d, &a, unknown, sizeof unknown);
+    ASSERT(r && strcmp(r->message, "x") == 0);
+    ASSERT((cm__pb_decode_request(d, &a, group, sizeof group) == NULL) ==
+           (protobuf_c_message_unpack(d, &a.pb, sizeof group, group) == NULL));
+    cm_arena_free(&a);
     /* Nesting beyond the depth limit is refused instead of exhausting the stack. */
     size_t depth = 200;
     /* Built from the inside out: DescriptorProto { nested_type: DescriptorProto { ... } } */
