@@ -322,12 +322,32 @@ static int ota__load_or_fail(cm_call_t *call, ota_ctx_t *ctx, const char *id, Io
     return 0;
 }
 
+int ota_get_artifact_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__GetArtifactRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
+    return 0;
+}
+
 int ota_get_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__GetArtifactRequest *req = (const void *)req_;
     Iot__Ota__V1__Artifact *a = NULL;
-    int rc = ota__load_or_fail(call, cm_call_service_ctx(call), req->id, &a, NULL);
+    int rc = ota_get_artifact_check(call, (ProtobufCMessage *)req_);
+    if (!rc) rc = ota__load_or_fail(call, cm_call_service_ctx(call), req->id, &a, NULL);
     if (rc) return rc;
     memcpy(resp_, a, sizeof *a);
+    return 0;
+}
+
+/* Fills in the default page size. */
+int ota_list_artifacts_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Ota__V1__ListArtifactsRequest *req = (void *)req_;
+    int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
+    if (rc) return rc;
+    int64_t before = 0;
+    if ((rc = ota__token_parse(call, req->page_token, 'a', &before))) return rc;
+    if (strlen(req->name) > 128 || strlen(req->model) > 64)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "name: up to 128 characters; model: up to 64");
+    req->page_size = size;
     return 0;
 }
 
@@ -335,12 +355,11 @@ int ota_list_artifacts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__ListArtifactsRequest *req = (const void *)req_;
     Iot__Ota__V1__ListArtifactsResponse *resp = (void *)resp_;
-    int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
+    int rc = ota_list_artifacts_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
+    int size = req->page_size;
     int64_t before = 0;
-    if ((rc = ota__token_parse(call, req->page_token, 'a', &before))) return rc;
-    if (strlen(req->name) > 128 || strlen(req->model) > 64)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "name: up to 128 characters; model: up to 64");
+    ota__token_parse(call, req->page_token, 'a', &before); /* checked */
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     char b[24], lim[16];
@@ -362,12 +381,18 @@ int ota_list_artifacts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
     return 0;
 }
 
+int ota_delete_artifact_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__DeleteArtifactRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
+    return 0;
+}
+
 int ota_delete_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     (void)resp_;
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__DeleteArtifactRequest *req = (const void *)req_;
-    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
-    int rc;
+    int rc = ota_delete_artifact_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     PGresult *r = NULL;
@@ -522,13 +547,20 @@ static int ota__send_slice(cm_call_t *call, ota__download_t *d, Iot__Ota__V1__Ar
     return CM_PENDING;
 }
 
+int ota_download_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__DownloadArtifactRequest *req = (const void *)req_;
+    if (req->offset < 0) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "offset: 0 or more");
+    if (!ota__id(req->artifact_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
+    return 0;
+}
+
 int ota_download_start(cm_call_t *call, const ProtobufCMessage *req_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__DownloadArtifactRequest *req = (const void *)req_;
     char device[OTA_MAX_ID + 1];
     int rc = ota__device_or_fail(call, ctx, device);
+    if (!rc) rc = ota_download_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
-    if (req->offset < 0) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "offset: 0 or more");
     Iot__Ota__V1__Artifact *a = NULL;
     int64_t chunk = 0;
     if ((rc = ota__load_or_fail(call, ctx, req->artifact_id, &a, &chunk))) return rc;
