@@ -168,9 +168,11 @@ CM__PB_HOT int cm__pb_key(cm__pbin_t *in, const ProtobufCMessageDescriptor *d, u
                           const ProtobufCFieldDescriptor **f) {
     uint64_t key;
     if (cm__pb_varint(in, &key)) return CM__PB_BAD;
+    /* Field number 0 and keys beyond 32 bits are malformed, not unknown fields: protobuf-c and
+     * Google's parsers refuse them, and so must a server (found by tests/fuzz/fuzz_proto.c). */
+    if (key >> 3 == 0 || key > UINT32_MAX) return CM__PB_BAD;
     *wt = (unsigned)(key & 7);
-    uint64_t id = key >> 3;
-    *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+    *f = cm__pb_field(d, (uint32_t)(key >> 3));
     return 0;
 }
 

@@ -316,6 +316,22 @@ static void test_malformed_input_is_refused(void) {
     free(cur);
 }
 
+/* A key naming field 0, or wider than 32 bits, is malformed: the fast decoder skipped it as an
+ * unknown field while protobuf-c refused the message (found by tests/fuzz/fuzz_proto.c). */
+static void test_field_number_zero_is_refused(void) {
+    const ProtobufCMessageDescriptor *d = &iot__testing__v1__echo_request__descriptor;
+    const uint8_t zero_varint[] = {0x0a, 0x01, 'x', 0x00, 0x01};
+    const uint8_t zero_delimited[] = {0x02, 0x02, 0x01, 0x04, 0x0a, 0x01, 'x'};
+    const uint8_t zero_two_bytes[] = {0x80, 0x00, 0x01};
+    const uint8_t key_over_32_bits[] = {0xf8, 0xff, 0xff, 0xff, 0x7f, 0x00};
+    ASSERT_INT_EQ(decode(d, zero_varint, sizeof zero_varint), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, zero_delimited, sizeof zero_delimited), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, zero_two_bytes, sizeof zero_two_bytes), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, key_over_32_bits, sizeof key_over_32_bits), CM__PB_BAD);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof zero_varint, zero_varint) == NULL);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof zero_delimited, zero_delimited) == NULL);
+}
+
 static void test_mutated_input_never_crashes(void) {
     cm_arena_t a;
     cm_arena_init(&a, NULL, 0);
@@ -354,4 +370,4 @@ static void test_mutated_input_never_crashes(void) {
 TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_alias_points_into_input), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
           TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
           TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
-          TEST_ENTRY(test_mutated_input_never_crashes))
+          TEST_ENTRY(test_field_number_zero_is_refused), TEST_ENTRY(test_mutated_input_never_crashes))
