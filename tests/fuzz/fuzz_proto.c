@@ -196,6 +196,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     ProtobufCMessage *ref = protobuf_c_message_unpack(fm->in, &a.pb, n, p);
     FZ_ASSERT(!req || ref, "%s: the server's decoder accepts what protobuf-c refuses", fm->in->name);
     if (req) {
+        /* A request outside the fast decoder's scope came from protobuf-c, which keeps unknown
+         * fields: no handler reads them, so compare without. */
+        fz_strip_unknown(req);
         fz_strip_unknown(ref);
         fz_same(&a, req, ref, "protobuf-c");
         ProtobufCMessage *alias = NULL;
