@@ -332,6 +332,27 @@ static void test_field_number_zero_is_refused(void) {
     ASSERT(protobuf_c_message_unpack(d, NULL, sizeof zero_delimited, zero_delimited) == NULL);
 }
 
+/* Keys and lengths longer than 5 bytes (zero padded) are refused, as protobuf-c refuses them: a
+ * 10-byte length was accepted by the fast decoder only (found by tests/fuzz/fuzz_proto.c). */
+static void test_long_keys_and_lengths_are_refused(void) {
+    const ProtobufCMessageDescriptor *d = &iot__testing__v1__echo_request__descriptor;
+    const uint8_t six_byte_key[] = {0x8a, 0x80, 0x80, 0x80, 0x80, 0x00, 0x01, 'x'};
+    const uint8_t ten_byte_length[] = {0x0a, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00};
+    const uint8_t six_byte_unknown_length[] = {0xfa, 0x01, 0x81, 0x80, 0x80, 0x80, 0x80, 0x00, 'x'};
+    const uint8_t five_byte_length[] = {0x0a, 0x81, 0x80, 0x80, 0x80, 0x00, 'x'};
+    ASSERT_INT_EQ(decode(d, six_byte_key, sizeof six_byte_key), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, ten_byte_length, sizeof ten_byte_length), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, six_byte_unknown_length, sizeof six_byte_unknown_length), CM__PB_BAD);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof six_byte_key, six_byte_key) == NULL);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof ten_byte_length, ten_byte_length) == NULL);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof six_byte_unknown_length, six_byte_unknown_length) == NULL);
+    /* Five bytes are still a length, in both. */
+    ASSERT_INT_EQ(decode(d, five_byte_length, sizeof five_byte_length), 0);
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, sizeof five_byte_length, five_byte_length);
+    ASSERT(m && strcmp(((Iot__Testing__V1__EchoRequest *)m)->message, "x") == 0);
+    protobuf_c_message_free_unpacked(m, NULL);
+}
+
 static void test_mutated_input_never_crashes(void) {
     cm_arena_t a;
     cm_arena_init(&a, NULL, 0);
@@ -370,4 +391,5 @@ static void test_mutated_input_never_crashes(void) {
 TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_alias_points_into_input), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
           TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
           TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
-          TEST_ENTRY(test_field_number_zero_is_refused), TEST_ENTRY(test_mutated_input_never_crashes))
+          TEST_ENTRY(test_field_number_zero_is_refused),
+          TEST_ENTRY(test_long_keys_and_lengths_are_refused), TEST_ENTRY(test_mutated_input_never_crashes))
