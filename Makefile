@@ -2,7 +2,8 @@
 #
 # One place for flags; generated code (protoc-c output, the embedded descriptor set) goes to
 # build/gen and is a prerequisite, never committed. VARIANT=asan builds the same tree with
-# AddressSanitizer + UndefinedBehaviorSanitizer into build/asan.
+# AddressSanitizer + UndefinedBehaviorSanitizer into build/asan; VARIANT=fuzz builds the libFuzzer
+# targets (tests/fuzz) with clang into build/fuzz (`make fuzz`).
 
 .DEFAULT_GOAL := all
 .SUFFIXES:
@@ -20,8 +21,15 @@ else ifeq ($(VARIANT),release)
   B       := build/release
   OPT     := -O2 -g
   SANFLAGS :=
+else ifeq ($(VARIANT),fuzz)
+  # Coverage for libFuzzer on every object; the targets link libFuzzer's main (FUZZ_RULE below).
+  CC      := clang
+  B       := build/fuzz
+  OPT     := -O1 -g -fno-omit-frame-pointer
+  SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+  FUZZ_CFLAGS := -fsanitize=fuzzer-no-link
 else
-  $(error VARIANT must be release or asan)
+  $(error VARIANT must be release, asan or fuzz)
 endif
 
 # pkg-config is evaluated lazily so that `make deps` works before the -dev packages exist.
@@ -29,7 +37,7 @@ PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
 WARN    := -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror
-CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -pthread $(SANFLAGS) -MMD -MP
+CFLAGS  := -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -pthread $(SANFLAGS) $(FUZZ_CFLAGS) -MMD -MP
 CPPFLAGS = -Ilibs/common -I$(GEN) $(PKG_CFLAGS)
 LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
 LDLIBS   = $(PKG_LIBS) -lm
@@ -126,6 +134,39 @@ $(B)/tests/%: $(B)/tests/%.o $(TEST_SUPPORT_OBJ) $(LIBCOMMON)
 $(ECHO_SERVER): $(B)/tests/support/echo_server.o $(B)/tests/support/echo_service.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+# ---- fuzz targets (tests/fuzz/README.md) --------------------------------------------------
+# tests/fuzz/fuzz_<name>.c fuzzes the service code FUZZ_LINK_<name> names. VARIANT=fuzz links it
+# with libFuzzer into build/fuzz/fuzz/ (make fuzz); the other variants link it with
+# tests/fuzz/driver.c into BUILD/tests/fuzz/, a test program that replays the target's corpus and
+# regressions (tests/tests.list).
+FUZZ_NAMES := $(patsubst tests/fuzz/fuzz_%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+fuzz__svc = $(patsubst %.c,$(B)/%.o,$(filter-out %/main.c,$(sort $(wildcard services/$(1)/*.c))))
+FUZZ_LINK_proto    := $(foreach s,device-mgmt ingest ota processing registry,$(call fuzz__svc,$(s)))
+FUZZ_LINK_rest     := $(call fuzz__svc,gateway) $(patsubst %.c,$(B)/%.o,$(GATEWAY_WEB_C))
+FUZZ_LINK_batch    := $(B)/services/ingest/ing_batch.o
+FUZZ_LINK_semver   := $(B)/services/ota/ota_semver.o
+FUZZ_LINK_selector :=
+FUZZ_LINK_upload   := $(B)/services/ota/ota_framing.o $(B)/services/ota/ota_semver.o
+
+$(B)/tests/fuzz/%.o: CPPFLAGS += -Itests/fuzz $(patsubst %,-I%,$(wildcard services/*))
+
+ifeq ($(VARIANT),fuzz)
+FUZZ_BINS := $(patsubst %,$(B)/fuzz/fuzz_%,$(FUZZ_NAMES))
+define FUZZ_RULE
+$(B)/fuzz/fuzz_$(1): $(B)/tests/fuzz/fuzz_$(1).o $(FUZZ_LINK_$(1)) $(LIBCOMMON)
+	@mkdir -p $$(dir $$@)
+	$$(CC) $$(LDFLAGS) -fsanitize=fuzzer $$^ $$(LDLIBS) -o $$@
+endef
+else
+FUZZ_BINS := $(patsubst %,$(B)/tests/fuzz/fuzz_%,$(FUZZ_NAMES))
+define FUZZ_RULE
+$(B)/tests/fuzz/fuzz_$(1): $(B)/tests/fuzz/fuzz_$(1).o $(B)/tests/fuzz/driver.o $(FUZZ_LINK_$(1)) $(LIBCOMMON)
+	@mkdir -p $$(dir $$@)
+	$$(CC) $$(LDFLAGS) $$^ $$(LDLIBS) -o $$@
+endef
+endif
+$(foreach n,$(FUZZ_NAMES),$(eval $(call FUZZ_RULE,$(n))))
+
 # C benchmark drivers live with the other benchmarks but build with the suite (so they cannot rot).
 BENCH_C_BINS := $(patsubst bench/%.c,$(B)/bench/%,$(sort $(wildcard bench/*.c)))
 
@@ -134,12 +175,12 @@ $(B)/bench/%: $(B)/bench/%.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 # ---- top-level targets ---------------------------------------------------------------------
-.PHONY: all bins deps test test-asan run demo run-clean bench images test-images clean help
+.PHONY: all bins deps test test-asan fuzz fuzz-bins run demo run-clean bench images test-images clean help
 
 # The service binaries and the tools shipped with them, nothing else (what an image needs).
 bins: $(BINS) $(TOOL_BINS)
 
-all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(DEV_TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(BENCH_C_BINS)
+all: $(LIBCOMMON) $(BINS) $(TOOL_BINS) $(DEV_TOOL_BINS) $(ECHO_SERVER) $(TEST_BINS) $(FUZZ_BINS) $(BENCH_C_BINS)
 
 deps:
 	sh tools/deps.sh
@@ -151,6 +192,16 @@ test: deps
 test-asan: deps
 	$(MAKE) --no-print-directory VARIANT=asan all
 	sh tests/run.sh build/asan
+
+# Each fuzz target for FUZZ_SECONDS (FUZZ_TARGETS: a subset), then executions and crashes per
+# target; fails when one crashed (tests/fuzz/README.md).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= $(FUZZ_NAMES)
+fuzz: deps
+	$(MAKE) --no-print-directory VARIANT=fuzz fuzz-bins
+	sh tests/fuzz/run.sh build/fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-bins: $(FUZZ_BINS)
 
 run: deps
 	$(MAKE) --no-print-directory all
@@ -183,6 +234,7 @@ help:
 	@echo "make deps       install the Debian and npm packages the build, tests and run need"
 	@echo "make test       deps, build, then the whole test suite (ends with 'N passed, N failed')"
 	@echo "make test-asan  the same suite built with -fsanitize=address,undefined"
+	@echo "make fuzz       each libFuzzer target (tests/fuzz) for FUZZ_SECONDS (60), then executions and crashes"
 	@echo "make run        start the suite locally with its own Postgres and Redis (state in ./state)"
 	@echo "make demo       make run plus iot-sim: a few hundred simulated devices"
 	@echo "make run-clean  wipe ./state (refused while make run uses it)"

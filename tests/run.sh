@@ -60,7 +60,7 @@ done < tests/tests.list
 
 if [ -z "$FILTER" ]; then
     # A test program that is not in the list would never run: that is a failure too.
-    for f in tests/unit/*.c tests/integration/*.c tests/*/*.test.js; do
+    for f in tests/unit/*.c tests/integration/*.c tests/fuzz/fuzz_*.c tests/*/*.test.js; do
         case "$f" in
         *.c) entry="c ${f#tests/}"; entry=${entry%.c} ;;
         *) entry="node ${f#tests/}" ;;

@@ -1,5 +1,6 @@
 #!/bin/sh
-# make deps: installs every Debian and npm package the build, the tests and `make run` need.
+# make deps: installs every Debian and npm package the build, the tests and `make run` need
+# (clang and its runtime with libFuzzer: `make fuzz`).
 # Idempotent: checks first and installs only what is missing. Needs root (or sudo) on Debian 12.
 set -eu
 
@@ -9,7 +10,8 @@ PKGS="build-essential make pkg-config openssl ca-certificates
       libpq-dev libhiredis-dev libmicrohttpd-dev libjansson-dev libssl-dev
       postgresql redis-server
       curl wrk chromium
-      yamllint unzip"
+      yamllint unzip
+      clang libclang-rt-14-dev"
 
 missing=
 for p in $PKGS; do

@@ -46,6 +46,25 @@ CM__PB_HOT int cm__pb_varint(cm__pbin_t *in, uint64_t *out) {
     return -1; /* more than 10 bytes */
 }
 
+/* A key or a length: at most 5 bytes, which is all protobuf-c reads for them. A longer (zero
+ * padded) encoding is refused there, so it is here: a request must not be accepted or refused
+ * depending on which of the two decoders it falls to (found by tests/fuzz/fuzz_proto.c). */
+CM__PB_HOT int cm__pb_varint5(cm__pbin_t *in, uint64_t *out) {
+    const uint8_t *p = in->p;
+    uint64_t v = 0;
+    for (int shift = 0; shift < 35; shift += 7) {
+        if (p == in->end) return -1;
+        uint8_t b = *p++;
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            in->p = p;
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
 /* Skips one field's payload of the given wire type. */
 CM__PB_HOT int cm__pb_skip(cm__pbin_t *in, unsigned wt) {
     uint64_t v;
@@ -56,7 +75,7 @@ CM__PB_HOT int cm__pb_skip(cm__pbin_t *in, unsigned wt) {
         in->p += 8;
         return 0;
     case 2:
-        if (cm__pb_varint(in, &v) || v > (uint64_t)(in->end - in->p)) return -1;
+        if (cm__pb_varint5(in, &v) || v > (uint64_t)(in->end - in->p)) return -1;
         in->p += v;
         return 0;
     case 5:
@@ -167,17 +186,19 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
 CM__PB_HOT int cm__pb_key(cm__pbin_t *in, const ProtobufCMessageDescriptor *d, unsigned *wt,
                           const ProtobufCFieldDescriptor **f) {
     uint64_t key;
-    if (cm__pb_varint(in, &key)) return CM__PB_BAD;
+    if (cm__pb_varint5(in, &key)) return CM__PB_BAD;
+    /* Field number 0 and keys beyond 32 bits are malformed, not unknown fields: protobuf-c and
+     * Google's parsers refuse them, and so must a server (found by tests/fuzz/fuzz_proto.c). */
+    if (key >> 3 == 0 || key > UINT32_MAX) return CM__PB_BAD;
     *wt = (unsigned)(key & 7);
-    uint64_t id = key >> 3;
-    *f = id && id <= UINT32_MAX ? cm__pb_field(d, (uint32_t)id) : NULL;
+    *f = cm__pb_field(d, (uint32_t)(key >> 3));
     return 0;
 }
 
 /* Decodes a length-delimited value (string, bytes, message) of field f into dst. */
 static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm__pbin_t *in, void *dst, int depth) {
     uint64_t len;
-    if (cm__pb_varint(in, &len) || len > (uint64_t)(in->end - in->p)) return CM__PB_BAD;
+    if (cm__pb_varint5(in, &len) || len > (uint64_t)(in->end - in->p)) return CM__PB_BAD;
     const uint8_t *v = in->p;
     in->p += len;
     switch (f->type) {
@@ -247,7 +268,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
             if (wt == 2 && cm__pb_wire_type(f->type) != 2) { /* packed scalars */
                 cm__pbin_t pl = {payload, in.p, 0};
                 uint64_t len = 0;
-                cm__pb_varint(&pl, &len); /* cannot fail: cm__pb_skip read it already */
+                cm__pb_varint5(&pl, &len); /* cannot fail: cm__pb_skip read it already */
                 long c = cm__pb_packed_count(f->type, pl.p, (size_t)len);
                 if (c < 0) return CM__PB_BAD;
                 counts[idx] += (size_t)c;
@@ -286,7 +307,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
             size_t es = cm__pb_elem_size(f->type);
             if (wt == 2 && expect != 2) { /* packed */
                 uint64_t len;
-                if (cm__pb_varint(&in, &len) || len > (uint64_t)(in.end - in.p)) return CM__PB_BAD;
+                if (cm__pb_varint5(&in, &len) || len > (uint64_t)(in.end - in.p)) return CM__PB_BAD;
                 cm__pbin_t pl = {in.p, in.p + len, 0};
                 in.p += len;
                 while (pl.p < pl.end) {
@@ -338,4 +359,11 @@ int cm__pb_decode_alias(const ProtobufCMessageDescriptor *d, cm_arena_t *a, cons
                         ProtobufCMessage **out) {
     *out = NULL;
     return cm__pb_message(d, a, p, n, 0, 1, out);
+}
+
+ProtobufCMessage *cm__pb_decode_request(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n) {
+    ProtobufCMessage *m = NULL;
+    int rc = cm__pb_decode(d, a, p, n, &m);
+    if (rc == CM__PB_FALLBACK) return protobuf_c_message_unpack(d, &a->pb, n, p);
+    return rc ? NULL : m;
 }

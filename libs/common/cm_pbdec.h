@@ -16,4 +16,8 @@ int cm__pb_decode(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint
 int cm__pb_decode_alias(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n,
                         ProtobufCMessage **out);
 
+/* What servers do with a request's bytes: cm__pb_decode, or protobuf-c for a message outside its
+ * scope. The message (in the arena), or NULL when the bytes are not a valid message of type d. */
+ProtobufCMessage *cm__pb_decode_request(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n);
+
 #endif

@@ -104,6 +104,13 @@ typedef struct cm_method_s {
      * cm_call_respond() (e.g. after a group commit). The request, `resp` and cm_call_alloc() memory
      * then live until cm_call_respond returns; hold a cm_call_ref() while the call is parked. */
     int async;
+    /* Unary and server-stream, optional: the method's request check, a function of the request
+     * alone (no storage, no other service, no metadata; it may read configuration through
+     * cm_call_service_ctx and may fill defaults into the request). 0, or the status the call was
+     * failed with. The server never calls it: the handler does, where its ordering requires (after
+     * authentication for device calls). It is listed here so that tests and fuzzers can run every
+     * method's validation without a server (cm_call_new_detached, tests/fuzz). */
+    int (*check)(cm_call_t *call, ProtobufCMessage *req);
 } cm_method_t;
 
 typedef struct cm_service_s {
@@ -229,6 +236,18 @@ void *cm_call_user(const cm_call_t *call);
 /* Extra references for code that keeps a call past a callback (e.g. a watcher list). */
 void cm_call_ref(cm_call_t *call);
 void cm_call_unref(cm_call_t *call);
+
+/* ---- calls without a wire (tests and fuzzers) ------------------------------------------- */
+
+/* A call to svc's method that is on no connection: its arena, cm_call_fail, cm_call_service_ctx
+ * (svc->ctx) and cm_call_method work; it has no metadata and no deadline, and sends nothing. For
+ * running a method's check (cm_method_t.check) alone. NULL when svc has no such method. Free with
+ * cm_call_free_detached. */
+cm_call_t *cm_call_new_detached(const cm_service_t *svc, const char *method);
+/* The message of the last cm_call_fail on a detached call, or NULL. */
+const char *cm_call_detached_message(const cm_call_t *call);
+/* Accepts NULL. */
+void cm_call_free_detached(cm_call_t *call);
 
 /* ---- client ---------------------------------------------------------------------------- */
 

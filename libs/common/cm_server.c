@@ -179,12 +179,7 @@ ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_ar
     size_t n;
     grpc_slice hold;
     const uint8_t *p = cm__flatten(buf, &n, &hold);
-    ProtobufCMessage *m = NULL;
-    if (p) {
-        int rc = cm__pb_decode(desc, a, p, n, &m);
-        if (rc == CM__PB_FALLBACK) m = protobuf_c_message_unpack(desc, &a->pb, n, p);
-        else if (rc) m = NULL;
-    }
+    ProtobufCMessage *m = p ? cm__pb_decode_request(desc, a, p, n) : NULL;
     grpc_slice_unref(hold);
     return m;
 }
@@ -310,6 +305,35 @@ void cm_call_unref(cm_call_t *c) {
     int last = --c->refs == 0;
     pthread_mutex_unlock(&c->mu);
     if (last) cm__call_free(c);
+}
+
+cm_call_t *cm_call_new_detached(const cm_service_t *svc, const char *method) {
+    const cm_method_t *m = NULL;
+    for (size_t i = 0; i < svc->n_methods && !m; i++)
+        if (strcmp(svc->methods[i].name, method) == 0) m = &svc->methods[i];
+    const ProtobufCMethodDescriptor *md = protobuf_c_service_descriptor_get_method_by_name(svc->desc, method);
+    if (!m || !md) return NULL;
+    /* The registration a server would make; owned by the call (cm_call_free_detached). */
+    cm__method_reg_t *reg = cm_calloc(1, sizeof *reg);
+    reg->svc = svc;
+    reg->m = m;
+    reg->in = md->input;
+    reg->out = md->output;
+    snprintf(reg->path, sizeof reg->path, "/%s/%s", svc->desc->name, method);
+    reg->svc_name = svc->desc->name;
+    reg->method_name = m->name;
+    cm_call_t *c = cm__call_new(NULL, reg);
+    c->deadline = gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    return c;
+}
+
+const char *cm_call_detached_message(const cm_call_t *c) { return c->status_msg; }
+
+void cm_call_free_detached(cm_call_t *c) {
+    if (!c) return;
+    cm__method_reg_t *reg = c->reg;
+    cm__call_free(c);
+    cm_free(reg);
 }
 
 static double cm__elapsed_s(const struct timespec *start) {

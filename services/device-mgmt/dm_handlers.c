@@ -171,10 +171,15 @@ static int dm__mask_or_fail(cm_call_t *call, const Google__Protobuf__FieldMask *
 
 /* ---- devices --------------------------------------------------------------------------------- */
 
-static int dm_create_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_create_device_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__CreateDeviceRequest *req = (const void *)req_;
     if (!req->device) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device: required");
-    int rc = dm__device_or_fail(call, "device", req->device, 0);
+    return dm__device_or_fail(call, "device", req->device, 0);
+}
+
+static int dm_create_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__CreateDeviceRequest *req = (const void *)req_;
+    int rc = dm_create_device_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_device_t *d = req->device;
     dm_err_t e;
@@ -185,9 +190,8 @@ static int dm_create_device(cm_call_t *call, const ProtobufCMessage *req_, Proto
     return CM_STATUS_OK;
 }
 
-static int dm_batch_create_devices(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_batch_create_devices_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__BatchCreateDevicesRequest *req = (const void *)req_;
-    Iot__Device__V1__BatchCreateDevicesResponse *resp = (void *)resp_;
     if (req->n_devices < 1 || req->n_devices > DM_BATCH_MAX)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "devices: %zu devices; a batch has 1..%d", req->n_devices,
                             DM_BATCH_MAX);
@@ -197,6 +201,14 @@ static int dm_batch_create_devices(cm_call_t *call, const ProtobufCMessage *req_
         int rc = dm__device_or_fail(call, where, req->devices[i], 0);
         if (rc) return rc;
     }
+    return 0;
+}
+
+static int dm_batch_create_devices(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__BatchCreateDevicesRequest *req = (const void *)req_;
+    Iot__Device__V1__BatchCreateDevicesResponse *resp = (void *)resp_;
+    int rc = dm_batch_create_devices_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_err_t e;
     int code = dm_store_create_devices(dm__store(call), req->devices, req->n_devices, cm_call_pb_allocator(call), &e);
     if (code) return dm__fail(call, code, &e);
@@ -205,9 +217,14 @@ static int dm_batch_create_devices(cm_call_t *call, const ProtobufCMessage *req_
     return CM_STATUS_OK;
 }
 
+static int dm_get_device_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__GetDeviceRequest *req = (const void *)req_;
+    return dm__id_or_fail(call, "id", req->id);
+}
+
 static int dm_get_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__GetDeviceRequest *req = (const void *)req_;
-    int rc = dm__id_or_fail(call, "id", req->id);
+    int rc = dm_get_device_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_device_t *d;
     dm_err_t e;
@@ -217,11 +234,16 @@ static int dm_get_device(cm_call_t *call, const ProtobufCMessage *req_, Protobuf
     return CM_STATUS_OK;
 }
 
+static int dm_list_devices_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Device__V1__ListDevicesRequest *req = (void *)req_;
+    int rc = dm__page_or_fail(call, &req->page_size);
+    return rc ? rc : dm__filter_or_fail(call, "filter", req->filter, 0);
+}
+
 static int dm_list_devices(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     Iot__Device__V1__ListDevicesRequest *req = (void *)req_;
     Iot__Device__V1__ListDevicesResponse *resp = (void *)resp_;
-    int rc = dm__page_or_fail(call, &req->page_size);
-    if (!rc) rc = dm__filter_or_fail(call, "filter", req->filter, 0);
+    int rc = dm_list_devices_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_err_t e;
     int code = dm_store_list_devices(dm__store(call), req->filter, req->page_size, req->page_token,
@@ -229,9 +251,14 @@ static int dm_list_devices(cm_call_t *call, const ProtobufCMessage *req_, Protob
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
 }
 
+static int dm_count_devices_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__CountDevicesRequest *req = (const void *)req_;
+    return dm__filter_or_fail(call, "filter", req->filter, 0);
+}
+
 static int dm_count_devices(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__CountDevicesRequest *req = (const void *)req_;
-    int rc = dm__filter_or_fail(call, "filter", req->filter, 0);
+    int rc = dm_count_devices_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_err_t e;
     int code = dm_store_count_devices(dm__store(call), req->filter, cm_call_pb_allocator(call), (void *)resp_, &e);
@@ -241,7 +268,7 @@ static int dm_count_devices(cm_call_t *call, const ProtobufCMessage *req_, Proto
 static const char *const dm__device_fields[] = {"name", "type", "model", "location", "labels", "metadata",
                                                 "firmware_version", "status", NULL};
 
-static int dm_update_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_update_device_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__UpdateDeviceRequest *req = (const void *)req_;
     if (!req->device) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device: required");
     int rc = dm__device_or_fail(call, "device", req->device, 1);
@@ -249,6 +276,13 @@ static int dm_update_device(cm_call_t *call, const ProtobufCMessage *req_, Proto
     if (rc) return rc;
     if (!dm__text_ok(req->device->etag, 32))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device.etag: an etag from a previous read");
+    return 0;
+}
+
+static int dm_update_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__UpdateDeviceRequest *req = (const void *)req_;
+    int rc = dm_update_device_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_device_t *d;
     dm_err_t e;
     int code = dm_store_update_device(dm__store(call), req->device,
@@ -259,13 +293,20 @@ static int dm_update_device(cm_call_t *call, const ProtobufCMessage *req_, Proto
     return CM_STATUS_OK;
 }
 
-static int dm_delete_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_delete_device_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__DeleteDeviceRequest *req = (const void *)req_;
-    (void)resp_;
     int rc = dm__id_or_fail(call, "id", req->id);
     if (rc) return rc;
     if (!dm__text_ok(req->etag, 32))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "etag: an etag from a previous read");
+    return 0;
+}
+
+static int dm_delete_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__DeleteDeviceRequest *req = (const void *)req_;
+    (void)resp_;
+    int rc = dm_delete_device_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_err_t e;
     int code = dm_store_delete_device(dm__store(call), req->id, req->etag, &e);
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
@@ -280,10 +321,10 @@ static int dm__group_or_fail(cm_call_t *call, const dm_group_t *g) {
     return dm__filter_or_fail(call, "group.filter", g->filter, 1);
 }
 
-static int dm_create_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_create_group_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__CreateGroupRequest *req = (const void *)req_;
     if (!req->group) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "group: required");
-    dm_group_t *g = req->group;
+    const dm_group_t *g = req->group;
     int rc = dm__group_or_fail(call, g);
     if (rc) return rc;
     if (g->kind != IOT__DEVICE__V1__GROUP_KIND__GROUP_KIND_STATIC && g->kind != IOT__DEVICE__V1__GROUP_KIND__GROUP_KIND_DYNAMIC)
@@ -292,6 +333,14 @@ static int dm_create_group(cm_call_t *call, const ProtobufCMessage *req_, Protob
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "group.filter: only dynamic groups have a filter");
     if (g->kind == IOT__DEVICE__V1__GROUP_KIND__GROUP_KIND_DYNAMIC && !g->filter)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "group.filter: a dynamic group needs a filter");
+    return 0;
+}
+
+static int dm_create_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__CreateGroupRequest *req = (const void *)req_;
+    int rc = dm_create_group_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    dm_group_t *g = req->group;
     dm_err_t e;
     int code = dm_store_create_group(dm__store(call), g, cm_call_pb_allocator(call), &e);
     if (code) return dm__fail(call, code, &e);
@@ -299,9 +348,14 @@ static int dm_create_group(cm_call_t *call, const ProtobufCMessage *req_, Protob
     return CM_STATUS_OK;
 }
 
+static int dm_get_group_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__GetGroupRequest *req = (const void *)req_;
+    return dm__id_or_fail(call, "id", req->id);
+}
+
 static int dm_get_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__GetGroupRequest *req = (const void *)req_;
-    int rc = dm__id_or_fail(call, "id", req->id);
+    int rc = dm_get_group_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_group_t *g;
     dm_err_t e;
@@ -311,10 +365,15 @@ static int dm_get_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufC
     return CM_STATUS_OK;
 }
 
+static int dm_list_groups_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Device__V1__ListGroupsRequest *req = (void *)req_;
+    return dm__page_or_fail(call, &req->page_size);
+}
+
 static int dm_list_groups(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     Iot__Device__V1__ListGroupsRequest *req = (void *)req_;
     Iot__Device__V1__ListGroupsResponse *resp = (void *)resp_;
-    int rc = dm__page_or_fail(call, &req->page_size);
+    int rc = dm_list_groups_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_err_t e;
     int code = dm_store_list_groups(dm__store(call), req->page_size, req->page_token, cm_call_pb_allocator(call),
@@ -324,7 +383,7 @@ static int dm_list_groups(cm_call_t *call, const ProtobufCMessage *req_, Protobu
 
 static const char *const dm__group_fields[] = {"description", "filter", NULL};
 
-static int dm_update_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_update_group_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__UpdateGroupRequest *req = (const void *)req_;
     if (!req->group) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "group: required");
     int rc = dm__id_or_fail(call, "group.id", req->group->id);
@@ -333,6 +392,13 @@ static int dm_update_group(cm_call_t *call, const ProtobufCMessage *req_, Protob
     if (rc) return rc;
     if (!dm__text_ok(req->group->etag, 32))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "group.etag: an etag from a previous read");
+    return 0;
+}
+
+static int dm_update_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__UpdateGroupRequest *req = (const void *)req_;
+    int rc = dm_update_group_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_group_t *g;
     dm_err_t e;
     int code = dm_store_update_group(dm__store(call), req->group,
@@ -343,19 +409,24 @@ static int dm_update_group(cm_call_t *call, const ProtobufCMessage *req_, Protob
     return CM_STATUS_OK;
 }
 
+static int dm_delete_group_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__DeleteGroupRequest *req = (const void *)req_;
+    return dm__id_or_fail(call, "id", req->id);
+}
+
 static int dm_delete_group(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__DeleteGroupRequest *req = (const void *)req_;
     (void)resp_;
-    int rc = dm__id_or_fail(call, "id", req->id);
+    int rc = dm_delete_group_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_err_t e;
     int code = dm_store_delete_group(dm__store(call), req->id, &e);
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
 }
 
-static int dm__members(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_, int add) {
+/* AddGroupMembers and RemoveGroupMembers. */
+static int dm_members_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__GroupMembersRequest *req = (const void *)req_;
-    Iot__Device__V1__GroupMembersResponse *resp = (void *)resp_;
     int rc = dm__id_or_fail(call, "group_id", req->group_id);
     if (rc) return rc;
     if (req->n_device_ids < 1 || req->n_device_ids > DM_BATCH_MAX)
@@ -364,6 +435,14 @@ static int dm__members(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
     for (size_t i = 0; i < req->n_device_ids; i++)
         if (!dm__id_ok(req->device_ids[i]))
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_ids[%zu]: %s", i, DM_ID_RULE);
+    return 0;
+}
+
+static int dm__members(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_, int add) {
+    const Iot__Device__V1__GroupMembersRequest *req = (const void *)req_;
+    Iot__Device__V1__GroupMembersResponse *resp = (void *)resp_;
+    int rc = dm_members_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_err_t e;
     int code = dm_store_group_members(dm__store(call), req->group_id, req->device_ids, req->n_device_ids, add,
                                       &resp->changed, &e);
@@ -378,11 +457,16 @@ static int dm_remove_group_members(cm_call_t *call, const ProtobufCMessage *req,
     return dm__members(call, req, resp, 0);
 }
 
+static int dm_list_group_members_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Device__V1__ListGroupMembersRequest *req = (void *)req_;
+    int rc = dm__id_or_fail(call, "group_id", req->group_id);
+    return rc ? rc : dm__page_or_fail(call, &req->page_size);
+}
+
 static int dm_list_group_members(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     Iot__Device__V1__ListGroupMembersRequest *req = (void *)req_;
     Iot__Device__V1__ListGroupMembersResponse *resp = (void *)resp_;
-    int rc = dm__id_or_fail(call, "group_id", req->group_id);
-    if (!rc) rc = dm__page_or_fail(call, &req->page_size);
+    int rc = dm_list_group_members_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     /* Members of either kind are "devices whose filter says group_id = this group". */
     dm_filter_t f = IOT__DEVICE__V1__DEVICE_FILTER__INIT;
@@ -407,10 +491,15 @@ static void dm__token_resp(cm_call_t *call, const dm_token_t *t, Iot__Device__V1
     resp->expire_time = dm__ts(cm_call_pb_allocator(call), t->expires_us, 1);
 }
 
-static int dm_issue_token(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_issue_token_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__IssueTokenRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
-    if (!rc) rc = dm__ttl_or_fail(call, req->ttl_seconds);
+    return rc ? rc : dm__ttl_or_fail(call, req->ttl_seconds);
+}
+
+static int dm_issue_token(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__IssueTokenRequest *req = (const void *)req_;
+    int rc = dm_issue_token_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_token_t t;
     dm_err_t e;
@@ -420,10 +509,15 @@ static int dm_issue_token(cm_call_t *call, const ProtobufCMessage *req_, Protobu
     return CM_STATUS_OK;
 }
 
-static int dm_rotate_token(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_rotate_token_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__RotateTokenRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "token_id", req->token_id);
-    if (!rc) rc = dm__ttl_or_fail(call, req->ttl_seconds);
+    return rc ? rc : dm__ttl_or_fail(call, req->ttl_seconds);
+}
+
+static int dm_rotate_token(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__RotateTokenRequest *req = (const void *)req_;
+    int rc = dm_rotate_token_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_token_t t;
     dm_err_t e;
@@ -433,20 +527,31 @@ static int dm_rotate_token(cm_call_t *call, const ProtobufCMessage *req_, Protob
     return CM_STATUS_OK;
 }
 
+static int dm_revoke_token_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__RevokeTokenRequest *req = (const void *)req_;
+    return dm__id_or_fail(call, "token_id", req->token_id);
+}
+
 static int dm_revoke_token(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__RevokeTokenRequest *req = (const void *)req_;
     (void)resp_;
-    int rc = dm__id_or_fail(call, "token_id", req->token_id);
+    int rc = dm_revoke_token_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_err_t e;
     int code = dm_store_revoke_token(dm__store(call), req->token_id, &e);
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
 }
 
+static int dm_authenticate_device_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__AuthenticateDeviceRequest *req = (const void *)req_;
+    return *req->token ? 0 : cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "token: required");
+}
+
 static int dm_authenticate_device(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__AuthenticateDeviceRequest *req = (const void *)req_;
     Iot__Device__V1__AuthenticateDeviceResponse *resp = (void *)resp_;
-    if (!*req->token) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "token: required");
+    int rc = dm_authenticate_device_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_auth_t auth;
     dm_err_t e;
     int code = dm_store_authenticate(dm__store(call), req->token, &auth, &e);
@@ -457,7 +562,7 @@ static int dm_authenticate_device(cm_call_t *call, const ProtobufCMessage *req_,
     return CM_STATUS_OK;
 }
 
-static int dm_sign_certificate(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_sign_certificate_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__SignCertificateRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
     if (rc) return rc;
@@ -466,6 +571,14 @@ static int dm_sign_certificate(cm_call_t *call, const ProtobufCMessage *req_, Pr
     int days = req->validity_days ? req->validity_days : 365;
     if (days < 1 || days > 3650)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "validity_days: %d is not in 1..3650", req->validity_days);
+    return 0;
+}
+
+static int dm_sign_certificate(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__SignCertificateRequest *req = (const void *)req_;
+    int rc = dm_sign_certificate_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int days = req->validity_days ? req->validity_days : 365;
     dm_err_t e;
     int code = dm_store_sign_certificate(dm__store(call), req->device_id, req->csr_pem, days, cm_call_pb_allocator(call),
                                          (void *)resp_, &e);
@@ -480,9 +593,8 @@ static int dm__serial_ok(const char *s) {
     return 1;
 }
 
-static int dm_revoke_certificate(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_revoke_certificate_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__RevokeCertificateRequest *req = (const void *)req_;
-    (void)resp_;
     if (!dm__serial_ok(req->serial))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "serial: 1-40 lowercase hex digits, as SignCertificate returned it");
     /* The CRL builder's own rule: a reason it refuses would be stored and then break every
@@ -490,6 +602,14 @@ static int dm_revoke_certificate(cm_call_t *call, const ProtobufCMessage *req_, 
     if (!dm_ca_reason_ok(req->reason))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reason: %d is not allowed; use one of " DM_CA_REASONS,
                             req->reason);
+    return 0;
+}
+
+static int dm_revoke_certificate(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__RevokeCertificateRequest *req = (const void *)req_;
+    (void)resp_;
+    int rc = dm_revoke_certificate_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     dm_err_t e;
     int code = dm_store_revoke_certificate(dm__store(call), req->serial, req->reason, &e);
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
@@ -504,29 +624,42 @@ static int dm_get_revocation_list(cm_call_t *call, const ProtobufCMessage *req_,
 
 /* ---- presence -------------------------------------------------------------------------------- */
 
-static int dm_report_seen(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+/* When a sighting happened (Unix microseconds): its time, or now when it has none. */
+static int64_t dm__sighting_us(const Iot__Device__V1__Sighting *s, int64_t now) {
+    return s->time ? s->time->seconds * 1000000 + s->time->nanos / 1000 : now;
+}
+
+static int dm_report_seen_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__ReportSeenRequest *req = (const void *)req_;
-    Iot__Device__V1__ReportSeenResponse *resp = (void *)resp_;
     size_t n = req->n_sightings;
     if (n < 1 || n > DM_BATCH_MAX)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "sightings: %zu; 1..%d per call", n, DM_BATCH_MAX);
-    char **ids = cm_call_alloc(call, sizeof *ids * n);
-    int64_t *at = cm_call_alloc(call, sizeof *at * n);
     int64_t now = dm__now_us();
     for (size_t i = 0; i < n; i++) {
         const Iot__Device__V1__Sighting *s = req->sightings[i];
         if (!dm__id_ok(s->device_id))
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "sightings[%zu].device_id: %s", i, DM_ID_RULE);
-        ids[i] = s->device_id;
-        if (!s->time) {
-            at[i] = now;
-            continue;
-        }
+        if (!s->time) continue;
         if (s->time->nanos < 0 || s->time->nanos > 999999999 || s->time->seconds < 0 || s->time->seconds > 253402300799)
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "sightings[%zu].time: not a valid timestamp", i);
-        at[i] = s->time->seconds * 1000000 + s->time->nanos / 1000;
-        if (at[i] > now + 300 * 1000000LL)
+        if (dm__sighting_us(s, now) > now + 300 * 1000000LL)
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "sightings[%zu].time: more than 5 minutes in the future", i);
+    }
+    return 0;
+}
+
+static int dm_report_seen(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__ReportSeenRequest *req = (const void *)req_;
+    Iot__Device__V1__ReportSeenResponse *resp = (void *)resp_;
+    int rc = dm_report_seen_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    size_t n = req->n_sightings;
+    char **ids = cm_call_alloc(call, sizeof *ids * n);
+    int64_t *at = cm_call_alloc(call, sizeof *at * n);
+    int64_t now = dm__now_us();
+    for (size_t i = 0; i < n; i++) {
+        ids[i] = req->sightings[i]->device_id;
+        at[i] = dm__sighting_us(req->sightings[i], now);
     }
     dm_err_t e;
     int code = dm_store_report_seen(dm__store(call), ids, at, n, &resp->updated, &resp->unknown, &e);
@@ -535,9 +668,14 @@ static int dm_report_seen(cm_call_t *call, const ProtobufCMessage *req_, Protobu
 
 /* ---- shadows --------------------------------------------------------------------------------- */
 
+static int dm_get_shadow_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__GetShadowRequest *req = (const void *)req_;
+    return dm__id_or_fail(call, "device_id", req->device_id);
+}
+
 static int dm_get_shadow(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__GetShadowRequest *req = (const void *)req_;
-    int rc = dm__id_or_fail(call, "device_id", req->device_id);
+    int rc = dm_get_shadow_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     Iot__Device__V1__Shadow *sh;
     dm_err_t e;
@@ -547,13 +685,21 @@ static int dm_get_shadow(cm_call_t *call, const ProtobufCMessage *req_, Protobuf
     return CM_STATUS_OK;
 }
 
-static int dm__update_shadow(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_, int reported) {
+/* UpdateDesired and ReportState. */
+static int dm_update_shadow_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__UpdateShadowRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
     if (rc) return rc;
     if (!req->patch) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "patch: required (members set to null are removed)");
     if (req->expected_version < 0)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "expected_version: 0 (any) or a version from GetShadow");
+    return 0;
+}
+
+static int dm__update_shadow(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_, int reported) {
+    const Iot__Device__V1__UpdateShadowRequest *req = (const void *)req_;
+    int rc = dm_update_shadow_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     /* Reported state comes from the device itself. */
     if (reported && (rc = dm__device_auth_or_fail(call, req->device_id))) return rc;
     Iot__Device__V1__Shadow *sh;
@@ -591,7 +737,7 @@ static int dm__request_id_ok(const char *s) {
     return 1;
 }
 
-static int dm_send_command(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_send_command_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__SendCommandRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
     if (rc) return rc;
@@ -603,6 +749,14 @@ static int dm_send_command(cm_call_t *call, const ProtobufCMessage *req_, Protob
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "ttl_seconds: %d is not in 1..604800", req->ttl_seconds);
     if (!dm__request_id_ok(req->request_id))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "request_id: at most 128 printable ASCII characters");
+    return 0;
+}
+
+static int dm_send_command(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__SendCommandRequest *req = (const void *)req_;
+    int rc = dm_send_command_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int ttl = req->ttl_seconds ? req->ttl_seconds : 3600;
     dm_command_t *c;
     dm_err_t e;
     int code = dm_store_send_command(dm__store(call), req->device_id, req->name, req->payload, ttl, req->request_id,
@@ -612,9 +766,14 @@ static int dm_send_command(cm_call_t *call, const ProtobufCMessage *req_, Protob
     return CM_STATUS_OK;
 }
 
+static int dm_get_command_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__GetCommandRequest *req = (const void *)req_;
+    return dm__command_id_or_fail(call, "id", req->id);
+}
+
 static int dm_get_command(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Device__V1__GetCommandRequest *req = (const void *)req_;
-    int rc = dm__command_id_or_fail(call, "id", req->id);
+    int rc = dm_get_command_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     dm_command_t *c;
     dm_err_t e;
@@ -624,19 +783,27 @@ static int dm_get_command(cm_call_t *call, const ProtobufCMessage *req_, Protobu
     return CM_STATUS_OK;
 }
 
-static int dm_list_commands(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_list_commands_check(cm_call_t *call, ProtobufCMessage *req_) {
     Iot__Device__V1__ListCommandsRequest *req = (void *)req_;
-    Iot__Device__V1__ListCommandsResponse *resp = (void *)resp_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
     if (!rc) rc = dm__page_or_fail(call, &req->page_size);
     if (rc) return rc;
     if (req->n_statuses > 5) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "statuses: at most 5 entries");
-    int st[5];
     for (size_t i = 0; i < req->n_statuses; i++) {
-        st[i] = req->statuses[i];
-        if (st[i] < 1 || st[i] > 5)
-            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "statuses[%zu]: %d is not a CommandStatus", i, st[i]);
+        int st = req->statuses[i];
+        if (st < 1 || st > 5)
+            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "statuses[%zu]: %d is not a CommandStatus", i, st);
     }
+    return 0;
+}
+
+static int dm_list_commands(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    Iot__Device__V1__ListCommandsRequest *req = (void *)req_;
+    Iot__Device__V1__ListCommandsResponse *resp = (void *)resp_;
+    int rc = dm_list_commands_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int st[5];
+    for (size_t i = 0; i < req->n_statuses; i++) st[i] = req->statuses[i];
     dm_err_t e;
     int code = dm_store_list_commands(dm__store(call), req->device_id, st, req->n_statuses, req->page_size,
                                       req->page_token, cm_call_pb_allocator(call), &resp->commands, &resp->n_commands,
@@ -644,9 +811,14 @@ static int dm_list_commands(cm_call_t *call, const ProtobufCMessage *req_, Proto
     return code ? dm__fail(call, code, &e) : CM_STATUS_OK;
 }
 
+static int dm_watch_commands_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Device__V1__WatchCommandsRequest *req = (const void *)req_;
+    return dm__id_or_fail(call, "device_id", req->device_id);
+}
+
 static int dm_watch_commands(cm_call_t *call, const ProtobufCMessage *req_) {
     const Iot__Device__V1__WatchCommandsRequest *req = (const void *)req_;
-    int rc = dm__id_or_fail(call, "device_id", req->device_id);
+    int rc = dm_watch_commands_check(call, (ProtobufCMessage *)req_);
     if (!rc) rc = dm__device_auth_or_fail(call, req->device_id);
     if (rc) return rc;
     return dm_cmd_hub_watch(((dm_ctx_t *)cm_call_service_ctx(call))->hub, call, req->device_id);
@@ -657,13 +829,20 @@ static void dm_watch_commands_done(cm_call_t *call, int cancelled) {
     dm_cmd_hub_done(call);
 }
 
-static int dm_ack_command(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int dm_ack_command_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Device__V1__AckCommandRequest *req = (const void *)req_;
     int rc = dm__id_or_fail(call, "device_id", req->device_id);
     if (!rc) rc = dm__command_id_or_fail(call, "command_id", req->command_id);
     if (rc) return rc;
     if (!dm__text_ok(req->error, 1024))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "error: up to 1024 bytes of UTF-8 without control characters");
+    return 0;
+}
+
+static int dm_ack_command(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Device__V1__AckCommandRequest *req = (const void *)req_;
+    int rc = dm_ack_command_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     if ((rc = dm__device_auth_or_fail(call, req->device_id))) return rc;
     dm_command_t *c;
     dm_err_t e;
@@ -675,37 +854,38 @@ static int dm_ack_command(cm_call_t *call, const ProtobufCMessage *req_, Protobu
 }
 
 static const cm_method_t dm__methods[] = {
-    {.name = "CreateDevice", .kind = CM_RPC_UNARY, .unary = dm_create_device},
-    {.name = "BatchCreateDevices", .kind = CM_RPC_UNARY, .unary = dm_batch_create_devices},
-    {.name = "GetDevice", .kind = CM_RPC_UNARY, .unary = dm_get_device},
-    {.name = "ListDevices", .kind = CM_RPC_UNARY, .unary = dm_list_devices},
-    {.name = "CountDevices", .kind = CM_RPC_UNARY, .unary = dm_count_devices},
-    {.name = "UpdateDevice", .kind = CM_RPC_UNARY, .unary = dm_update_device},
-    {.name = "DeleteDevice", .kind = CM_RPC_UNARY, .unary = dm_delete_device},
-    {.name = "CreateGroup", .kind = CM_RPC_UNARY, .unary = dm_create_group},
-    {.name = "GetGroup", .kind = CM_RPC_UNARY, .unary = dm_get_group},
-    {.name = "ListGroups", .kind = CM_RPC_UNARY, .unary = dm_list_groups},
-    {.name = "UpdateGroup", .kind = CM_RPC_UNARY, .unary = dm_update_group},
-    {.name = "DeleteGroup", .kind = CM_RPC_UNARY, .unary = dm_delete_group},
-    {.name = "AddGroupMembers", .kind = CM_RPC_UNARY, .unary = dm_add_group_members},
-    {.name = "RemoveGroupMembers", .kind = CM_RPC_UNARY, .unary = dm_remove_group_members},
-    {.name = "ListGroupMembers", .kind = CM_RPC_UNARY, .unary = dm_list_group_members},
-    {.name = "IssueToken", .kind = CM_RPC_UNARY, .unary = dm_issue_token},
-    {.name = "RotateToken", .kind = CM_RPC_UNARY, .unary = dm_rotate_token},
-    {.name = "RevokeToken", .kind = CM_RPC_UNARY, .unary = dm_revoke_token},
-    {.name = "AuthenticateDevice", .kind = CM_RPC_UNARY, .unary = dm_authenticate_device},
-    {.name = "SignCertificate", .kind = CM_RPC_UNARY, .unary = dm_sign_certificate},
-    {.name = "RevokeCertificate", .kind = CM_RPC_UNARY, .unary = dm_revoke_certificate},
+    {.name = "CreateDevice", .kind = CM_RPC_UNARY, .unary = dm_create_device, .check = dm_create_device_check},
+    {.name = "BatchCreateDevices", .kind = CM_RPC_UNARY, .unary = dm_batch_create_devices, .check = dm_batch_create_devices_check},
+    {.name = "GetDevice", .kind = CM_RPC_UNARY, .unary = dm_get_device, .check = dm_get_device_check},
+    {.name = "ListDevices", .kind = CM_RPC_UNARY, .unary = dm_list_devices, .check = dm_list_devices_check},
+    {.name = "CountDevices", .kind = CM_RPC_UNARY, .unary = dm_count_devices, .check = dm_count_devices_check},
+    {.name = "UpdateDevice", .kind = CM_RPC_UNARY, .unary = dm_update_device, .check = dm_update_device_check},
+    {.name = "DeleteDevice", .kind = CM_RPC_UNARY, .unary = dm_delete_device, .check = dm_delete_device_check},
+    {.name = "CreateGroup", .kind = CM_RPC_UNARY, .unary = dm_create_group, .check = dm_create_group_check},
+    {.name = "GetGroup", .kind = CM_RPC_UNARY, .unary = dm_get_group, .check = dm_get_group_check},
+    {.name = "ListGroups", .kind = CM_RPC_UNARY, .unary = dm_list_groups, .check = dm_list_groups_check},
+    {.name = "UpdateGroup", .kind = CM_RPC_UNARY, .unary = dm_update_group, .check = dm_update_group_check},
+    {.name = "DeleteGroup", .kind = CM_RPC_UNARY, .unary = dm_delete_group, .check = dm_delete_group_check},
+    {.name = "AddGroupMembers", .kind = CM_RPC_UNARY, .unary = dm_add_group_members, .check = dm_members_check},
+    {.name = "RemoveGroupMembers", .kind = CM_RPC_UNARY, .unary = dm_remove_group_members, .check = dm_members_check},
+    {.name = "ListGroupMembers", .kind = CM_RPC_UNARY, .unary = dm_list_group_members, .check = dm_list_group_members_check},
+    {.name = "IssueToken", .kind = CM_RPC_UNARY, .unary = dm_issue_token, .check = dm_issue_token_check},
+    {.name = "RotateToken", .kind = CM_RPC_UNARY, .unary = dm_rotate_token, .check = dm_rotate_token_check},
+    {.name = "RevokeToken", .kind = CM_RPC_UNARY, .unary = dm_revoke_token, .check = dm_revoke_token_check},
+    {.name = "AuthenticateDevice", .kind = CM_RPC_UNARY, .unary = dm_authenticate_device, .check = dm_authenticate_device_check},
+    {.name = "SignCertificate", .kind = CM_RPC_UNARY, .unary = dm_sign_certificate, .check = dm_sign_certificate_check},
+    {.name = "RevokeCertificate", .kind = CM_RPC_UNARY, .unary = dm_revoke_certificate, .check = dm_revoke_certificate_check},
     {.name = "GetRevocationList", .kind = CM_RPC_UNARY, .unary = dm_get_revocation_list},
-    {.name = "ReportSeen", .kind = CM_RPC_UNARY, .unary = dm_report_seen},
-    {.name = "GetShadow", .kind = CM_RPC_UNARY, .unary = dm_get_shadow},
-    {.name = "UpdateDesired", .kind = CM_RPC_UNARY, .unary = dm_update_desired},
-    {.name = "ReportState", .kind = CM_RPC_UNARY, .unary = dm_report_state},
-    {.name = "SendCommand", .kind = CM_RPC_UNARY, .unary = dm_send_command},
-    {.name = "GetCommand", .kind = CM_RPC_UNARY, .unary = dm_get_command},
-    {.name = "ListCommands", .kind = CM_RPC_UNARY, .unary = dm_list_commands},
-    {.name = "WatchCommands", .kind = CM_RPC_SERVER_STREAM, .start = dm_watch_commands, .done = dm_watch_commands_done},
-    {.name = "AckCommand", .kind = CM_RPC_UNARY, .unary = dm_ack_command},
+    {.name = "ReportSeen", .kind = CM_RPC_UNARY, .unary = dm_report_seen, .check = dm_report_seen_check},
+    {.name = "GetShadow", .kind = CM_RPC_UNARY, .unary = dm_get_shadow, .check = dm_get_shadow_check},
+    {.name = "UpdateDesired", .kind = CM_RPC_UNARY, .unary = dm_update_desired, .check = dm_update_shadow_check},
+    {.name = "ReportState", .kind = CM_RPC_UNARY, .unary = dm_report_state, .check = dm_update_shadow_check},
+    {.name = "SendCommand", .kind = CM_RPC_UNARY, .unary = dm_send_command, .check = dm_send_command_check},
+    {.name = "GetCommand", .kind = CM_RPC_UNARY, .unary = dm_get_command, .check = dm_get_command_check},
+    {.name = "ListCommands", .kind = CM_RPC_UNARY, .unary = dm_list_commands, .check = dm_list_commands_check},
+    {.name = "WatchCommands", .kind = CM_RPC_SERVER_STREAM, .start = dm_watch_commands, .done = dm_watch_commands_done,
+     .check = dm_watch_commands_check},
+    {.name = "AckCommand", .kind = CM_RPC_UNARY, .unary = dm_ack_command, .check = dm_ack_command_check},
 };
 
 void dm_service_init(cm_service_t *svc, dm_ctx_t *ctx) {

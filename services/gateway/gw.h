@@ -92,6 +92,21 @@ int gw_call(gw_req_t *r, int backend, const char *rpc, const ProtobufCMessage *r
 /* The request message of route from the body, path and query parameters, in r's arena; NULL after
  * answering 400. */
 ProtobufCMessage *gw_build_request_or_reply(gw_req_t *r);
+
+/* What gw_build_request_or_reply reads of an HTTP request, apart from the HTTP layer. */
+typedef struct gw_parts_s {
+    const char *body; /* the JSON body; body_len 0: none (an empty message) */
+    size_t body_len;
+    const char *const *query_name, *const *query; /* query parameters, in their order */
+    size_t n_query;
+    const char *const *param_name, *const *param; /* path parameters */
+    int n_params;
+} gw_parts_t;
+/* The mapping behind it: rt's request message from the body (when the route takes one), then the
+ * query, then the path parameters (the path wins), built in a. 0 with *out set, or CM_EINVAL with
+ * the 400's message in err. */
+int gw_request_from_parts(const gw_route_t *rt, const gw_parts_t *in, cm_arena_t *a, ProtobufCMessage **out, char *err,
+                          size_t cap);
 /* The generic unary proxy. */
 void gw_proxy(gw_req_t *r);
 

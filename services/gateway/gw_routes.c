@@ -112,53 +112,64 @@ const gw_route_t gw_routes[] = {
 };
 const size_t gw_n_routes = sizeof gw_routes / sizeof gw_routes[0];
 
-/* "line 1, column 7 (byte 6): ..." from cm_json_parse, as the 400's message. */
-static json_t *gw__parse_body_or_reply(gw_req_t *r) {
-    size_t len;
-    const char *body = cm_http_body(r->http, &len);
-    if (len == 0) return json_object(); /* an empty body is an empty message */
-    char err[256];
-    json_t *j = cm_json_parse(body, len, err, sizeof err);
-    if (!j) gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "malformed JSON: %s", err);
-    return j;
-}
-
-ProtobufCMessage *gw_build_request_or_reply(gw_req_t *r) {
-    const gw_route_t *rt = r->route;
-    ProtobufCMessage *m = cm_arena_alloc(&r->arena, rt->req->sizeof_message);
+int gw_request_from_parts(const gw_route_t *rt, const gw_parts_t *in, cm_arena_t *a, ProtobufCMessage **out, char *err,
+                          size_t cap) {
+    ProtobufCMessage *m = cm_arena_alloc(a, rt->req->sizeof_message);
     rt->req->message_init(m);
-    char err[512];
+    char why[512];
     if (rt->body) {
-        json_t *j = gw__parse_body_or_reply(r);
-        if (!j) return NULL;
+        json_t *j;
+        if (in->body_len == 0) { /* an empty body is an empty message */
+            j = json_object();
+        } else if (!(j = cm_json_parse(in->body, in->body_len, why, sizeof why))) {
+            snprintf(err, cap, "malformed JSON: %s", why); /* "line 1, column 7 (byte 6): ..." */
+            return CM_EINVAL;
+        }
         int rc;
         if (strcmp(rt->body, "*") == 0) {
-            rc = cm_pbjson_merge(j, m, &r->arena, err, sizeof err);
+            rc = cm_pbjson_merge(j, m, a, why, sizeof why);
         } else {
             const ProtobufCFieldDescriptor *f = cm_pbjson_field(rt->req, rt->body);
             ProtobufCMessage *sub = NULL;
-            rc = cm_pbjson_to_msg(j, f->descriptor, &r->arena, &sub, err, sizeof err);
+            rc = cm_pbjson_to_msg(j, f->descriptor, a, &sub, why, sizeof why);
             if (rc == 0) *(ProtobufCMessage **)((char *)m + f->offset) = sub;
         }
         json_decref(j);
         if (rc) {
-            gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "body: %s", err);
-            return NULL;
+            snprintf(err, cap, "body: %s", why);
+            return CM_EINVAL;
         }
     }
-    for (size_t i = 0;; i++) { /* the query: any request field */
-        const char *k, *v;
-        if (cm_http_query_at(r->http, i, &k, &v)) break;
-        if (cm_pbjson_set(m, k, v, &r->arena, err, sizeof err)) {
-            gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "query parameter %s", err);
-            return NULL;
+    for (size_t i = 0; i < in->n_query; i++) { /* the query: any request field */
+        if (cm_pbjson_set(m, in->query_name[i], in->query[i], a, why, sizeof why)) {
+            snprintf(err, cap, "query parameter %s", why);
+            return CM_EINVAL;
         }
     }
-    for (int i = 0; i < r->n_params; i++) { /* the path wins over body and query */
-        if (cm_pbjson_set(m, r->param_name[i], r->param[i], &r->arena, err, sizeof err)) {
-            gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "path parameter %s", err);
-            return NULL;
+    for (int i = 0; i < in->n_params; i++) { /* the path wins over body and query */
+        if (cm_pbjson_set(m, in->param_name[i], in->param[i], a, why, sizeof why)) {
+            snprintf(err, cap, "path parameter %s", why);
+            return CM_EINVAL;
         }
+    }
+    *out = m;
+    return 0;
+}
+
+ProtobufCMessage *gw_build_request_or_reply(gw_req_t *r) {
+    gw_parts_t in = {.param_name = r->param_name, .param = r->param, .n_params = r->n_params};
+    in.body = cm_http_body(r->http, &in.body_len);
+    const char *k, *v;
+    while (cm_http_query_at(r->http, in.n_query, &k, &v) == 0) in.n_query++;
+    const char **q = cm_arena_alloc(&r->arena, 2 * (in.n_query + 1) * sizeof *q);
+    for (size_t i = 0; i < in.n_query; i++) cm_http_query_at(r->http, i, &q[i], &q[in.n_query + 1 + i]);
+    in.query_name = q;
+    in.query = q + in.n_query + 1;
+    ProtobufCMessage *m = NULL;
+    char err[1024];
+    if (gw_request_from_parts(r->route, &in, &r->arena, &m, err, sizeof err)) {
+        gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "%s", err);
+        return NULL;
     }
     return m;
 }

@@ -245,6 +245,16 @@ static void ing_stream_done(cm_call_t *call, int cancelled) {
 
 /* ---- queries ---------------------------------------------------------------------------------- */
 
+static int ing_query_telemetry_check_rpc(cm_call_t *call, ProtobufCMessage *req) {
+    return ing_query_telemetry_check(call, (const void *)req);
+}
+
+static int ing_latest_values_check_rpc(cm_call_t *call, ProtobufCMessage *req) {
+    return ing_latest_values_check(call, (const void *)req);
+}
+
+static int ing_watch_check_rpc(cm_call_t *call, ProtobufCMessage *req) { return ing_watch_check(call, req); }
+
 static int ing_query_telemetry_rpc(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMessage *resp) {
     return ing_query_telemetry(call, ing__ctx(call)->store->pg, (const void *)req, (void *)resp);
 }
@@ -265,9 +275,10 @@ static const cm_method_t ing__methods[] = {
      .message = ing_stream_message,
      .half_close = ing_stream_half_close,
      .done = ing_stream_done},
-    {.name = "QueryTelemetry", .kind = CM_RPC_UNARY, .unary = ing_query_telemetry_rpc},
-    {.name = "LatestValues", .kind = CM_RPC_UNARY, .unary = ing_latest_values_rpc},
-    {.name = "WatchTelemetry", .kind = CM_RPC_SERVER_STREAM, .start = ing_watch_start_rpc, .done = ing_watch_done},
+    {.name = "QueryTelemetry", .kind = CM_RPC_UNARY, .unary = ing_query_telemetry_rpc, .check = ing_query_telemetry_check_rpc},
+    {.name = "LatestValues", .kind = CM_RPC_UNARY, .unary = ing_latest_values_rpc, .check = ing_latest_values_check_rpc},
+    {.name = "WatchTelemetry", .kind = CM_RPC_SERVER_STREAM, .start = ing_watch_start_rpc, .done = ing_watch_done,
+     .check = ing_watch_check_rpc},
 };
 
 void ing_service_init(cm_service_t *svc, ing_ctx_t *ctx) {

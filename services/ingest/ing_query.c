@@ -364,8 +364,14 @@ static int ing__query_buckets(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V
     return code;
 }
 
-int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__QueryTelemetryRequest *req,
-                        Iot__Ingest__V1__QueryTelemetryResponse *resp) {
+/* The number of step_ms buckets from from_ms to to_ms, the last one possibly partial. Unsigned:
+ * to_ms - from_ms can exceed INT64_MAX. */
+static uint64_t ing__n_buckets(const Iot__Ingest__V1__QueryTelemetryRequest *req) {
+    uint64_t span = (uint64_t)req->to_ms - (uint64_t)req->from_ms, step = (uint64_t)req->step_ms;
+    return span / step + (span % step != 0);
+}
+
+int ing_query_telemetry_check(cm_call_t *call, const Iot__Ingest__V1__QueryTelemetryRequest *req) {
     int code = ing__device_or_fail(call, req->device_id);
     if (code) return code;
     if (!*req->metric) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metric: required");
@@ -379,40 +385,53 @@ int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__Que
     if (req->page_size < 0 || req->page_size > ING_QUERY_PAGE_MAX)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_size: %d is not in 0..%d (0 means %d)", req->page_size,
                             ING_QUERY_PAGE_MAX, ING_QUERY_PAGE_DEFAULT);
-    int page_size = req->page_size ? req->page_size : ING_QUERY_PAGE_DEFAULT;
     int agg = (int)req->aggregation;
     if (agg < 0 || agg > IOT__INGEST__V1__AGGREGATION__AGGREGATION_LAST)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "aggregation: %d is not a known Aggregation", agg);
+    if (agg == IOT__INGEST__V1__AGGREGATION__AGGREGATION_UNSPECIFIED) {
+        if (req->step_ms != 0)
+            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
+                                "step_ms: must be 0 for raw points (got %" PRId64 "); set aggregation to get buckets",
+                                req->step_ms);
+        int have;
+        int64_t us, seq;
+        return ing__cursor_or_fail(call, req, &have, &us, &seq);
+    }
+    if (req->step_ms < 1)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "step_ms: required with an aggregation (at least 1, got %" PRId64 ")",
+                            req->step_ms);
+    /* Buckets are counted rounding up, since a partial last bucket is still a bucket in the
+     * response. */
+    uint64_t n_buckets = ing__n_buckets(req);
+    if (n_buckets > ING_QUERY_MAX_BUCKETS) {
+        uint64_t span = (uint64_t)req->to_ms - (uint64_t)req->from_ms;
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
+                            "step_ms: %" PRId64 " ms over %" PRIu64 " ms makes %" PRIu64
+                            " buckets, at most %d; use a step_ms of at least %" PRIu64 " or a shorter range",
+                            req->step_ms, span, n_buckets, ING_QUERY_MAX_BUCKETS,
+                            span / ING_QUERY_MAX_BUCKETS + (span % ING_QUERY_MAX_BUCKETS != 0));
+    }
+    if (*req->page_token)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
+                            "page_token: aggregated queries are not paged; send it empty");
+    return 0;
+}
+
+int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__QueryTelemetryRequest *req,
+                        Iot__Ingest__V1__QueryTelemetryResponse *resp) {
+    int code = ing_query_telemetry_check(call, req);
+    if (code) return code;
+    int page_size = req->page_size ? req->page_size : ING_QUERY_PAGE_DEFAULT;
+    int agg = (int)req->aggregation;
 
     int64_t lo_ms = req->from_ms > ING__MIN_MS ? req->from_ms : ING__MIN_MS;
     int64_t hi_ms = req->to_ms < ING__MAX_MS ? req->to_ms : ING__MAX_MS;
     /* When the clip leaves nothing, lo >= hi and the queries answer empty without Postgres. */
     int64_t lo_us = lo_ms < hi_ms ? lo_ms * 1000 : 0, hi_us = lo_ms < hi_ms ? hi_ms * 1000 : 0;
 
-    if (agg == IOT__INGEST__V1__AGGREGATION__AGGREGATION_UNSPECIFIED) {
-        if (req->step_ms != 0)
-            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
-                                "step_ms: must be 0 for raw points (got %" PRId64 "); set aggregation to get buckets",
-                                req->step_ms);
+    if (agg == IOT__INGEST__V1__AGGREGATION__AGGREGATION_UNSPECIFIED)
         return ing__query_raw(call, pg, req, page_size, lo_us, hi_us, resp);
-    }
-    if (req->step_ms < 1)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "step_ms: required with an aggregation (at least 1, got %" PRId64 ")",
-                            req->step_ms);
-    /* Unsigned: to_ms - from_ms can exceed INT64_MAX. Buckets are counted rounding up, since a
-     * partial last bucket is still a bucket in the response. */
-    uint64_t span = (uint64_t)req->to_ms - (uint64_t)req->from_ms, step = (uint64_t)req->step_ms;
-    uint64_t n_buckets = span / step + (span % step != 0);
-    if (n_buckets > ING_QUERY_MAX_BUCKETS)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
-                            "step_ms: %" PRId64 " ms over %" PRIu64 " ms makes %" PRIu64
-                            " buckets, at most %d; use a step_ms of at least %" PRIu64 " or a shorter range",
-                            req->step_ms, span, n_buckets, ING_QUERY_MAX_BUCKETS,
-                            span / ING_QUERY_MAX_BUCKETS + (span % ING_QUERY_MAX_BUCKETS != 0));
-    if (*req->page_token)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
-                            "page_token: aggregated queries are not paged; send it empty");
-    return ing__query_buckets(call, pg, req, n_buckets, lo_us, hi_us, resp);
+    return ing__query_buckets(call, pg, req, ing__n_buckets(req), lo_us, hi_us, resp);
 }
 
 /* ---- LatestValues -------------------------------------------------------------------------- */
@@ -433,9 +452,13 @@ static const char ing__latest_sql[] =
     "ORDER BY t.ts DESC, t.seq DESC LIMIT 1) p "
     "WHERE m.metric IS NOT NULL ORDER BY m.metric";
 
+int ing_latest_values_check(cm_call_t *call, const Iot__Ingest__V1__LatestValuesRequest *req) {
+    return ing__device_or_fail(call, req->device_id);
+}
+
 int ing_latest_values(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__LatestValuesRequest *req,
                       Iot__Ingest__V1__LatestValuesResponse *resp) {
-    int code = ing__device_or_fail(call, req->device_id);
+    int code = ing_latest_values_check(call, req);
     if (code) return code;
     char lim[16];
     snprintf(lim, sizeof lim, "%d", ING_LATEST_MAX_METRICS);

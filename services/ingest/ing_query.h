@@ -46,6 +46,8 @@
  *   point of the bucket. */
 int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__QueryTelemetryRequest *req,
                         Iot__Ingest__V1__QueryTelemetryResponse *resp);
+/* Its validation alone (what it does before any query): 0, or INVALID_ARGUMENT set on the call. */
+int ing_query_telemetry_check(cm_call_t *call, const Iot__Ingest__V1__QueryTelemetryRequest *req);
 
 /* LatestValues: the newest point (by time, then seq) of each metric of the device, by metric name,
  * for the first 1000 metric names. Reads a few index entries per metric (a loose index scan over
@@ -53,6 +55,7 @@ int ing_query_telemetry(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__Que
  * not own devices) gives OK with no points. */
 int ing_latest_values(cm_call_t *call, cm_pg_t *pg, const Iot__Ingest__V1__LatestValuesRequest *req,
                       Iot__Ingest__V1__LatestValuesResponse *resp);
+int ing_latest_values_check(cm_call_t *call, const Iot__Ingest__V1__LatestValuesRequest *req);
 
 /* The telemetry columns ing_point_from_row() reads, in its order; the table is aliased t. The
  * time comes out as exact integer microseconds (extract(epoch) is numeric). */

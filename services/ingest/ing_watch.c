@@ -262,7 +262,7 @@ static int ing__newest(ing_watch_t *w, uint32_t shard, ing__sid_t *out, char *er
     return rc;
 }
 
-int ing_watch_start(ing_watch_t *w, cm_call_t *call, const ProtobufCMessage *req_) {
+int ing_watch_check(cm_call_t *call, const ProtobufCMessage *req_) {
     const Iot__Ingest__V1__WatchTelemetryRequest *req = (const void *)req_;
     if (!*req->device_id) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: required");
     if (ing_utf8_len(req->device_id, ING_MAX_DEVICE_ID) <= 0)
@@ -275,6 +275,13 @@ int ing_watch_start(ing_watch_t *w, cm_call_t *call, const ProtobufCMessage *req
         if (!ing_name_ok(req->metrics[i], ING_MAX_METRIC))
             return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
                                 "metrics[%zu]: must be 1-%d characters of A-Z a-z 0-9 _ . : / -", i, ING_MAX_METRIC);
+    return 0;
+}
+
+int ing_watch_start(ing_watch_t *w, cm_call_t *call, const ProtobufCMessage *req_) {
+    const Iot__Ingest__V1__WatchTelemetryRequest *req = (const void *)req_;
+    int rc = ing_watch_check(call, req_);
+    if (rc) return rc;
     ing__watcher_t *x = cm_calloc(1, sizeof *x);
     x->call = call;
     x->shard = (uint32_t)(cm_hash64(req->device_id, strlen(req->device_id)) % (uint64_t)w->cfg->shards);

@@ -18,6 +18,8 @@ ing_watch_t *ing_watch_new(const ing_config_t *cfg);
 /* The RPC's start and done callbacks (the server stream's service ctx must lead to w: the caller
  * passes it). */
 int ing_watch_start(ing_watch_t *w, cm_call_t *call, const ProtobufCMessage *req);
+/* The request check ing_watch_start begins with (device_id, metrics): 0, or INVALID_ARGUMENT. */
+int ing_watch_check(cm_call_t *call, const ProtobufCMessage *req);
 void ing_watch_done(cm_call_t *call, int cancelled);
 /* Ends every watch with UNAVAILABLE and refuses new ones (shutdown, before the drain). */
 void ing_watch_shutdown(ing_watch_t *w);

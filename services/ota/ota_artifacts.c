@@ -6,82 +6,25 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-
 #include "cm_alloc.h"
 #include "cm_buf.h"
 #include "cm_json.h"
 #include "cm_log.h"
+#include "ota_framing.h"
 #include "ota_handlers.h"
-#include "ota_semver.h"
-
-#define OTA__MAX_MODELS 64
-#define OTA__MAX_NOTES (64 * 1024)
-#define OTA__MAX_META 64
-
-/* ---- validation ---------------------------------------------------------------------------- */
-
-static int ota__name_ok(const char *s) {
-    size_t n = strlen(s);
-    if (n == 0 || n > 128 || !isalnum((unsigned char)s[0])) return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!isalnum((unsigned char)s[i]) && s[i] != '.' && s[i] != '_' && s[i] != '-') return 0;
-    return 1;
-}
-
-static int ota__printable(const char *s, size_t max) {
-    size_t n = strlen(s);
-    if (n == 0 || n > max) return 0;
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return 0;
-    return 1;
-}
-
-static int ota__header_or_fail(cm_call_t *call, const ota_config_t *cfg, const Iot__Ota__V1__ArtifactHeader *h) {
-    if (!ota__name_ok(h->name))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.name: 1-128 of [A-Za-z0-9._-], starting with a letter or digit");
-    ota_semver_t v;
-    if (ota_semver_parse(h->version, &v))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT,
-                            "header.version: \"%.80s\" is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])", h->version);
-    if (h->n_models == 0 || h->n_models > OTA__MAX_MODELS)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.models: 1-%d device models", OTA__MAX_MODELS);
-    for (size_t i = 0; i < h->n_models; i++)
-        if (!ota__printable(h->models[i], 64))
-            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.models[%zu]: 1-64 printable characters", i);
-    if (strlen(h->release_notes) > OTA__MAX_NOTES)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.release_notes: at most %d bytes", OTA__MAX_NOTES);
-    if (h->n_metadata > OTA__MAX_META)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.metadata: at most %d entries", OTA__MAX_META);
-    for (size_t i = 0; i < h->n_metadata; i++)
-        if (!ota__printable(h->metadata[i]->key, 128) || strlen(h->metadata[i]->value) > 1024)
-            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.metadata: keys 1-128 printable characters, values up to 1024");
-    size_t sl = strlen(h->sha256);
-    if (sl && (sl != 64 || strspn(h->sha256, "0123456789abcdefABCDEF") != 64))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "header.sha256: 64 hex digits, or empty");
-    if (h->size < 0 || h->size > cfg->max_artifact_bytes)
-        return cm_call_fail(call, h->size < 0 ? CM_STATUS_INVALID_ARGUMENT : CM_STATUS_RESOURCE_EXHAUSTED,
-                            "header.size: %" PRId64 " is not in 0..%" PRId64 " (IOT_OTA_MAX_ARTIFACT_SIZE)", h->size,
-                            cfg->max_artifact_bytes);
-    return 0;
-}
 
 /* ---- upload -------------------------------------------------------------------------------- */
 
-/* One upload in progress. Its transaction holds the artifact row (so a second upload of the same
- * name and version waits on it, briefly, then is refused) and every chunk written so far. */
+/* One upload in progress: its framing (ota_framing.h), and from the header on a transaction that
+ * holds the artifact row (so a second upload of the same name and version waits on it, briefly,
+ * then is refused) and every chunk written so far. */
 typedef struct ota__upload_s {
     ota_ctx_t *ctx;
+    ota_framing_t f;
     int slot;              /* holds one of IOT_OTA_MAX_UPLOADS */
     cm_pg_conn_t *c;       /* in a transaction until committed */
-    EVP_MD_CTX *sha;
     char id[24];
-    char *name, *version, *models_json, *declared_sha;
-    int64_t declared_size;
-    uint8_t *buf;
-    size_t buf_len;
-    int64_t size;
-    int idx;
+    char *name, *version, *models_json;
 } ota__upload_t;
 
 static void ota__upload_free(ota__upload_t *u) {
@@ -90,12 +33,10 @@ static void ota__upload_free(ota__upload_t *u) {
         cm_pg_release(u->ctx->pg, u->c);
     }
     if (u->slot) atomic_fetch_sub(&u->ctx->uploads, 1);
-    EVP_MD_CTX_free(u->sha);
+    ota_framing_free(&u->f);
     cm_free(u->name);
     cm_free(u->version);
     cm_free(u->models_json);
-    cm_free(u->declared_sha);
-    cm_free(u->buf);
     cm_free(u);
 }
 
@@ -123,25 +64,22 @@ static int ota__upload_pg_fail(cm_call_t *call, ota__upload_t *u) {
     return rc;
 }
 
-/* Writes the buffered bytes as chunk idx. 0, or the status the call was failed with. */
-static int ota__flush_chunk(cm_call_t *call, ota__upload_t *u) {
-    char idx[16];
-    snprintf(idx, sizeof idx, "%d", u->idx);
-    const char *p[3] = {u->id, idx, (const char *)u->buf};
-    int len[3] = {0, 0, (int)u->buf_len}, fmt[3] = {0, 0, 1};
-    if (cm_pg_exec_bin(u->c, NULL, "INSERT INTO artifact_chunks (artifact_id, idx, data) VALUES ($1, $2, $3)", 3, p, len, fmt, 0))
+/* The framing's flush: writes a chunk in the upload's transaction. */
+static int ota__flush_chunk(cm_call_t *call, void *arg, int idx, const uint8_t *data, size_t len) {
+    ota__upload_t *u = arg;
+    char idx_s[16];
+    snprintf(idx_s, sizeof idx_s, "%d", idx);
+    const char *p[3] = {u->id, idx_s, (const char *)data};
+    int lens[3] = {0, 0, (int)len}, fmt[3] = {0, 0, 1};
+    if (cm_pg_exec_bin(u->c, NULL, "INSERT INTO artifact_chunks (artifact_id, idx, data) VALUES ($1, $2, $3)", 3, p, lens, fmt, 0))
         return ota__upload_pg_fail(call, u);
-    u->idx++;
-    u->buf_len = 0;
     return 0;
 }
 
-static int ota__upload_begin(cm_call_t *call, ota_ctx_t *ctx, const Iot__Ota__V1__ArtifactHeader *h) {
-    int rc = ota__header_or_fail(call, ctx->cfg, h);
-    if (rc) return rc;
-    ota__upload_t *u = cm_calloc(1, sizeof *u);
-    u->ctx = ctx;
-    cm_call_set_user(call, u);
+/* The header was accepted: take an upload slot and insert the artifact's row. */
+static int ota__upload_begin(cm_call_t *call, ota__upload_t *u, const Iot__Ota__V1__ArtifactHeader *h) {
+    ota_ctx_t *ctx = u->ctx;
+    int rc;
     if (atomic_fetch_add(&ctx->uploads, 1) >= ctx->cfg->max_uploads) {
         atomic_fetch_sub(&ctx->uploads, 1);
         cm_counter_add(ctx->c_upload_rejects, 1);
@@ -155,9 +93,6 @@ static int ota__upload_begin(cm_call_t *call, ota_ctx_t *ctx, const Iot__Ota__V1
     u->name = cm_strdup(h->name);
     u->version = cm_strdup(h->version);
     u->models_json = ota__models_json(h);
-    u->declared_sha = cm_strdup(h->sha256);
-    for (char *q = u->declared_sha; *q; q++) *q = (char)tolower((unsigned char)*q);
-    u->declared_size = h->size;
     char *meta = ota__meta_json(h), chunk[24];
     snprintf(chunk, sizeof chunk, "%" PRId64, ctx->cfg->chunk_bytes);
     const char *p[6] = {h->name, h->version, u->models_json, h->release_notes, meta, chunk};
@@ -185,9 +120,6 @@ static int ota__upload_begin(cm_call_t *call, ota_ctx_t *ctx, const Iot__Ota__V1
     }
     snprintf(u->id, sizeof u->id, "%s", PQgetvalue(r, 0, 0));
     PQclear(r);
-    u->sha = EVP_MD_CTX_new();
-    EVP_DigestInit_ex(u->sha, EVP_sha256(), NULL);
-    u->buf = cm_malloc((size_t)ctx->cfg->chunk_bytes);
     return CM_PENDING;
 }
 
@@ -195,36 +127,16 @@ int ota_upload_message(cm_call_t *call, const ProtobufCMessage *msg_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__UploadArtifactRequest *m = (const void *)msg_;
     ota__upload_t *u = cm_call_user(call);
-    if (m->part_case == IOT__OTA__V1__UPLOAD_ARTIFACT_REQUEST__PART_HEADER) {
-        if (u) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "a second header: send it once, first");
-        return ota__upload_begin(call, ctx, m->header);
+    if (!u) {
+        u = cm_calloc(1, sizeof *u);
+        u->ctx = ctx;
+        ota_framing_init(&u->f, ctx->cfg->max_artifact_bytes, ctx->cfg->chunk_bytes, ota__flush_chunk, u);
+        cm_call_set_user(call, u);
     }
-    if (!u) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "the first message must be the header");
-    if (m->part_case != IOT__OTA__V1__UPLOAD_ARTIFACT_REQUEST__PART_CHUNK) return CM_PENDING; /* an empty message */
-    const uint8_t *d = m->chunk.data;
-    size_t n = m->chunk.len;
-    if (u->size + (int64_t)n > ctx->cfg->max_artifact_bytes)
-        return cm_call_fail(call, CM_STATUS_RESOURCE_EXHAUSTED, "the artifact exceeds %" PRId64 " bytes (IOT_OTA_MAX_ARTIFACT_SIZE)",
-                            ctx->cfg->max_artifact_bytes);
-    if (u->declared_size && u->size + (int64_t)n > u->declared_size)
-        return cm_call_fail(call, CM_STATUS_DATA_LOSS, "more content than the declared size %" PRId64 "; nothing stored",
-                            u->declared_size);
-    EVP_DigestUpdate(u->sha, d, n);
-    u->size += (int64_t)n;
-    cm_counter_add(ctx->c_uploaded_bytes, (double)n);
-    while (n) {
-        size_t take = (size_t)ctx->cfg->chunk_bytes - u->buf_len;
-        if (take > n) take = n;
-        memcpy(u->buf + u->buf_len, d, take);
-        u->buf_len += take;
-        d += take;
-        n -= take;
-        if (u->buf_len == (size_t)ctx->cfg->chunk_bytes) {
-            int rc = ota__flush_chunk(call, u);
-            if (rc) return rc;
-        }
-    }
-    return CM_PENDING;
+    int64_t before = u->f.size;
+    int rc = ota_framing_message_or_fail(call, &u->f, m);
+    if (u->f.size > before) cm_counter_add(ctx->c_uploaded_bytes, (double)(u->f.size - before));
+    return rc == 0 ? ota__upload_begin(call, u, m->header) : rc;
 }
 
 /* The signed manifest: compact JSON, keys sorted, so that it is the same bytes every time. */
@@ -234,7 +146,7 @@ static char *ota__manifest(const ota__upload_t *u, const char *sha_hex, const ch
     json_object_set_new(m, "name", json_string(u->name));
     json_object_set_new(m, "version", json_string(u->version));
     json_object_set_new(m, "models", models ? models : json_array());
-    json_object_set_new(m, "size", json_integer(u->size));
+    json_object_set_new(m, "size", json_integer(u->f.size));
     json_object_set_new(m, "sha256", json_string(sha_hex));
     json_object_set_new(m, "key_id", json_string(key_id));
     char *s = cm_json_dump(m);
@@ -245,20 +157,11 @@ static char *ota__manifest(const ota__upload_t *u, const char *sha_hex, const ch
 int ota_upload_half_close(cm_call_t *call, ProtobufCMessage *resp_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     ota__upload_t *u = cm_call_user(call);
-    if (!u) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "no header: the first message must be the header");
+    if (!u || !u->f.started) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, OTA_FRAMING_NO_HEADER);
     if (!u->c) return cm_call_fail(call, CM_STATUS_UNAVAILABLE, "the upload lost its database connection; upload again");
-    if (u->size == 0) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "no content: send the artifact in chunk messages");
-    int rc;
-    if (u->buf_len && (rc = ota__flush_chunk(call, u))) return rc;
-    uint8_t d[32];
     char hex[65];
-    EVP_DigestFinal_ex(u->sha, d, NULL);
-    cm_hex(hex, d, 32);
-    if (*u->declared_sha && strcmp(hex, u->declared_sha) != 0)
-        return cm_call_fail(call, CM_STATUS_DATA_LOSS, "sha256 mismatch: declared %s, received %s; nothing stored", u->declared_sha, hex);
-    if (u->declared_size && u->size != u->declared_size)
-        return cm_call_fail(call, CM_STATUS_DATA_LOSS, "size mismatch: declared %" PRId64 ", received %" PRId64 "; nothing stored",
-                            u->declared_size, u->size);
+    int rc = ota_framing_finish_or_fail(call, &u->f, hex);
+    if (rc) return rc;
     const char *key_id = ota_keys_active(ctx->keys);
     char *manifest = ota__manifest(u, hex, key_id);
     uint8_t sig[OTA_SIG_LEN];
@@ -267,7 +170,7 @@ int ota_upload_half_close(cm_call_t *call, ProtobufCMessage *resp_) {
         return cm_call_fail(call, CM_STATUS_INTERNAL, "signing failed");
     }
     char size[24];
-    snprintf(size, sizeof size, "%" PRId64, u->size);
+    snprintf(size, sizeof size, "%" PRId64, u->f.size);
     const char *p[6] = {u->id, size, hex, manifest, (const char *)sig, key_id};
     int len[6] = {0, 0, 0, (int)strlen(manifest), OTA_SIG_LEN, 0}, fmt[6] = {0, 0, 0, 1, 1, 0};
     PGresult *r = NULL;
@@ -322,12 +225,32 @@ static int ota__load_or_fail(cm_call_t *call, ota_ctx_t *ctx, const char *id, Io
     return 0;
 }
 
+int ota_get_artifact_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__GetArtifactRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
+    return 0;
+}
+
 int ota_get_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__GetArtifactRequest *req = (const void *)req_;
     Iot__Ota__V1__Artifact *a = NULL;
-    int rc = ota__load_or_fail(call, cm_call_service_ctx(call), req->id, &a, NULL);
+    int rc = ota_get_artifact_check(call, (ProtobufCMessage *)req_);
+    if (!rc) rc = ota__load_or_fail(call, cm_call_service_ctx(call), req->id, &a, NULL);
     if (rc) return rc;
     memcpy(resp_, a, sizeof *a);
+    return 0;
+}
+
+/* Fills in the default page size. */
+int ota_list_artifacts_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Ota__V1__ListArtifactsRequest *req = (void *)req_;
+    int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
+    if (rc) return rc;
+    int64_t before = 0;
+    if ((rc = ota__token_parse(call, req->page_token, 'a', &before))) return rc;
+    if (strlen(req->name) > 128 || strlen(req->model) > 64)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "name: up to 128 characters; model: up to 64");
+    req->page_size = size;
     return 0;
 }
 
@@ -335,12 +258,11 @@ int ota_list_artifacts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__ListArtifactsRequest *req = (const void *)req_;
     Iot__Ota__V1__ListArtifactsResponse *resp = (void *)resp_;
-    int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
+    int rc = ota_list_artifacts_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
+    int size = req->page_size;
     int64_t before = 0;
-    if ((rc = ota__token_parse(call, req->page_token, 'a', &before))) return rc;
-    if (strlen(req->name) > 128 || strlen(req->model) > 64)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "name: up to 128 characters; model: up to 64");
+    ota__token_parse(call, req->page_token, 'a', &before); /* checked */
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     char b[24], lim[16];
@@ -362,12 +284,18 @@ int ota_list_artifacts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
     return 0;
 }
 
+int ota_delete_artifact_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__DeleteArtifactRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
+    return 0;
+}
+
 int ota_delete_artifact(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     (void)resp_;
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__DeleteArtifactRequest *req = (const void *)req_;
-    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
-    int rc;
+    int rc = ota_delete_artifact_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     PGresult *r = NULL;
@@ -522,13 +450,20 @@ static int ota__send_slice(cm_call_t *call, ota__download_t *d, Iot__Ota__V1__Ar
     return CM_PENDING;
 }
 
+int ota_download_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__DownloadArtifactRequest *req = (const void *)req_;
+    if (req->offset < 0) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "offset: 0 or more");
+    if (!ota__id(req->artifact_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an artifact id (a positive integer)");
+    return 0;
+}
+
 int ota_download_start(cm_call_t *call, const ProtobufCMessage *req_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__DownloadArtifactRequest *req = (const void *)req_;
     char device[OTA_MAX_ID + 1];
     int rc = ota__device_or_fail(call, ctx, device);
+    if (!rc) rc = ota_download_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
-    if (req->offset < 0) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "offset: 0 or more");
     Iot__Ota__V1__Artifact *a = NULL;
     int64_t chunk = 0;
     if ((rc = ota__load_or_fail(call, ctx, req->artifact_id, &a, &chunk))) return rc;

@@ -19,17 +19,25 @@ static const char *ota__phase(int p) { return p >= 0 && p <= OTA_ROLLED_BACK ? o
 
 static int ota__record_version(cm_call_t *call, ota_ctx_t *ctx, const char *device, const char *version);
 
+int ota_check_for_update_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__CheckForUpdateRequest *req = (const void *)req_;
+    ota_semver_t cur;
+    if (ota_semver_parse(req->current_version, &cur))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "current_version: \"%.80s\" is not a semantic version", req->current_version);
+    if (strlen(req->model) > 64) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "model: up to 64 characters");
+    return 0;
+}
+
 int ota_check_for_update(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__CheckForUpdateRequest *req = (const void *)req_;
     Iot__Ota__V1__CheckForUpdateResponse *resp = (void *)resp_;
     char device[OTA_MAX_ID + 1];
     int rc = ota__device_or_fail(call, ctx, device);
+    if (!rc) rc = ota_check_for_update_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     ota_semver_t cur;
-    if (ota_semver_parse(req->current_version, &cur))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "current_version: \"%.80s\" is not a semantic version", req->current_version);
-    if (strlen(req->model) > 64) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "model: up to 64 characters");
+    ota_semver_parse(req->current_version, &cur); /* checked */
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     /* The newest rollout that has reached the device's stage. A paused one offers nothing new, but
@@ -134,19 +142,26 @@ static int ota__phase_ok(int from, int to) {
     return to > from;
 }
 
-int ota_report_status(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    ota_ctx_t *ctx = cm_call_service_ctx(call);
+int ota_report_status_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Ota__V1__ReportStatusRequest *req = (const void *)req_;
-    Iot__Ota__V1__DeviceUpdate *resp = (void *)resp_;
-    char device[OTA_MAX_ID + 1];
-    int rc = ota__device_or_fail(call, ctx, device);
-    if (rc) return rc;
     if (!ota__id(req->rollout_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rollout_id: a rollout id");
     int phase = (int)req->phase;
     if (phase < OTA_DOWNLOADING || phase > OTA_ROLLED_BACK)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "phase: DOWNLOADING, VERIFYING, INSTALLING, SUCCEEDED, FAILED or ROLLED_BACK");
     if (req->progress < 0 || req->progress > 100) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "progress: 0..100");
     if (strlen(req->error) > 1024) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "error: up to 1024 characters");
+    return 0;
+}
+
+int ota_report_status(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    ota_ctx_t *ctx = cm_call_service_ctx(call);
+    const Iot__Ota__V1__ReportStatusRequest *req = (const void *)req_;
+    Iot__Ota__V1__DeviceUpdate *resp = (void *)resp_;
+    char device[OTA_MAX_ID + 1];
+    int rc = ota__device_or_fail(call, ctx, device);
+    if (!rc) rc = ota_report_status_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int phase = (int)req->phase;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     const char *p[2] = {req->rollout_id, device};

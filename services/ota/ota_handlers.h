@@ -75,6 +75,11 @@ int ota_list_artifacts(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMe
 int ota_delete_artifact(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMessage *resp);
 int ota_list_signing_keys(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMessage *resp);
 int ota_download_start(cm_call_t *call, const ProtobufCMessage *req);
+/* Request checks (cm_method_t.check) of these handlers. */
+int ota_get_artifact_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_list_artifacts_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_delete_artifact_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_download_check(cm_call_t *call, ProtobufCMessage *req);
 int ota_download_writable(cm_call_t *call);
 void ota_download_done(cm_call_t *call, int cancelled);
 

@@ -163,8 +163,7 @@ static int ota__stages_or_fail(cm_call_t *call, const Iot__Ota__V1__Rollout *ro)
     return 0;
 }
 
-int ota_create_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    ota_ctx_t *ctx = cm_call_service_ctx(call);
+int ota_create_rollout_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Ota__V1__CreateRolloutRequest *req = (const void *)req_;
     const Iot__Ota__V1__Rollout *ro = req->rollout;
     if (!ro) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rollout is required");
@@ -185,6 +184,20 @@ int ota_create_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
     const Iot__Ota__V1__TelemetryGate *g = ro->gate ? ro->gate : &dg;
     if (g->max_ratio < 0 || !isfinite(g->max_ratio) || g->min_alerts < 0 || g->min_severity < 0 || g->min_severity > 4)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rollout.gate: max_ratio >= 0, min_alerts >= 0, min_severity 0..4");
+    return 0;
+}
+
+int ota_create_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    ota_ctx_t *ctx = cm_call_service_ctx(call);
+    const Iot__Ota__V1__CreateRolloutRequest *req = (const void *)req_;
+    const Iot__Ota__V1__Rollout *ro = req->rollout;
+    int rc = ota_create_rollout_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    const Iot__Ota__V1__RolloutTarget *t = ro->target;
+    Iot__Ota__V1__RolloutTarget empty = IOT__OTA__V1__ROLLOUT_TARGET__INIT;
+    if (!t) t = &empty;
+    Iot__Ota__V1__TelemetryGate dg = IOT__OTA__V1__TELEMETRY_GATE__INIT;
+    const Iot__Ota__V1__TelemetryGate *g = ro->gate ? ro->gate : &dg;
 
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
@@ -263,11 +276,17 @@ int ota_create_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
 
 /* ---- reads --------------------------------------------------------------------------------- */
 
+int ota_get_rollout_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__GetRolloutRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: a rollout id (a positive integer)");
+    return 0;
+}
+
 int ota_get_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
     const Iot__Ota__V1__GetRolloutRequest *req = (const void *)req_;
-    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: a rollout id (a positive integer)");
-    int rc;
+    int rc = ota_get_rollout_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     Iot__Ota__V1__Rollout *out = NULL;
@@ -276,16 +295,28 @@ int ota_get_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMess
     return 0;
 }
 
-int ota_list_rollouts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    ota_ctx_t *ctx = cm_call_service_ctx(call);
-    const Iot__Ota__V1__ListRolloutsRequest *req = (const void *)req_;
-    Iot__Ota__V1__ListRolloutsResponse *resp = (void *)resp_;
+/* Fills in the default page size. */
+int ota_list_rollouts_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Ota__V1__ListRolloutsRequest *req = (void *)req_;
     int size, rc = ota__page_size(call, req->page_size, 20, 100, &size);
     if (rc) return rc;
     int64_t before = 0;
     if ((rc = ota__token_parse(call, req->page_token, 'r', &before))) return rc;
     if (*req->artifact_id && !ota__id(req->artifact_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "artifact_id: an artifact id");
     if (req->state < 0 || (int)req->state > OTA_CANCELLED) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "state: not a RolloutState");
+    req->page_size = size;
+    return 0;
+}
+
+int ota_list_rollouts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    ota_ctx_t *ctx = cm_call_service_ctx(call);
+    const Iot__Ota__V1__ListRolloutsRequest *req = (const void *)req_;
+    Iot__Ota__V1__ListRolloutsResponse *resp = (void *)resp_;
+    int rc = ota_list_rollouts_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int size = req->page_size;
+    int64_t before = 0;
+    ota__token_parse(call, req->page_token, 'r', &before); /* checked */
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     char b[24], st[8], lim[16];
@@ -317,12 +348,32 @@ int ota_list_rollouts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
 
 /* ---- state changes ------------------------------------------------------------------------- */
 
-/* Runs sql (which returns a row when the transition applies) for rollout id, then answers the
- * rollout as it is now; FAILED_PRECONDITION naming the current state when it did not apply. */
+/* StartRollout and ResumeRollout (ApproveStage has the id at the same place). */
+int ota_rollout_action_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: a rollout id (a positive integer)");
+    return 0;
+}
+
+/* PauseRollout and CancelRollout, which record the reason. */
+int ota_rollout_reason_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
+    if (strlen(req->reason) > 1024) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reason: up to 1024 characters");
+    return ota_rollout_action_check(call, req_);
+}
+
+int ota_approve_stage_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Ota__V1__ApproveStageRequest *req = (const void *)req_;
+    if (!ota__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: a rollout id (a positive integer)");
+    return 0;
+}
+
+/* Runs sql (which returns a row when the transition applies) for rollout id (checked), then
+ * answers the rollout as it is now; FAILED_PRECONDITION naming the current state when it did not
+ * apply. */
 static int ota__transition_answer(cm_call_t *call, ProtobufCMessage *resp_, const char *id, const char *what, const char *sql,
                                   int n, const char *const *p) {
     ota_ctx_t *ctx = cm_call_service_ctx(call);
-    if (!ota__id(id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: a rollout id (a positive integer)");
     int rc;
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
@@ -342,6 +393,8 @@ static int ota__transition_answer(cm_call_t *call, ProtobufCMessage *resp_, cons
 
 int ota_start_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
+    int rc = ota_rollout_action_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     const char *p[1] = {req->id};
     return ota__transition_answer(call, resp_, req->id, "start",
                                   "UPDATE rollouts SET state = 2, version = version + 1, update_time = now() "
@@ -351,7 +404,8 @@ int ota_start_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
 
 int ota_pause_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
-    if (strlen(req->reason) > 1024) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reason: up to 1024 characters");
+    int rc = ota_rollout_reason_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     const char *p[2] = {req->id, req->reason};
     return ota__transition_answer(call, resp_, req->id, "pause",
                                   "UPDATE rollouts SET state = 3, pause_reason = 'paused by an operator' || "
@@ -365,6 +419,8 @@ int ota_pause_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
  * time again from now (the gate must see the devices for that long). */
 int ota_resume_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
+    int rc = ota_rollout_action_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     const char *p[1] = {req->id};
     return ota__transition_answer(
         call, resp_, req->id, "resume",
@@ -380,7 +436,8 @@ int ota_resume_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
 
 int ota_cancel_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__RolloutActionRequest *req = (const void *)req_;
-    if (strlen(req->reason) > 1024) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "reason: up to 1024 characters");
+    int rc = ota_rollout_reason_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     const char *p[2] = {req->id, req->reason};
     return ota__transition_answer(call, resp_, req->id, "cancel",
                                   "UPDATE rollouts SET state = 5, pause_reason = 'cancelled' || "
@@ -391,6 +448,8 @@ int ota_cancel_rollout(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCM
 
 int ota_approve_stage(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Ota__V1__ApproveStageRequest *req = (const void *)req_;
+    int rc = ota_approve_stage_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     char st[16];
     snprintf(st, sizeof st, "%d", req->stage);
     const char *p[2] = {req->id, st};
@@ -401,16 +460,28 @@ int ota_approve_stage(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
                                   2, p);
 }
 
-int ota_list_device_updates(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    ota_ctx_t *ctx = cm_call_service_ctx(call);
-    const Iot__Ota__V1__ListDeviceUpdatesRequest *req = (const void *)req_;
-    Iot__Ota__V1__ListDeviceUpdatesResponse *resp = (void *)resp_;
+/* Fills in the default page size. */
+int ota_list_device_updates_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Ota__V1__ListDeviceUpdatesRequest *req = (void *)req_;
     if (!ota__id(req->rollout_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rollout_id: a rollout id");
     if (req->phase < 0 || (int)req->phase > OTA_ROLLED_BACK) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "phase: not an UpdatePhase");
     int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
     if (rc) return rc;
     char after[OTA_MAX_ID + 1] = "";
     if ((rc = cm_page_token_parse_or_fail(call, req->page_token, 'd', after, sizeof after))) return rc;
+    req->page_size = size;
+    return 0;
+}
+
+int ota_list_device_updates(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    ota_ctx_t *ctx = cm_call_service_ctx(call);
+    const Iot__Ota__V1__ListDeviceUpdatesRequest *req = (const void *)req_;
+    Iot__Ota__V1__ListDeviceUpdatesResponse *resp = (void *)resp_;
+    int rc = ota_list_device_updates_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int size = req->page_size;
+    char after[OTA_MAX_ID + 1] = "";
+    cm_page_token_parse_or_fail(call, req->page_token, 'd', after, sizeof after); /* checked */
     cm_pg_conn_t *c = ota__conn_or_fail(call, ctx, &rc);
     if (!c) return rc;
     char ph[8], lim[16];

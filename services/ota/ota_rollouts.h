@@ -58,5 +58,15 @@ int ota_approve_stage(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMes
 int ota_list_device_updates(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMessage *resp);
 int ota_check_for_update(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMessage *resp);
 int ota_report_status(cm_call_t *call, const ProtobufCMessage *req, ProtobufCMessage *resp);
+/* Request checks (cm_method_t.check) of these handlers. */
+int ota_create_rollout_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_get_rollout_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_list_rollouts_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_rollout_action_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_rollout_reason_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_approve_stage_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_list_device_updates_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_check_for_update_check(cm_call_t *call, ProtobufCMessage *req);
+int ota_report_status_check(cm_call_t *call, ProtobufCMessage *req);
 
 #endif

@@ -199,13 +199,18 @@ static int proc__validate(cm_call_t *call, SVC_RULE *rule) {
     return 0;
 }
 
+static int proc_create_rule_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Processing__V1__CreateRuleRequest *req = (const void *)req_;
+    if (!req->rule) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rule is required");
+    return proc__validate(call, req->rule);
+}
+
 static int proc_create_rule(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     proc_api_t *api = proc__api(call);
     const Iot__Processing__V1__CreateRuleRequest *req = (const void *)req_;
-    if (!req->rule) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rule is required");
-    SVC_RULE *rule = req->rule;
-    int rc = proc__validate(call, rule);
+    int rc = proc_create_rule_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
+    SVC_RULE *rule = req->rule;
     if (!rule->id || !*rule->id) {
         char hex[17];
         cm_random_hex(hex, 8);
@@ -230,10 +235,15 @@ static int proc_create_rule(cm_call_t *call, const ProtobufCMessage *req_, Proto
     return 0;
 }
 
+static int proc_get_rule_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Processing__V1__GetRuleRequest *req = (const void *)req_;
+    return proc__check_id(call, "id", req->id);
+}
+
 static int proc_get_rule(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     proc_api_t *api = proc__api(call);
     const Iot__Processing__V1__GetRuleRequest *req = (const void *)req_;
-    int rc = proc__check_id(call, "id", req->id);
+    int rc = proc_get_rule_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
@@ -245,15 +255,27 @@ static int proc_get_rule(cm_call_t *call, const ProtobufCMessage *req_, Protobuf
     return 0;
 }
 
+/* Fills in the default page size. */
+static int proc_list_rules_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Processing__V1__ListRulesRequest *req = (void *)req_;
+    int size = 0, rc = proc__page_size(call, req->page_size, 100, 1000, &size);
+    if (rc) return rc;
+    req->page_size = size;
+    char after[200] = "";
+    if (req->page_token && *req->page_token && (rc = cm_page_token_parse_or_fail(call, req->page_token, 'r', after, sizeof after)))
+        return rc;
+    return 0;
+}
+
 static int proc_list_rules(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     proc_api_t *api = proc__api(call);
     const Iot__Processing__V1__ListRulesRequest *req = (const void *)req_;
     Iot__Processing__V1__ListRulesResponse *resp = (void *)resp_;
-    int size = 0, rc = proc__page_size(call, req->page_size, 100, 1000, &size);
+    int rc = proc_list_rules_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
+    int size = req->page_size;
     char after[200] = "";
-    if (req->page_token && *req->page_token && (rc = cm_page_token_parse_or_fail(call, req->page_token, 'r', after, sizeof after)))
-        return rc;
+    if (req->page_token && *req->page_token) cm_page_token_parse_or_fail(call, req->page_token, 'r', after, sizeof after); /* checked */
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
     char lim[16];
@@ -285,12 +307,11 @@ static int proc__etag_ok(cm_call_t *call, proc_api_t *api, cm_pg_conn_t *c, cons
     return 0;
 }
 
-static int proc_update_rule(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    proc_api_t *api = proc__api(call);
+/* The id and the mask; the rule itself is validated once merged with the stored one. */
+static int proc_update_rule_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Processing__V1__UpdateRuleRequest *req = (const void *)req_;
     if (!req->rule) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rule is required");
-    SVC_RULE *in = req->rule;
-    int rc = proc__check_id(call, "rule.id", in->id);
+    int rc = proc__check_id(call, "rule.id", req->rule->id);
     if (rc) return rc;
     static const char *const paths[] = {"name", "enabled", "devices", "metric", "threshold", "detector", "severity", "command", "webhook"};
     size_t np = req->update_mask ? req->update_mask->n_paths : 0;
@@ -303,6 +324,16 @@ static int proc_update_rule(cm_call_t *call, const ProtobufCMessage *req_, Proto
                                 "detector, severity, command, webhook)",
                                 req->update_mask->paths[i]);
     }
+    return 0;
+}
+
+static int proc_update_rule(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    proc_api_t *api = proc__api(call);
+    const Iot__Processing__V1__UpdateRuleRequest *req = (const void *)req_;
+    int rc = proc_update_rule_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    SVC_RULE *in = req->rule;
+    size_t np = req->update_mask ? req->update_mask->n_paths : 0;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
     if (cm_pg_begin(c)) return proc__pg_fail(call, api, c);
@@ -342,11 +373,16 @@ static int proc_update_rule(cm_call_t *call, const ProtobufCMessage *req_, Proto
     return 0;
 }
 
+static int proc_delete_rule_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Processing__V1__DeleteRuleRequest *req = (const void *)req_;
+    return proc__check_id(call, "id", req->id);
+}
+
 static int proc_delete_rule(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     (void)resp_;
     proc_api_t *api = proc__api(call);
     const Iot__Processing__V1__DeleteRuleRequest *req = (const void *)req_;
-    int rc = proc__check_id(call, "id", req->id);
+    int rc = proc_delete_rule_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
@@ -363,10 +399,15 @@ static int proc_delete_rule(cm_call_t *call, const ProtobufCMessage *req_, Proto
     return 0;
 }
 
+static int proc_set_rule_enabled_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Processing__V1__SetRuleEnabledRequest *req = (const void *)req_;
+    return proc__check_id(call, "id", req->id);
+}
+
 static int proc_set_rule_enabled(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     proc_api_t *api = proc__api(call);
     const Iot__Processing__V1__SetRuleEnabledRequest *req = (const void *)req_;
-    int rc = proc__check_id(call, "id", req->id);
+    int rc = proc_set_rule_enabled_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
@@ -380,11 +421,16 @@ static int proc_set_rule_enabled(cm_call_t *call, const ProtobufCMessage *req_, 
     return 0;
 }
 
+static int proc_get_rule_stats_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Processing__V1__GetRuleStatsRequest *req = (const void *)req_;
+    return proc__check_id(call, "rule_id", req->rule_id);
+}
+
 static int proc_get_rule_stats(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     proc_api_t *api = proc__api(call);
     const Iot__Processing__V1__GetRuleStatsRequest *req = (const void *)req_;
     Iot__Processing__V1__RuleStats *resp = (void *)resp_;
-    int rc = proc__check_id(call, "rule_id", req->rule_id);
+    int rc = proc_get_rule_stats_check(call, (ProtobufCMessage *)req_);
     if (rc) return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
@@ -462,12 +508,12 @@ static Iot__Processing__V1__Alert *proc__alert_row(cm_call_t *call, PGresult *r,
     return a;
 }
 
-static int proc_list_alerts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    proc_api_t *api = proc__api(call);
-    const Iot__Processing__V1__ListAlertsRequest *req = (const void *)req_;
-    Iot__Processing__V1__ListAlertsResponse *resp = (void *)resp_;
+/* Fills in the default page size. */
+static int proc_list_alerts_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Processing__V1__ListAlertsRequest *req = (void *)req_;
     int size = 0, rc = proc__page_size(call, req->page_size, 100, 1000, &size);
     if (rc) return rc;
+    req->page_size = size;
     if (req->state < 0 || req->state > IOT__PROCESSING__V1__ALERT_STATE__ALERT_STATE_RESOLVED)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "state: not an AlertState");
     if (req->min_severity < 0 || req->min_severity > IOT__PROCESSING__V1__SEVERITY__SEVERITY_CRITICAL)
@@ -480,6 +526,18 @@ static int proc_list_alerts(cm_call_t *call, const ProtobufCMessage *req_, Proto
         if ((rc = cm_page_token_parse_or_fail(call, req->page_token, 'a', before, sizeof before))) return rc;
         if (!proc__id(before)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "page_token: not a token this call issued");
     }
+    return 0;
+}
+
+static int proc_list_alerts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    proc_api_t *api = proc__api(call);
+    const Iot__Processing__V1__ListAlertsRequest *req = (const void *)req_;
+    Iot__Processing__V1__ListAlertsResponse *resp = (void *)resp_;
+    int rc = proc_list_alerts_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int size = req->page_size;
+    char before[32] = "0";
+    if (*req->page_token) cm_page_token_parse_or_fail(call, req->page_token, 'a', before, sizeof before); /* checked */
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
     char st[8], sev[8], lim[16], after[24];
@@ -522,25 +580,38 @@ static int proc__load_alert(cm_call_t *call, proc_api_t *api, const char *id, Io
     return 0;
 }
 
-static int proc_get_alert(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int proc_get_alert_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Processing__V1__GetAlertRequest *req = (const void *)req_;
     if (!proc__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an alert id (a positive integer) is required");
+    return 0;
+}
+
+static int proc_get_alert(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Processing__V1__GetAlertRequest *req = (const void *)req_;
+    int rc = proc_get_alert_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     Iot__Processing__V1__Alert *a = NULL;
-    int rc = proc__load_alert(call, proc__api(call), req->id, &a);
+    rc = proc__load_alert(call, proc__api(call), req->id, &a);
     if (rc) return rc;
     *(Iot__Processing__V1__Alert *)resp_ = *a;
     return 0;
 }
 
-static int proc_ack_alert(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    proc_api_t *api = proc__api(call);
+static int proc_ack_alert_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Processing__V1__AckAlertRequest *req = (const void *)req_;
     if (!proc__id(req->id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "id: an alert id (a positive integer) is required");
     size_t bl = strlen(req->by);
     int ok = bl > 0 && bl <= 200;
     for (size_t i = 0; ok && i < bl; i++) ok = (unsigned char)req->by[i] >= 0x20 && req->by[i] != 0x7f;
     if (!ok) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "by: who acknowledges is required (1-200 printable characters)");
-    int rc;
+    return 0;
+}
+
+static int proc_ack_alert(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    proc_api_t *api = proc__api(call);
+    const Iot__Processing__V1__AckAlertRequest *req = (const void *)req_;
+    int rc = proc_ack_alert_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
     const char *p[2] = {req->id, req->by};
@@ -632,16 +703,23 @@ static int64_t proc__poll(void *arg) {
     return n == 1000 ? 0 : api->cfg->watch_poll_ms;
 }
 
-static int proc_watch_alerts(cm_call_t *call, const ProtobufCMessage *req_) {
-    proc_api_t *api = proc__api(call);
+static int proc_watch_alerts_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Processing__V1__WatchAlertsRequest *req = (const void *)req_;
     if (req->min_severity < 0 || req->min_severity > IOT__PROCESSING__V1__SEVERITY__SEVERITY_CRITICAL)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "min_severity: not a Severity");
+    if (*req->after_event_id && !proc__id(req->after_event_id) && strcmp(req->after_event_id, "0") != 0)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "after_event_id: an event id (a non-negative integer) or empty");
+    return 0;
+}
+
+static int proc_watch_alerts(cm_call_t *call, const ProtobufCMessage *req_) {
+    proc_api_t *api = proc__api(call);
+    const Iot__Processing__V1__WatchAlertsRequest *req = (const void *)req_;
+    int rc = proc_watch_alerts_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     int64_t cursor;
     if (*req->after_event_id) {
         cursor = proc__id(req->after_event_id);
-        if (!cursor && strcmp(req->after_event_id, "0") != 0)
-            return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "after_event_id: an event id (a non-negative integer) or empty");
     } else {
         int rc;
         cm_pg_conn_t *c = proc__conn(call, api, &rc);
@@ -684,10 +762,9 @@ static void proc_watch_done(cm_call_t *call, int cancelled) {
 
 /* ---- rollups and window statistics -------------------------------------------------------- */
 
-static int proc_query_rollups(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    proc_api_t *api = proc__api(call);
-    const Iot__Processing__V1__QueryRollupsRequest *req = (const void *)req_;
-    Iot__Processing__V1__QueryRollupsResponse *resp = (void *)resp_;
+/* Fills in the default resolution and page size. */
+static int proc_query_rollups_check(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Processing__V1__QueryRollupsRequest *req = (void *)req_;
     if (!proc_rule_id_ok(req->device_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id is required");
     if (!*req->metric || strlen(req->metric) > PROC_METRIC_MAX) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metric is required");
     int64_t res = req->resolution_ms ? req->resolution_ms : 60000;
@@ -699,6 +776,21 @@ static int proc_query_rollups(cm_call_t *call, const ProtobufCMessage *req_, Pro
     if (rc) return rc;
     char after[32] = "";
     if (*req->page_token && (rc = cm_page_token_parse_or_fail(call, req->page_token, 'b', after, sizeof after))) return rc;
+    req->resolution_ms = res;
+    req->page_size = size;
+    return 0;
+}
+
+static int proc_query_rollups(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    proc_api_t *api = proc__api(call);
+    const Iot__Processing__V1__QueryRollupsRequest *req = (const void *)req_;
+    Iot__Processing__V1__QueryRollupsResponse *resp = (void *)resp_;
+    int rc = proc_query_rollups_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int64_t res = req->resolution_ms;
+    int size = req->page_size;
+    char after[32] = "";
+    if (*req->page_token) cm_page_token_parse_or_fail(call, req->page_token, 'b', after, sizeof after); /* checked */
     char sres[16], from[32], to[32], lim[16];
     snprintf(sres, sizeof sres, "%" PRId64, res);
     snprintf(from, sizeof from, "%" PRId64, proc__ms(req->from));
@@ -736,12 +828,19 @@ static int proc_query_rollups(cm_call_t *call, const ProtobufCMessage *req_, Pro
     return 0;
 }
 
-static int proc_get_window_stats(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    proc_api_t *api = proc__api(call);
+static int proc_get_window_stats_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Processing__V1__GetWindowStatsRequest *req = (const void *)req_;
     int rc = proc__check_id(call, "rule_id", req->rule_id);
     if (rc) return rc;
     if (!proc_rule_id_ok(req->device_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id is required");
+    return 0;
+}
+
+static int proc_get_window_stats(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    proc_api_t *api = proc__api(call);
+    const Iot__Processing__V1__GetWindowStatsRequest *req = (const void *)req_;
+    int rc = proc_get_window_stats_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     cm_pg_conn_t *c = proc__conn(call, api, &rc);
     if (!c) return rc;
     SVC_RULE *rule = NULL;
@@ -776,19 +875,20 @@ static int proc_get_window_stats(cm_call_t *call, const ProtobufCMessage *req_, 
 /* ---- the service ------------------------------------------------------------------------- */
 
 static const cm_method_t proc__methods[] = {
-    {.name = "CreateRule", .kind = CM_RPC_UNARY, .unary = proc_create_rule},
-    {.name = "GetRule", .kind = CM_RPC_UNARY, .unary = proc_get_rule},
-    {.name = "ListRules", .kind = CM_RPC_UNARY, .unary = proc_list_rules},
-    {.name = "UpdateRule", .kind = CM_RPC_UNARY, .unary = proc_update_rule},
-    {.name = "DeleteRule", .kind = CM_RPC_UNARY, .unary = proc_delete_rule},
-    {.name = "SetRuleEnabled", .kind = CM_RPC_UNARY, .unary = proc_set_rule_enabled},
-    {.name = "GetRuleStats", .kind = CM_RPC_UNARY, .unary = proc_get_rule_stats},
-    {.name = "ListAlerts", .kind = CM_RPC_UNARY, .unary = proc_list_alerts},
-    {.name = "GetAlert", .kind = CM_RPC_UNARY, .unary = proc_get_alert},
-    {.name = "AckAlert", .kind = CM_RPC_UNARY, .unary = proc_ack_alert},
-    {.name = "WatchAlerts", .kind = CM_RPC_SERVER_STREAM, .start = proc_watch_alerts, .done = proc_watch_done},
-    {.name = "QueryRollups", .kind = CM_RPC_UNARY, .unary = proc_query_rollups},
-    {.name = "GetWindowStats", .kind = CM_RPC_UNARY, .unary = proc_get_window_stats},
+    {.name = "CreateRule", .kind = CM_RPC_UNARY, .unary = proc_create_rule, .check = proc_create_rule_check},
+    {.name = "GetRule", .kind = CM_RPC_UNARY, .unary = proc_get_rule, .check = proc_get_rule_check},
+    {.name = "ListRules", .kind = CM_RPC_UNARY, .unary = proc_list_rules, .check = proc_list_rules_check},
+    {.name = "UpdateRule", .kind = CM_RPC_UNARY, .unary = proc_update_rule, .check = proc_update_rule_check},
+    {.name = "DeleteRule", .kind = CM_RPC_UNARY, .unary = proc_delete_rule, .check = proc_delete_rule_check},
+    {.name = "SetRuleEnabled", .kind = CM_RPC_UNARY, .unary = proc_set_rule_enabled, .check = proc_set_rule_enabled_check},
+    {.name = "GetRuleStats", .kind = CM_RPC_UNARY, .unary = proc_get_rule_stats, .check = proc_get_rule_stats_check},
+    {.name = "ListAlerts", .kind = CM_RPC_UNARY, .unary = proc_list_alerts, .check = proc_list_alerts_check},
+    {.name = "GetAlert", .kind = CM_RPC_UNARY, .unary = proc_get_alert, .check = proc_get_alert_check},
+    {.name = "AckAlert", .kind = CM_RPC_UNARY, .unary = proc_ack_alert, .check = proc_ack_alert_check},
+    {.name = "WatchAlerts", .kind = CM_RPC_SERVER_STREAM, .start = proc_watch_alerts, .done = proc_watch_done,
+     .check = proc_watch_alerts_check},
+    {.name = "QueryRollups", .kind = CM_RPC_UNARY, .unary = proc_query_rollups, .check = proc_query_rollups_check},
+    {.name = "GetWindowStats", .kind = CM_RPC_UNARY, .unary = proc_get_window_stats, .check = proc_get_window_stats_check},
 };
 
 proc_api_t *proc_api_new(const proc_config_t *cfg, cm_pg_t *pg, cm_redis_pool_t *redis, proc_rules_t *rules) {

@@ -126,15 +126,23 @@ static int reg__validate_instance_or_fail(cm_call_t *call, Iot__Registry__V1__In
     return in->check ? reg__validate_check_or_fail(call, in->check) : 0;
 }
 
-static int reg_register(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+static int reg_register_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Registry__V1__RegisterRequest *req = (const void *)req_;
-    Iot__Registry__V1__RegisterResponse *resp = (void *)resp_;
     int rc = reg__validate_instance_or_fail(call, req->instance);
     if (rc) return rc;
     int ttl = req->ttl_seconds ? req->ttl_seconds : REG_TTL_DEFAULT_S;
     if (ttl < 1 || ttl > REG_TTL_MAX_S)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "ttl_seconds: %d is not in 1..%d", req->ttl_seconds,
                             REG_TTL_MAX_S);
+    return 0;
+}
+
+static int reg_register(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    const Iot__Registry__V1__RegisterRequest *req = (const void *)req_;
+    Iot__Registry__V1__RegisterResponse *resp = (void *)resp_;
+    int rc = reg_register_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
+    int ttl = req->ttl_seconds ? req->ttl_seconds : REG_TTL_DEFAULT_S;
     char lease[40], err[256];
     int64_t expires;
     if (reg_store_register(reg__store(call), req->instance, (int64_t)ttl * 1000, lease, sizeof lease, &expires, err,
@@ -153,14 +161,21 @@ static int reg__lease_ok(const char *s) {
     return 1;
 }
 
+static int reg_heartbeat_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Registry__V1__HeartbeatRequest *req = (const void *)req_;
+    if (!reg__lease_ok(req->lease_id))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "lease_id: 32 hex characters from Register");
+    return 0;
+}
+
 static int reg_heartbeat(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Registry__V1__HeartbeatRequest *req = (const void *)req_;
     Iot__Registry__V1__HeartbeatResponse *resp = (void *)resp_;
-    if (!reg__lease_ok(req->lease_id))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "lease_id: 32 hex characters from Register");
+    int rc = reg_heartbeat_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     char err[256];
     int64_t ttl_ms, expires;
-    int rc = reg_store_heartbeat(reg__store(call), req->lease_id, &ttl_ms, &expires, err, sizeof err);
+    rc = reg_store_heartbeat(reg__store(call), req->lease_id, &ttl_ms, &expires, err, sizeof err);
     if (rc == REG_NOT_FOUND)
         return cm_call_fail(call, CM_STATUS_NOT_FOUND, "lease %s is unknown or expired: register again", req->lease_id);
     if (rc) return reg__store_failed(call, err);
@@ -169,8 +184,7 @@ static int reg_heartbeat(cm_call_t *call, const ProtobufCMessage *req_, Protobuf
     return CM_STATUS_OK;
 }
 
-static int reg_deregister(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
-    (void)resp_;
+static int reg_deregister_check(cm_call_t *call, ProtobufCMessage *req_) {
     const Iot__Registry__V1__DeregisterRequest *req = (const void *)req_;
     if (*req->lease_id) {
         if (!reg__lease_ok(req->lease_id))
@@ -178,8 +192,16 @@ static int reg_deregister(cm_call_t *call, const ProtobufCMessage *req_, Protobu
     } else if (!reg__service_ok(req->service) || !reg__id_ok(req->instance_id)) {
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "give lease_id, or a valid service and instance_id");
     }
+    return 0;
+}
+
+static int reg_deregister(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
+    (void)resp_;
+    const Iot__Registry__V1__DeregisterRequest *req = (const void *)req_;
+    int rc = reg_deregister_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     char err[256];
-    int rc = reg_store_deregister(reg__store(call), req->lease_id, req->service, req->instance_id, err, sizeof err);
+    rc = reg_store_deregister(reg__store(call), req->lease_id, req->service, req->instance_id, err, sizeof err);
     if (rc == REG_NOT_FOUND) return cm_call_fail(call, CM_STATUS_NOT_FOUND, "no such registered instance");
     if (rc) return reg__store_failed(call, err);
     return CM_STATUS_OK;
@@ -203,11 +225,18 @@ static int reg__cmp(const void *a_, const void *b_) {
     return strcmp(a->inst->instance_id, b->inst->instance_id);
 }
 
+static int reg_discover_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Registry__V1__DiscoverRequest *req = (const void *)req_;
+    if (!reg__service_ok(req->service))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "service: 1-63 characters of a-z, 0-9, '.', '_', '-'");
+    return 0;
+}
+
 static int reg_discover(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMessage *resp_) {
     const Iot__Registry__V1__DiscoverRequest *req = (const void *)req_;
     Iot__Registry__V1__DiscoverResponse *resp = (void *)resp_;
-    if (!reg__service_ok(req->service))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "service: 1-63 characters of a-z, 0-9, '.', '_', '-'");
+    int rc = reg_discover_check(call, (ProtobufCMessage *)req_);
+    if (rc) return rc;
     /* Entries and their decoded instances live in the call's memory, like the response. */
     reg_entry_t *e;
     size_t n;
@@ -248,17 +277,25 @@ static int reg_list_services(cm_call_t *call, const ProtobufCMessage *req_, Prot
     return CM_STATUS_OK;
 }
 
+static int reg_watch_check(cm_call_t *call, ProtobufCMessage *req_) {
+    const Iot__Registry__V1__WatchRequest *req = (const void *)req_;
+    if (!reg__service_ok(req->service))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "service: 1-63 characters of a-z, 0-9, '.', '_', '-'");
+    return 0;
+}
+
 static int reg_watch(cm_call_t *call, const ProtobufCMessage *req) {
-    return reg_watch_start(call, req, ((reg_ctx_t *)cm_call_service_ctx(call))->hub, reg__service_ok);
+    int rc = reg_watch_check(call, (ProtobufCMessage *)req);
+    return rc ? rc : reg_watch_start(call, req, ((reg_ctx_t *)cm_call_service_ctx(call))->hub);
 }
 
 static const cm_method_t reg__methods[] = {
-    {.name = "RegisterInstance", .kind = CM_RPC_UNARY, .unary = reg_register},
-    {.name = "Heartbeat", .kind = CM_RPC_UNARY, .unary = reg_heartbeat},
-    {.name = "DeregisterInstance", .kind = CM_RPC_UNARY, .unary = reg_deregister},
-    {.name = "Discover", .kind = CM_RPC_UNARY, .unary = reg_discover},
+    {.name = "RegisterInstance", .kind = CM_RPC_UNARY, .unary = reg_register, .check = reg_register_check},
+    {.name = "Heartbeat", .kind = CM_RPC_UNARY, .unary = reg_heartbeat, .check = reg_heartbeat_check},
+    {.name = "DeregisterInstance", .kind = CM_RPC_UNARY, .unary = reg_deregister, .check = reg_deregister_check},
+    {.name = "Discover", .kind = CM_RPC_UNARY, .unary = reg_discover, .check = reg_discover_check},
     {.name = "ListServices", .kind = CM_RPC_UNARY, .unary = reg_list_services},
-    {.name = "Watch", .kind = CM_RPC_SERVER_STREAM, .start = reg_watch, .done = reg_watch_done},
+    {.name = "Watch", .kind = CM_RPC_SERVER_STREAM, .start = reg_watch, .done = reg_watch_done, .check = reg_watch_check},
 };
 
 void reg_service_init(cm_service_t *svc, reg_ctx_t *ctx) {

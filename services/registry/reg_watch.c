@@ -179,10 +179,8 @@ void reg_watch_hub_stop(reg_watch_hub_t *h) {
     cm_free(h);
 }
 
-int reg_watch_start(cm_call_t *call, const ProtobufCMessage *req_, reg_watch_hub_t *h, int (*service_ok)(const char *)) {
+int reg_watch_start(cm_call_t *call, const ProtobufCMessage *req_, reg_watch_hub_t *h) {
     const Iot__Registry__V1__WatchRequest *req = (const void *)req_;
-    if (!service_ok(req->service))
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "service: 1-63 characters of a-z, 0-9, '.', '_', '-'");
     reg_entry_t *e;
     size_t n;
     char rev[40], err[256];

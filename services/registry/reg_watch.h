@@ -14,8 +14,8 @@ void reg_watch_hub_end_all(void *arg);
 /* Stops the tailer and frees; after the server stopped. Accepts NULL. */
 void reg_watch_hub_stop(reg_watch_hub_t *h);
 
-/* The Watch handler's start/done callbacks. */
-int reg_watch_start(cm_call_t *call, const ProtobufCMessage *req, reg_watch_hub_t *h, int (*service_ok)(const char *));
+/* The Watch handler's start/done callbacks; the request's service name is checked already. */
+int reg_watch_start(cm_call_t *call, const ProtobufCMessage *req, reg_watch_hub_t *h);
 void reg_watch_done(cm_call_t *call, int cancelled);
 
 /* Fills ri from e (pointing into e: use before e goes away). */

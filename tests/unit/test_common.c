@@ -319,10 +319,41 @@ static void test_loop_kick_and_stop(void) {
     ASSERT(t1.tv_sec - t0.tv_sec < 2);
 }
 
+/* A method's check run on a call without a wire (cm_call_new_detached), as tests/fuzz does. */
+static int test__message_required(cm_call_t *call, ProtobufCMessage *req_) {
+    Iot__Testing__V1__EchoRequest *req = (void *)req_;
+    if (!*req->message) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "message: required (%d)", req->repeat);
+    if (!req->repeat) req->repeat = 1; /* a default, as checks may fill in */
+    return 0;
+}
+
+static void test_detached_call_runs_a_check(void) {
+    cm_method_t m = {.name = "Unary", .kind = CM_RPC_UNARY, .check = test__message_required};
+    int ctx = 7;
+    cm_service_t svc = {.desc = &iot__testing__v1__echo__descriptor, .methods = &m, .n_methods = 1, .ctx = &ctx};
+    ASSERT(cm_call_new_detached(&svc, "ServerStream") == NULL); /* in the descriptor, not in the table */
+    ASSERT(cm_call_new_detached(&svc, "NoSuchMethod") == NULL);
+    cm_call_t *c = cm_call_new_detached(&svc, "Unary");
+    ASSERT(c);
+    ASSERT_STR_EQ(cm_call_method(c), "/iot.testing.v1.Echo/Unary");
+    ASSERT(cm_call_service_ctx(c) == &ctx);
+    ASSERT(cm_call_metadata(c, "authorization", NULL) == NULL);
+    ASSERT_INT_EQ(cm_call_deadline_ms(c), -1);
+    ASSERT(cm_call_detached_message(c) == NULL);
+    Iot__Testing__V1__EchoRequest req = IOT__TESTING__V1__ECHO_REQUEST__INIT;
+    ASSERT_INT_EQ(m.check(c, &req.base), CM_STATUS_INVALID_ARGUMENT);
+    ASSERT_STR_EQ(cm_call_detached_message(c), "message: required (0)");
+    req.message = cm_call_strdup(c, "hi");
+    ASSERT_INT_EQ(m.check(c, &req.base), CM_STATUS_OK);
+    ASSERT_INT_EQ(req.repeat, 1);
+    cm_call_free_detached(c);
+    cm_call_free_detached(NULL);
+}
+
 TEST_MAIN(TEST_ENTRY(test_arena_alignment_and_growth), TEST_ENTRY(test_arena_as_protobuf_allocator),
           TEST_ENTRY(test_arena_chunks_recycled),
           TEST_ENTRY(test_buf_printf_grows), TEST_ENTRY(test_errors_have_messages),
           TEST_ENTRY(test_config_defaults_and_env), TEST_ENTRY(test_config_errors_name_the_variable),
           TEST_ENTRY(test_log_lines_are_json), TEST_ENTRY(test_trace_parse_and_child), TEST_ENTRY(test_hostport_parse),
           TEST_ENTRY(test_metrics_registry_renders), TEST_ENTRY(test_metrics_collectors_come_and_go),
-          TEST_ENTRY(test_loop_kick_and_stop))
+          TEST_ENTRY(test_loop_kick_and_stop), TEST_ENTRY(test_detached_call_runs_a_check))

@@ -284,6 +284,15 @@ static void test_malformed_input_is_refused(void) {
     const uint8_t unknown[] = {0xf8, 0x01, 0x05, 0x0a, 0x01, 'x'};
     ASSERT_INT_EQ(decode(d, unknown, sizeof unknown), 0);
     ASSERT_INT_EQ(decode(d, NULL, 0), 0);
+    /* What servers call on a request's bytes: the same answers, protobuf-c deciding the rest. */
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    ASSERT(cm__pb_decode_request(d, &a, truncated_varint, sizeof truncated_varint) == NULL);
+    Iot__Testing__V1__EchoRequest *r = (void *)cm__pb_decode_request(d, &a, unknown, sizeof unknown);
+    ASSERT(r && strcmp(r->message, "x") == 0);
+    ASSERT((cm__pb_decode_request(d, &a, group, sizeof group) == NULL) ==
+           (protobuf_c_message_unpack(d, &a.pb, sizeof group, group) == NULL));
+    cm_arena_free(&a);
     /* Nesting beyond the depth limit is refused instead of exhausting the stack. */
     size_t depth = 200;
     /* Built from the inside out: DescriptorProto { nested_type: DescriptorProto { ... } } */
@@ -305,6 +314,43 @@ static void test_malformed_input_is_refused(void) {
     }
     ASSERT_INT_EQ(decode(&google__protobuf__descriptor_proto__descriptor, cur, cur_len), CM__PB_BAD);
     free(cur);
+}
+
+/* A key naming field 0, or wider than 32 bits, is malformed: the fast decoder skipped it as an
+ * unknown field while protobuf-c refused the message (found by tests/fuzz/fuzz_proto.c). */
+static void test_field_number_zero_is_refused(void) {
+    const ProtobufCMessageDescriptor *d = &iot__testing__v1__echo_request__descriptor;
+    const uint8_t zero_varint[] = {0x0a, 0x01, 'x', 0x00, 0x01};
+    const uint8_t zero_delimited[] = {0x02, 0x02, 0x01, 0x04, 0x0a, 0x01, 'x'};
+    const uint8_t zero_two_bytes[] = {0x80, 0x00, 0x01};
+    const uint8_t key_over_32_bits[] = {0xf8, 0xff, 0xff, 0xff, 0x7f, 0x00};
+    ASSERT_INT_EQ(decode(d, zero_varint, sizeof zero_varint), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, zero_delimited, sizeof zero_delimited), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, zero_two_bytes, sizeof zero_two_bytes), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, key_over_32_bits, sizeof key_over_32_bits), CM__PB_BAD);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof zero_varint, zero_varint) == NULL);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof zero_delimited, zero_delimited) == NULL);
+}
+
+/* Keys and lengths longer than 5 bytes (zero padded) are refused, as protobuf-c refuses them: a
+ * 10-byte length was accepted by the fast decoder only (found by tests/fuzz/fuzz_proto.c). */
+static void test_long_keys_and_lengths_are_refused(void) {
+    const ProtobufCMessageDescriptor *d = &iot__testing__v1__echo_request__descriptor;
+    const uint8_t six_byte_key[] = {0x8a, 0x80, 0x80, 0x80, 0x80, 0x00, 0x01, 'x'};
+    const uint8_t ten_byte_length[] = {0x0a, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00};
+    const uint8_t six_byte_unknown_length[] = {0xfa, 0x01, 0x81, 0x80, 0x80, 0x80, 0x80, 0x00, 'x'};
+    const uint8_t five_byte_length[] = {0x0a, 0x81, 0x80, 0x80, 0x80, 0x00, 'x'};
+    ASSERT_INT_EQ(decode(d, six_byte_key, sizeof six_byte_key), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, ten_byte_length, sizeof ten_byte_length), CM__PB_BAD);
+    ASSERT_INT_EQ(decode(d, six_byte_unknown_length, sizeof six_byte_unknown_length), CM__PB_BAD);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof six_byte_key, six_byte_key) == NULL);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof ten_byte_length, ten_byte_length) == NULL);
+    ASSERT(protobuf_c_message_unpack(d, NULL, sizeof six_byte_unknown_length, six_byte_unknown_length) == NULL);
+    /* Five bytes are still a length, in both. */
+    ASSERT_INT_EQ(decode(d, five_byte_length, sizeof five_byte_length), 0);
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, sizeof five_byte_length, five_byte_length);
+    ASSERT(m && strcmp(((Iot__Testing__V1__EchoRequest *)m)->message, "x") == 0);
+    protobuf_c_message_free_unpacked(m, NULL);
 }
 
 static void test_mutated_input_never_crashes(void) {
@@ -345,4 +391,5 @@ static void test_mutated_input_never_crashes(void) {
 TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_alias_points_into_input), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
           TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
           TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
-          TEST_ENTRY(test_mutated_input_never_crashes))
+          TEST_ENTRY(test_field_number_zero_is_refused),
+          TEST_ENTRY(test_long_keys_and_lengths_are_refused), TEST_ENTRY(test_mutated_input_never_crashes))

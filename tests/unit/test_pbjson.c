@@ -286,6 +286,44 @@ static void test_timestamps(void) {
     cm_arena_free(&a);
 }
 
+/* A FieldMask path must come back from a response as it went in: paths lowerCamelCase cannot
+ * carry ("a_1", "a__b", "a_", junk) were accepted and then printed differently (found by
+ * tests/fuzz/fuzz_rest.c). */
+static void test_field_mask_paths_round_trip(void) {
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    char err[200];
+    static const char *const good[] = {"name,labels", "firmware_version", "location.site,firmwareVersion", "aB.cD", ""};
+    static const char *const bad[] = {"a_1", "a__b", "name_", "a b", ",name", "name,,labels", "a..b", ".a", "na\\\"me", "caf\u00e9"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        ProtobufCMessage *m = NULL;
+        char text[200];
+        snprintf(text, sizeof text, "{\"updateMask\": \"%s\"}", good[i]);
+        ASSERT_INT_EQ(parse(text, &iot__device__v1__update_device_request__descriptor, &a, &m, err), 0);
+        json_t *j = cm_pbjson_from_msg(m);
+        ProtobufCMessage *back = NULL;
+        ASSERT_INT_EQ(cm_pbjson_to_msg(j, m->descriptor, &a, &back, err, sizeof err), 0);
+        json_decref(j);
+        const Google__Protobuf__FieldMask *x = ((Iot__Device__V1__UpdateDeviceRequest *)m)->update_mask,
+                                          *y = ((Iot__Device__V1__UpdateDeviceRequest *)back)->update_mask;
+        ASSERT(x && y);
+        ASSERT_INT_EQ(x->n_paths, y->n_paths);
+        for (size_t k = 0; k < x->n_paths; k++) ASSERT_STR_EQ(x->paths[k], y->paths[k]);
+    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ProtobufCMessage *m = NULL;
+        char text[200];
+        snprintf(text, sizeof text, "{\"updateMask\": \"%s\"}", bad[i]);
+        ASSERT_INT_EQ(parse(text, &iot__device__v1__update_device_request__descriptor, &a, &m, err), CM_EINVAL);
+        ASSERT(strstr(err, "updateMask: ") == err && strstr(err, "is not a field path"));
+    }
+    ProtobufCMessage *m = cm_arena_alloc(&a, sizeof(Iot__Device__V1__UpdateDeviceRequest));
+    iot__device__v1__update_device_request__init((void *)m);
+    ASSERT_INT_EQ(cm_pbjson_set(m, "updateMask", "name,a_1", &a, err, sizeof err), CM_EINVAL);
+    ASSERT_INT_EQ(cm_pbjson_set(m, "updateMask", "name,labels", &a, err, sizeof err), 0);
+    cm_arena_free(&a);
+}
+
 TEST_MAIN(TEST_ENTRY(test_device_out), TEST_ENTRY(test_scalars_out), TEST_ENTRY(test_device_in_and_round_trip),
           TEST_ENTRY(test_wkt_and_oneof), TEST_ENTRY(test_errors_name_the_path), TEST_ENTRY(test_set_from_text),
-          TEST_ENTRY(test_timestamps))
+          TEST_ENTRY(test_timestamps), TEST_ENTRY(test_field_mask_paths_round_trip))
