@@ -913,9 +913,12 @@ async function setup() {
   const s = await startSuite('badinput', {
     full: true,
     // Background writers that follow requests (presence reports, processing's checkpoints) run
-    // often, so that the state settles quickly after the cases that are accepted.
+    // often, so that the state settles quickly after the cases that are accepted. Processing
+    // rewrites every checkpoint when it reloads its rules, also on its selector refresh (30 s),
+    // which no request causes: once an hour here.
     ingestEnv: { IOT_INGEST_PRESENCE_INTERVAL: '100ms' },
-    procEnv: { IOT_PROC_FLUSH_INTERVAL: '50ms', IOT_PROC_CHECKPOINT_INTERVAL: '100ms', IOT_PROC_STATS_INTERVAL: '50ms' },
+    procEnv: { IOT_PROC_FLUSH_INTERVAL: '50ms', IOT_PROC_CHECKPOINT_INTERVAL: '100ms', IOT_PROC_STATS_INTERVAL: '50ms',
+      IOT_PROC_SELECTOR_REFRESH: '1h' },
   });
   const id = `badinput_${process.pid}`;
   s.targets = { dm: `127.0.0.1:${s.dm.grpc}`, ingest: `127.0.0.1:${s.ingest.grpc}`, proc: `127.0.0.1:${s.proc.grpc}`, ota: `127.0.0.1:${s.ota.grpc}`, registry: `127.0.0.1:${s.registry.grpc}` };
