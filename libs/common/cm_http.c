@@ -47,8 +47,17 @@ struct cm_http_req_s {
     int queued;     /* r->resp is handed to MHD (and no longer ours) */
     size_t drained; /* body bytes read and dropped after the answer was decided */
     atomic_int refs; /* the connection, and a streamed response while MHD holds it */
+    int nul;         /* the path or the query held %00 */
     char peer[64];
 };
+
+/* Per TCP connection (MHD's socket context): whether the request being read decoded a %00. MHD
+ * percent-decodes the path and the query before the handler runs and hands them over as C
+ * strings, which end at the NUL; only the unescape callback sees it. Requests on a connection are
+ * read one after another, and the flag is taken (and cleared) when the handler first runs. */
+typedef struct cm__http_conn_s {
+    int nul;
+} cm__http_conn_t;
 
 /* Drops a reference; the last one runs the user's cleanup and frees the request. A streamed reply
  * can outlive the connection's "completed" notice (MHD frees the response after it), so its done()
@@ -68,6 +77,7 @@ const char *cm_http_method(const cm_http_req_t *r) { return r->method; }
 const char *cm_http_path(const cm_http_req_t *r) { return r->path; }
 const char *cm_http_peer(const cm_http_req_t *r) { return r->peer; }
 int cm_http_body_too_big(const cm_http_req_t *r) { return r->too_big; }
+int cm_http_has_nul(const cm_http_req_t *r) { return r->nul; }
 void *cm_http_req_user(const cm_http_req_t *r) { return r->user; }
 int cm_http_port(const cm_http_t *h) { return h->port; }
 int cm_http_stopping(const cm_http_t *h) { return atomic_load(&h->stopping); }
@@ -216,6 +226,30 @@ static enum MHD_Result cm__http_drain(cm_http_t *h, cm_http_req_t *r, size_t n) 
     return MHD_YES;
 }
 
+static void cm__http_conn_notify(void *cls, struct MHD_Connection *c, void **socket_context,
+                                 enum MHD_ConnectionNotificationCode toe) {
+    (void)cls;
+    (void)c;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        *socket_context = cm_calloc(1, sizeof(cm__http_conn_t));
+    } else {
+        cm_free(*socket_context);
+        *socket_context = NULL;
+    }
+}
+
+/* MHD's own decoding, noting a decoded NUL on the connection. */
+static size_t cm__http_unescape(void *cls, struct MHD_Connection *c, char *s) {
+    (void)cls;
+    size_t n = MHD_http_unescape(s);
+    if (memchr(s, 0, n)) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        cm__http_conn_t *cc = ci ? ci->socket_context : NULL;
+        if (cc) cc->nul = 1;
+    }
+    return n;
+}
+
 static enum MHD_Result cm__http_access(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                                        const char *version, const char *upload_data, size_t *upload_data_size,
                                        void **con_cls) {
@@ -229,6 +263,12 @@ static enum MHD_Result cm__http_access(void *cls, struct MHD_Connection *c, cons
         r->c = c;
         r->method = cm_strdup(method);
         r->path = cm_strdup(url);
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        cm__http_conn_t *cc = ci ? ci->socket_context : NULL;
+        if (cc) {
+            r->nul = cc->nul;
+            cc->nul = 0;
+        }
         cm__http_peer(r);
         MHD_get_connection_values(c, MHD_GET_ARGUMENT_KIND, cm__http_query, r);
         *con_cls = r;
@@ -292,7 +332,8 @@ cm_http_t *cm_http_start(const cm_http_opts_t *o, int *err) {
     h->d = MHD_start_daemon(flags, 0, NULL, NULL, cm__http_access, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                             MHD_OPTION_CONNECTION_LIMIT, o->max_connections ? o->max_connections : 1024u,
                             MHD_OPTION_CONNECTION_TIMEOUT, o->idle_timeout_s ? o->idle_timeout_s : 60u,
-                            MHD_OPTION_NOTIFY_COMPLETED, cm__http_completed, h, MHD_OPTION_END);
+                            MHD_OPTION_NOTIFY_COMPLETED, cm__http_completed, h, MHD_OPTION_NOTIFY_CONNECTION,
+                            cm__http_conn_notify, NULL, MHD_OPTION_UNESCAPE_CALLBACK, cm__http_unescape, NULL, MHD_OPTION_END);
     if (!h->d) {
         cm_free(h);
         if (err) *err = CM_EBIND;

@@ -49,6 +49,9 @@ int cm_http_stopping(const cm_http_t *h);
 const char *cm_http_method(const cm_http_req_t *r);
 /* The path, percent-decoded, without the query. */
 const char *cm_http_path(const cm_http_req_t *r);
+/* 1 when the path or a query parameter (name or value) held an encoded NUL byte ("%00"): the
+ * strings above end at it, so "/devices/a%00b" reads as "/devices/a". Refuse such a request. */
+int cm_http_has_nul(const cm_http_req_t *r);
 /* A request header (case-insensitive name), or NULL. */
 const char *cm_http_header(const cm_http_req_t *r, const char *name);
 /* The i-th query parameter (decoded, in order; repeated names repeat): 0, or -1 past the end. A

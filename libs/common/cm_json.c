@@ -241,6 +241,31 @@ static json_t *cm__from_value(const Google__Protobuf__Value *v, int depth) {
     }
 }
 
+json_t *cm_json_text(const char *s) {
+    json_t *j = json_string(s);
+    if (j) return j;
+    size_t n = strlen(s);
+    char *o = cm_malloc(3 * n + 1), *w = o;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t k = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        json_t *t = k && i + k <= n ? json_stringn(s + i, k) : NULL;
+        if (t) {
+            memcpy(w, s + i, k);
+            w += k;
+            i += k;
+            json_decref(t);
+        } else {
+            memcpy(w, "\xEF\xBF\xBD", 3);
+            w += 3;
+            i++;
+        }
+    }
+    j = json_stringn(o, (size_t)(w - o));
+    cm_free(o);
+    return j;
+}
+
 json_t *cm_json_from_struct(const Google__Protobuf__Struct *s) {
     return cm__from_struct(s, 1);
 }

@@ -24,6 +24,10 @@
 json_t *cm_json_parse(const char *text, size_t len, char *err, size_t err_cap);
 /* Compact, keys sorted (so equal documents dump equal). NUL-terminated; free() it. */
 char *cm_json_dump(const json_t *j);
+/* A JSON string of s, every byte that is not part of valid UTF-8 replaced by U+FFFD (jansson
+ * refuses such text whole): for text that did not come from JSON, such as protobuf-c strings or a
+ * message that echoes a request's bytes. */
+json_t *cm_json_text(const char *s);
 
 /* google.protobuf.Struct <-> JSON object, Value <-> any JSON value. A NULL Struct converts to an
  * empty object. Numbers: Value.number_value is a double; JSON integers become doubles, and

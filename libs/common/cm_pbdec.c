@@ -9,18 +9,35 @@
  * sub-message that appears twice (which protobuf merges) — returns CM__PB_FALLBACK and the caller
  * uses protobuf-c, so semantics never differ silently. Unknown fields are skipped (protobuf-c keeps
  * them; servers never re-serialise a request). Malformed input returns CM__PB_BAD. Nesting deeper
- * than CM__PB_MAX_DEPTH is malformed (protects the stack from hostile input).
+ * than CM__PB_MAX_DEPTH is malformed (protects the stack from hostile input), and so is field
+ * number 0.
+ *
+ * Requests (cm__pb_decode_request) are also held to proto3's rule for strings: UTF-8, and here
+ * without NUL bytes too. protobuf-c checks neither, and a C string cannot carry a NUL: without the
+ * check "a\0b" arrived as "a", so a request naming device "a\0b" read, changed or deleted device
+ * "a", and invalid UTF-8 reached Postgres, which refused it as an internal error. The failure names
+ * the field ("device.metadata[2].value"), so the caller can answer INVALID_ARGUMENT with it. When
+ * the message is left to protobuf-c, its strings are checked first by a walk over the same bytes.
  *
  * Memory: everything comes from the arena; nothing is freed individually. */
 #include "cm_pbdec.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #define CM__PB_MAX_DEPTH 64
 
+/* How to decode, and where a refused string's field path goes. */
+typedef struct cm__pbopt_s {
+    int alias;  /* bytes fields point into the input instead of copies */
+    int strict; /* strings must be UTF-8 without NUL (CM__PB_BAD_STRING otherwise) */
+    char *why;  /* strict: the field path of a refused string, then ": " and the reason */
+    size_t cap;
+} cm__pbopt_t;
+
 typedef struct cm__pbin_s {
     const uint8_t *p, *end;
-    int alias; /* bytes fields point into the input instead of copies */
+    const cm__pbopt_t *o;
 } cm__pbin_t;
 
 #define CM__PB_HOT static inline __attribute__((always_inline))
@@ -180,7 +197,61 @@ CM__PB_HOT int cm__pb_scalar(cm__pbin_t *in, ProtobufCType t, void *dst) {
 }
 
 static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
-                          int alias, ProtobufCMessage **out);
+                          const cm__pbopt_t *o, ProtobufCMessage **out);
+
+/* NULL when p[0..n) is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing
+ * above U+10FFFF) without NUL; else what is wrong with it. */
+static const char *cm__pb_text_error(const uint8_t *p, size_t n) {
+    const uint8_t *end = p + n;
+    while (p < end) {
+        uint8_t c = *p;
+        if (c && c < 0x80) { /* ASCII, the common case */
+            p++;
+            continue;
+        }
+        if (!c) return "holds a NUL byte";
+        uint32_t cp;
+        size_t len;
+        if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f;
+        else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f;
+        else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07;
+        else return "is not valid UTF-8";
+        if ((size_t)(end - p) < len) return "is not valid UTF-8";
+        for (size_t i = 1; i < len; i++) {
+            if ((p[i] & 0xc0) != 0x80) return "is not valid UTF-8";
+            cp = cp << 6 | (p[i] & 0x3f);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+            return "is not valid UTF-8";
+        p += len;
+    }
+    return NULL;
+}
+
+/* A refused string one level up: prefixes o->why with field f ("name", "points[3]", then a dot
+ * before what the level below wrote). idx < 0 for a field that is not repeated. */
+static void cm__pb_prefix(const cm__pbopt_t *o, const ProtobufCFieldDescriptor *f, long idx) {
+    char head[96];
+    int k = idx < 0 ? snprintf(head, sizeof head, "%s", f->name) : snprintf(head, sizeof head, "%s[%ld]", f->name, idx);
+    if (k < 0 || (size_t)k >= sizeof head) return;
+    size_t have = strlen(o->why);
+    int sub = o->why[0] != ':'; /* the level below named a field: "field.sub" rather than "field: ..." */
+    size_t add = (size_t)k + (size_t)sub;
+    if (have + add + 1 > o->cap) return; /* keep what fits: the innermost part */
+    memmove(o->why + add, o->why, have + 1);
+    memcpy(o->why, head, (size_t)k);
+    if (sub) o->why[k] = '.';
+}
+
+/* A string's bytes under the strict rule: 0, or CM__PB_BAD_STRING with the reason in o->why (the
+ * callers prefix the field path). */
+static int cm__pb_text_or_fail(const cm__pbopt_t *o, const uint8_t *v, size_t len) {
+    if (!o->strict) return 0;
+    const char *e = cm__pb_text_error(v, len);
+    if (!e) return 0;
+    snprintf(o->why, o->cap, ": %s", e);
+    return CM__PB_BAD_STRING;
+}
 
 /* Reads the next key: its wire type, and the field it names in d (NULL for an unknown field). */
 CM__PB_HOT int cm__pb_key(cm__pbin_t *in, const ProtobufCMessageDescriptor *d, unsigned *wt,
@@ -203,13 +274,15 @@ static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm
     in->p += len;
     switch (f->type) {
     case PROTOBUF_C_TYPE_STRING: {
+        int rc = cm__pb_text_or_fail(in->o, v, (size_t)len);
+        if (rc) return rc;
         char *s = cm_arena_strndup(a, (const char *)v, (size_t)len);
         memcpy(dst, &s, sizeof s);
         return 0;
     }
     case PROTOBUF_C_TYPE_BYTES: {
         ProtobufCBinaryData b = {(size_t)len, NULL};
-        if (len && in->alias) {
+        if (len && in->o->alias) {
             b.data = (uint8_t *)v;
         } else if (len) {
             b.data = cm_arena_alloc(a, (size_t)len);
@@ -220,7 +293,7 @@ static int cm__pb_delimited(const ProtobufCFieldDescriptor *f, cm_arena_t *a, cm
     }
     default: { /* MESSAGE */
         ProtobufCMessage *m;
-        int rc = cm__pb_message(f->descriptor, a, v, (size_t)len, depth + 1, in->alias, &m);
+        int rc = cm__pb_message(f->descriptor, a, v, (size_t)len, depth + 1, in->o, &m);
         if (rc) return rc;
         memcpy(dst, &m, sizeof m);
         return 0;
@@ -239,7 +312,7 @@ static long cm__pb_packed_count(ProtobufCType t, const uint8_t *p, size_t len) {
 }
 
 static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, int depth,
-                          int alias, ProtobufCMessage **out) {
+                          const cm__pbopt_t *o, ProtobufCMessage **out) {
     if (depth > CM__PB_MAX_DEPTH) return CM__PB_BAD;
     ProtobufCMessage *m = cm_arena_alloc(a, d->sizeof_message);
     d->message_init(m);
@@ -254,7 +327,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
         if (d->fields[i].label == PROTOBUF_C_LABEL_REQUIRED) return CM__PB_FALLBACK;
         any_repeated |= d->fields[i].label == PROTOBUF_C_LABEL_REPEATED;
     }
-    cm__pbin_t in = {p, p + n, alias};
+    cm__pbin_t in = {p, p + n, o};
     if (any_repeated) {
         while (in.p < in.end) {
             unsigned wt;
@@ -266,7 +339,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
             if (!f || f->label != PROTOBUF_C_LABEL_REPEATED) continue;
             size_t idx = (size_t)(f - d->fields);
             if (wt == 2 && cm__pb_wire_type(f->type) != 2) { /* packed scalars */
-                cm__pbin_t pl = {payload, in.p, 0};
+                cm__pbin_t pl = {payload, in.p, NULL};
                 uint64_t len = 0;
                 cm__pb_varint5(&pl, &len); /* cannot fail: cm__pb_skip read it already */
                 long c = cm__pb_packed_count(f->type, pl.p, (size_t)len);
@@ -308,7 +381,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
             if (wt == 2 && expect != 2) { /* packed */
                 uint64_t len;
                 if (cm__pb_varint5(&in, &len) || len > (uint64_t)(in.end - in.p)) return CM__PB_BAD;
-                cm__pbin_t pl = {in.p, in.p + len, 0};
+                cm__pbin_t pl = {in.p, in.p + len, NULL};
                 in.p += len;
                 while (pl.p < pl.end) {
                     if (filled[idx] >= counts[idx] || cm__pb_scalar(&pl, f->type, arr + filled[idx] * es)) return CM__PB_BAD;
@@ -318,6 +391,7 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
                 if ((int)wt != expect || filled[idx] >= counts[idx]) return CM__PB_BAD;
                 int rc = expect == 2 ? cm__pb_delimited(f, a, &in, arr + filled[idx] * es, depth)
                                      : cm__pb_scalar(&in, f->type, arr + filled[idx] * es);
+                if (rc == CM__PB_BAD_STRING) cm__pb_prefix(o, f, (long)filled[idx]);
                 if (rc) return rc;
                 filled[idx]++;
             }
@@ -344,26 +418,81 @@ static int cm__pb_message(const ProtobufCMessageDescriptor *d, cm_arena_t *a, co
         }
         int rc = expect == 2 ? cm__pb_delimited(f, a, &in, base + f->offset, depth)
                              : cm__pb_scalar(&in, f->type, base + f->offset);
+        if (rc == CM__PB_BAD_STRING) cm__pb_prefix(o, f, -1);
         if (rc) return rc;
     }
     *out = m;
     return 0;
 }
 
+/* The strict rule over a message left to protobuf-c: walks the bytes and checks every string
+ * field, at any depth, however often it occurs. 0 when nothing is refused (protobuf-c judges the
+ * rest), or CM__PB_BAD_STRING with the field in o->why. */
+static int cm__pb_check_strings(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n, int depth,
+                                const cm__pbopt_t *o) {
+    if (depth > CM__PB_MAX_DEPTH) return 0;
+    cm__pbin_t in = {p, p + n, o};
+    long seen[64] = {0}; /* occurrences of the first 64 fields so far, for the index in the path */
+    while (in.p < in.end) {
+        unsigned wt;
+        const ProtobufCFieldDescriptor *f;
+        if (cm__pb_key(&in, d, &wt, &f)) return 0;
+        const uint8_t *payload = in.p;
+        if (cm__pb_skip(&in, wt)) return 0;
+        if (!f || wt != 2 || (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)) continue;
+        size_t fi = (size_t)(f - d->fields);
+        long idx = f->label == PROTOBUF_C_LABEL_REPEATED ? (fi < 64 ? seen[fi]++ : 0) : -1;
+        cm__pbin_t pl = {payload, in.p, o};
+        uint64_t len = 0;
+        cm__pb_varint(&pl, &len); /* cannot fail: cm__pb_skip read it already */
+        int rc = f->type == PROTOBUF_C_TYPE_STRING ? cm__pb_text_or_fail(o, pl.p, (size_t)len)
+                                                   : cm__pb_check_strings(f->descriptor, pl.p, (size_t)len, depth + 1, o);
+        if (rc) {
+            cm__pb_prefix(o, f, idx);
+            return rc;
+        }
+    }
+    return 0;
+}
+
 int cm__pb_decode(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n, ProtobufCMessage **out) {
+    cm__pbopt_t o = {0, 0, NULL, 0};
     *out = NULL;
-    return cm__pb_message(d, a, p, n, 0, 0, out);
+    return cm__pb_message(d, a, p, n, 0, &o, out);
 }
 
 int cm__pb_decode_alias(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n,
                         ProtobufCMessage **out) {
+    cm__pbopt_t o = {1, 0, NULL, 0};
     *out = NULL;
-    return cm__pb_message(d, a, p, n, 0, 1, out);
+    return cm__pb_message(d, a, p, n, 0, &o, out);
 }
 
-ProtobufCMessage *cm__pb_decode_request(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n) {
+int cm__pb_decode_request(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n,
+                          ProtobufCMessage **out, char *why, size_t cap) {
+    char none[1];
+    cm__pbopt_t o = {0, 1, cap ? why : none, cap ? cap : sizeof none};
+    o.why[0] = 0;
+    *out = NULL;
+    int rc = cm__pb_message(d, a, p, n, 0, &o, out);
+    if (rc == CM__PB_FALLBACK) {
+        int bad = cm__pb_check_strings(d, p, n, 0, &o);
+        if (bad) rc = bad;
+    }
+    return rc;
+}
+
+ProtobufCMessage *cm__pb_decode_server(const ProtobufCMessageDescriptor *d, cm_arena_t *a, const uint8_t *p, size_t n,
+                                       char *why, size_t cap) {
+    char none[1];
+    if (!cap) {
+        why = none;
+        cap = sizeof none;
+    }
     ProtobufCMessage *m = NULL;
-    int rc = cm__pb_decode(d, a, p, n, &m);
-    if (rc == CM__PB_FALLBACK) return protobuf_c_message_unpack(d, &a->pb, n, p);
-    return rc ? NULL : m;
+    int rc = cm__pb_decode_request(d, a, p, n, &m, why, cap);
+    if (rc == CM__PB_FALLBACK) m = protobuf_c_message_unpack(d, &a->pb, n, p);
+    else if (rc) m = NULL;
+    if (rc != CM__PB_BAD_STRING) why[0] = 0;
+    return m;
 }

@@ -231,33 +231,9 @@ static json_t *cm__real_out(double v) {
     return json_real(v);
 }
 
-/* Strings are not UTF-8 checked by protobuf-c; a byte that is not valid UTF-8 becomes U+FFFD so
- * the document stays JSON. */
-static json_t *cm__str_out(const char *s) {
-    if (!s) s = "";
-    json_t *j = json_string(s);
-    if (j) return j;
-    size_t n = strlen(s);
-    char *o = cm_malloc(3 * n + 1), *w = o;
-    for (size_t i = 0; i < n;) {
-        unsigned char c = (unsigned char)s[i];
-        size_t k = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        json_t *t = k && i + k <= n ? json_stringn(s + i, k) : NULL;
-        if (t) {
-            memcpy(w, s + i, k);
-            w += k;
-            i += k;
-            json_decref(t);
-        } else {
-            memcpy(w, "\xEF\xBF\xBD", 3);
-            w += 3;
-            i++;
-        }
-    }
-    j = json_stringn(o, (size_t)(w - o));
-    cm_free(o);
-    return j;
-}
+/* Strings are not UTF-8 checked by protobuf-c: cm_json_text makes a byte that is not valid UTF-8
+ * U+FFFD, so the document stays JSON. */
+static json_t *cm__str_out(const char *s) { return cm_json_text(s ? s : ""); }
 
 /* One value of field f stored at p (an element, for repeated fields). */
 static json_t *cm__value_out(const ProtobufCFieldDescriptor *f, const void *p, int depth) {

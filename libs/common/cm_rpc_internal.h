@@ -60,9 +60,11 @@ typedef struct cm__method_reg_s {
 /* Decodes a received byte buffer into a message allocated from `alloc`; NULL if it does not parse. */
 ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAllocator *alloc,
                              grpc_byte_buffer *buf);
-/* Decodes into arena memory with the fast decoder (cm_pbdec.c), or protobuf-c when the message is
- * outside its scope; NULL if it does not parse. */
-ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf);
+/* Decodes a request into arena memory with the fast decoder (cm_pbdec.c), or protobuf-c when the
+ * message is outside its scope; NULL if it does not parse, or if a string field is not UTF-8 or
+ * holds a NUL byte: then why names the field and the reason (else why is ""). */
+ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf, char *why,
+                                   size_t cap);
 /* Serialises msg into a new byte buffer (destroy with grpc_byte_buffer_destroy). */
 grpc_byte_buffer *cm__encode(const ProtobufCMessage *msg);
 /* 1 when key/value form a header gRPC accepts (lowercase key; printable ASCII value unless the

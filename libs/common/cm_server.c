@@ -174,12 +174,14 @@ ProtobufCMessage *cm__decode(const ProtobufCMessageDescriptor *desc, ProtobufCAl
     return m;
 }
 
-ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf) {
+ProtobufCMessage *cm__decode_arena(const ProtobufCMessageDescriptor *desc, cm_arena_t *a, grpc_byte_buffer *buf, char *why,
+                                   size_t cap) {
+    why[0] = 0;
     if (!buf) return NULL;
     size_t n;
     grpc_slice hold;
     const uint8_t *p = cm__flatten(buf, &n, &hold);
-    ProtobufCMessage *m = p ? cm__pb_decode_request(desc, a, p, n) : NULL;
+    ProtobufCMessage *m = p ? cm__pb_decode_server(desc, a, p, n, why, cap) : NULL;
     grpc_slice_unref(hold);
     return m;
 }
@@ -821,10 +823,13 @@ static void cm__on_request(cm_call_t *c, int ok) {
     }
     int code = CM_PENDING, parked = 0;
     if (m->kind == CM_RPC_UNARY || m->kind == CM_RPC_SERVER_STREAM) {
-        ProtobufCMessage *req = cm__decode_arena(c->reg->in, &c->arena, c->payload);
+        char why[160];
+        ProtobufCMessage *req = cm__decode_arena(c->reg->in, &c->arena, c->payload, why, sizeof why);
         if (c->payload) grpc_byte_buffer_destroy(c->payload);
         c->payload = NULL;
-        if (!req) {
+        if (!req && why[0]) {
+            code = cm_call_fail(c, CM_STATUS_INVALID_ARGUMENT, "malformed request: %s (strings must be UTF-8 without NUL bytes)", why);
+        } else if (!req) {
             code = cm_call_fail(c, CM_STATUS_INVALID_ARGUMENT, "malformed request: not a valid %s message",
                                 c->reg->in->name);
         } else if (m->kind == CM_RPC_UNARY) {
@@ -891,10 +896,13 @@ static void cm__on_recv(cm_call_t *c, int ok) {
         cm__call_op_done(c);
         return;
     }
-    ProtobufCMessage *msg = cm__decode_arena(c->reg->in, &c->arena, buf);
+    char why[160];
+    ProtobufCMessage *msg = cm__decode_arena(c->reg->in, &c->arena, buf, why, sizeof why);
     grpc_byte_buffer_destroy(buf);
     int code;
-    if (!msg)
+    if (!msg && why[0])
+        code = cm_call_fail(c, CM_STATUS_INVALID_ARGUMENT, "malformed stream message: %s (strings must be UTF-8 without NUL bytes)", why);
+    else if (!msg)
         code = cm_call_fail(c, CM_STATUS_INVALID_ARGUMENT, "malformed stream message: not a valid %s message",
                             c->reg->in->name);
     else

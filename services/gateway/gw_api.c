@@ -12,6 +12,7 @@ static void gw__store_error(gw_req_t *r, int rc, const char *id) {
 }
 
 void gw_api_whoami(gw_req_t *r) {
+    if (!gw_build_request_or_reply(r)) return; /* takes no parameters: an unknown one is a 400, as everywhere */
     Iot__Gateway__V1__ApiKey *k = NULL;
     int rc = gw_keys_get(r->gw->keys, r->key.id, &r->arena, &k);
     if (rc) gw__store_error(r, rc, r->key.id);
@@ -62,6 +63,7 @@ void gw_api_create_key(gw_req_t *r) {
 }
 
 static const char *gw__id_or_reply(gw_req_t *r) {
+    if (!gw_build_request_or_reply(r)) return NULL; /* the query: refused like every route's */
     const char *id = gw_param(r, "id");
     if (!id || !gw_key_id_valid(id)) {
         gw_reply_error(r, CM_STATUS_NOT_FOUND, NULL, "no API key %s (ids are 12 hex digits)", id ? id : "");

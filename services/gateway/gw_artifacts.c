@@ -193,6 +193,13 @@ static char *gw__b64(cm_arena_t *a, const uint8_t *p, size_t n) {
 
 void gw_artifacts_download(gw_req_t *r) {
     const char *id = gw_param(r, "artifact_id");
+    /* The offset comes from Range only. A query is refused rather than ignored: a device resuming
+     * with ?offset=N would otherwise get the whole artifact again and append it. */
+    const char *qk, *qv;
+    if (cm_http_query_at(r->http, 0, &qk, &qv) == 0) {
+        gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "query parameter %s: this route takes none (resume with \"Range: bytes=<offset>-\")", qk);
+        return;
+    }
     int64_t offset = gw__range(cm_http_header(r->http, "Range"));
     if (offset < 0) {
         gw_reply_error(r, CM_STATUS_OUT_OF_RANGE, NULL, "Range: only \"bytes=<offset>-\" is served (resume from an offset)");

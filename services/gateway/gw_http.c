@@ -74,8 +74,9 @@ static void gw__verror(gw_req_t *r, int status, int code, json_t *details, const
     json_t *j = json_object();
     json_object_set_new(j, "code", json_integer(code));
     json_object_set_new(j, "status", json_string(cm_status_name(code)));
-    json_t *m = json_string(msg);
-    json_object_set_new(j, "message", m ? m : json_string("(message not valid UTF-8)"));
+    /* A message may echo bytes of the request (a query parameter's name) or come from a backend cut
+     * at its length limit in the middle of a character: keep it readable rather than drop it. */
+    json_object_set_new(j, "message", cm_json_text(msg));
     json_object_set_new(j, "details", details ? details : json_object());
     char *s = cm_json_dump(j);
     json_decref(j);
@@ -207,6 +208,10 @@ static size_t gw__begin(cm_http_req_t *h, void *arg) {
     cm_arena_init(&r->arena, NULL, 0);
     cm_http_req_set_user(h, r, gw__done);
     const char *method = cm_http_method(h), *path = cm_http_path(h);
+    if (cm_http_has_nul(h)) { /* the decoded path would name something else: "/devices/a%00b" is "/devices/a" */
+        gw_reply_error(r, CM_STATUS_INVALID_ARGUMENT, NULL, "the path or the query holds an encoded NUL byte (%%00), which no parameter may contain");
+        return 0;
+    }
     if (gw_web_serve(r)) return 0;
     /* A route with an action ("/rules/{id}:setEnabled") wins over a bare parameter ("/rules/{id}"):
      * GET /rules/x:setEnabled is a 405, not a rule named "x:setEnabled". */

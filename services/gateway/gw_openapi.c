@@ -142,8 +142,8 @@ static json_t *gw__operation(json_t *schemas, const gw_route_t *rt) {
         json_object_set_new(op, "requestBody",
                             json_pack("{s:b,s:{s:{s:{s:s,s:s}}}}", "required", 1, "content", "application/octet-stream", "schema",
                                       "type", "string", "format", "binary"));
-    } else if (strcmp(rt->method, "GET") == 0 || strcmp(rt->method, "DELETE") == 0 || rt->body) {
-        gw__query_params(params, schemas, rt, rt->req, "", 0);
+    } else if ((strcmp(rt->method, "GET") == 0 || strcmp(rt->method, "DELETE") == 0 || rt->body) && !strstr(rt->pattern, "/content")) {
+        gw__query_params(params, schemas, rt, rt->req, "", 0); /* a download takes Range, no query */
     }
     if (strcmp(rt->pattern, "/api/v1/artifacts/{artifact_id}/content") == 0)
         json_array_append_new(params, json_pack("{s:s,s:s,s:s,s:{s:s}}", "name", "Range", "in", "header", "description",
@@ -183,9 +183,11 @@ static json_t *gw__operation(json_t *schemas, const gw_route_t *rt) {
     json_object_set_new(resp, "404", gw__error_response("not found"));
     if (strcmp(rt->method, "GET") != 0) {
         json_object_set_new(resp, "409", gw__error_response("already exists, or the etag / expected version does not match"));
-        json_object_set_new(resp, "412", gw__error_response("the resource's state does not allow this (the message names it)"));
         json_object_set_new(resp, "413", gw__error_response("the body is over the limit (IOT_GW_MAX_BODY, IOT_GW_MAX_UPLOAD)"));
     }
+    /* Reads answer it too: GetWindowStats for a rule that keeps no window. */
+    if (strcmp(rt->method, "GET") != 0 || rt->rpc)
+        json_object_set_new(resp, "412", gw__error_response("the resource's state does not allow this (the message names it)"));
     if (rt->rpc) {
         /* A backend's retry-after-ms hint (ingest's rate limit and back-pressure) comes back as
          * Retry-After and details.retryAfterMs; 503 may carry it too. */
@@ -240,6 +242,7 @@ static void gw__make(void) {
 }
 
 void gw_openapi(gw_req_t *r) {
+    if (!gw_build_request_or_reply(r)) return; /* no parameters: an unknown one is a 400, as everywhere */
     pthread_once(&gw__once, gw__make);
     if (!gw__doc) {
         gw_reply_error(r, CM_STATUS_INTERNAL, NULL, "the OpenAPI document could not be built");

@@ -176,6 +176,11 @@ void gw_sse_telemetry(gw_req_t *r) {
     int code = gw_call(r, GW_DM, "/iot.device.v1.DeviceManager/GetDevice", &greq.base, &iot__device__v1__device__descriptor,
                        &dev, 1, &st);
     if (dev) protobuf_c_message_free_unpacked(dev, NULL);
+    if (code == CM_STATUS_INVALID_ARGUMENT) { /* device-mgmt names its own field ("id: ..."); the caller gave device_id */
+        gw_reply_error(r, code, NULL, "device_id: %s", strncmp(st.message, "id: ", 4) == 0 ? st.message + 4 : st.message);
+        cm_rpc_status_clear(&st);
+        return;
+    }
     if (code) {
         gw_reply_backend_error(r, GW_DM, &st);
         cm_rpc_status_clear(&st);

@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <ctype.h>
 #include <string.h>
 
 #include "cm_alloc.h"
@@ -19,6 +20,14 @@ const char ing_copy_trailer[2] = "\377\377";
 #define ING__MAX_LABEL_VALUE 256
 /* Microseconds between the Unix epoch and Postgres' epoch (2000-01-01 UTC). */
 #define ING__PG_EPOCH_US 946684800000000LL
+
+int ing_device_id_ok(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > ING_MAX_DEVICE_ID || !isalnum((unsigned char)s[0])) return 0;
+    for (size_t i = 1; i < n; i++)
+        if (!isalnum((unsigned char)s[i]) && !strchr("._:-", s[i])) return 0;
+    return 1;
+}
 
 int ing_name_ok(const char *s, size_t max) {
     size_t n = 0;

@@ -53,6 +53,9 @@ ing_batch_t *ing_batch_new(const char *device_id, Iot__Ingest__V1__Point *const 
                            const ing_limits_t *lim, int64_t now_ms, char *err, size_t err_cap);
 void ing_batch_free(ing_batch_t *b);
 
+/* A device id as device-mgmt makes them: [A-Za-z0-9][A-Za-z0-9._:-]{0,127}. */
+int ing_device_id_ok(const char *s);
+#define ING_DEVICE_ID_RULE "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-', starting with a letter or digit"
 /* 1..max characters of A-Z a-z 0-9 _ . : / - (metric names, label keys). */
 int ing_name_ok(const char *s, size_t max);
 /* Well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF) without NUL, at most

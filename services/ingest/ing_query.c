@@ -54,9 +54,9 @@ static void ing__ts_text(char *out, size_t cap, int64_t us) {
 
 static int ing__device_or_fail(cm_call_t *call, const char *device_id) {
     if (!*device_id) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: required");
-    if (ing_utf8_len(device_id, ING_MAX_DEVICE_ID) <= 0)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: must be 1-%d bytes of UTF-8 (got %zu bytes)",
-                            ING_MAX_DEVICE_ID, strlen(device_id));
+    /* Telemetry is stored only under ids device-mgmt issued: anything else is a mistake, not a
+     * device without data. */
+    if (!ing_device_id_ok(device_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: " ING_DEVICE_ID_RULE);
     return 0;
 }
 

@@ -265,9 +265,7 @@ static int ing__newest(ing_watch_t *w, uint32_t shard, ing__sid_t *out, char *er
 int ing_watch_check(cm_call_t *call, const ProtobufCMessage *req_) {
     const Iot__Ingest__V1__WatchTelemetryRequest *req = (const void *)req_;
     if (!*req->device_id) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: required");
-    if (ing_utf8_len(req->device_id, ING_MAX_DEVICE_ID) <= 0)
-        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: must be 1-%d bytes of UTF-8 (got %zu bytes)",
-                            ING_MAX_DEVICE_ID, strlen(req->device_id));
+    if (!ing_device_id_ok(req->device_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: " ING_DEVICE_ID_RULE);
     if (req->n_metrics > ING__WATCH_MAX_METRICS)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metrics: at most %d names (got %zu)",
                             ING__WATCH_MAX_METRICS, req->n_metrics);

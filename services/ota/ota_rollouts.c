@@ -303,7 +303,10 @@ int ota_list_rollouts_check(cm_call_t *call, ProtobufCMessage *req_) {
     int64_t before = 0;
     if ((rc = ota__token_parse(call, req->page_token, 'r', &before))) return rc;
     if (*req->artifact_id && !ota__id(req->artifact_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "artifact_id: an artifact id");
-    if (req->state < 0 || (int)req->state > OTA_CANCELLED) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "state: not a RolloutState");
+    /* As int: the enum's type is unsigned (it has no negative value), so "state < 0" never held and
+     * -1 passed as a filter that matched nothing. */
+    if ((int)req->state < 0 || (int)req->state > OTA_CANCELLED)
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "state: not a RolloutState");
     req->page_size = size;
     return 0;
 }
@@ -464,7 +467,8 @@ int ota_approve_stage(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
 int ota_list_device_updates_check(cm_call_t *call, ProtobufCMessage *req_) {
     Iot__Ota__V1__ListDeviceUpdatesRequest *req = (void *)req_;
     if (!ota__id(req->rollout_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "rollout_id: a rollout id");
-    if (req->phase < 0 || (int)req->phase > OTA_ROLLED_BACK) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "phase: not an UpdatePhase");
+    if ((int)req->phase < 0 || (int)req->phase > OTA_ROLLED_BACK) /* as int: see ListRollouts */
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "phase: not an UpdatePhase");
     int size, rc = ota__page_size(call, req->page_size, 100, 1000, &size);
     if (rc) return rc;
     char after[OTA_MAX_ID + 1] = "";

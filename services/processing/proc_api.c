@@ -82,7 +82,15 @@ static Google__Protobuf__Timestamp *proc__ts(cm_call_t *call, const char *ms_tex
     return t;
 }
 
+/* Call only on a timestamp that passed proc__ts_ok. */
 static int64_t proc__ms(const Google__Protobuf__Timestamp *t) { return t->seconds * 1000 + t->nanos / 1000000; }
+
+/* A timestamp the JSON mapping can write (0001-01-01 .. 9999-12-31, nanos 0..999999999): proc__ms
+ * cannot overflow on it (seconds near INT64_MIN did, undefined behaviour, and then matched). */
+static int proc__ts_ok(const Google__Protobuf__Timestamp *t) {
+    return t->seconds >= -62135596800LL && t->seconds <= 253402300799LL && t->nanos >= 0 && t->nanos <= 999999999;
+}
+#define PROC__TS_RULE "a timestamp from 0001-01-01 to 9999-12-31 (nanos 0..999999999)"
 
 /* A positive decimal bigint, or 0. */
 static int64_t proc__id(const char *s) {
@@ -521,6 +529,8 @@ static int proc_list_alerts_check(cm_call_t *call, ProtobufCMessage *req_) {
     if (*req->rule_id && (rc = proc__check_id(call, "rule_id", req->rule_id))) return rc;
     if (*req->device_id && !proc_rule_id_ok(req->device_id))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id: not a device id");
+    if (req->fired_after && !proc__ts_ok(req->fired_after))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "fired_after: " PROC__TS_RULE);
     char before[32] = "0";
     if (*req->page_token) {
         if ((rc = cm_page_token_parse_or_fail(call, req->page_token, 'a', before, sizeof before))) return rc;
@@ -766,10 +776,13 @@ static void proc_watch_done(cm_call_t *call, int cancelled) {
 static int proc_query_rollups_check(cm_call_t *call, ProtobufCMessage *req_) {
     Iot__Processing__V1__QueryRollupsRequest *req = (void *)req_;
     if (!proc_rule_id_ok(req->device_id)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "device_id is required");
-    if (!*req->metric || strlen(req->metric) > PROC_METRIC_MAX) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metric is required");
+    if (!proc_metric_ok(req->metric))
+        return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "metric is required: 1..128 characters of [A-Za-z0-9_.:/-]");
     int64_t res = req->resolution_ms ? req->resolution_ms : 60000;
     if (res != 60000 && res != 3600000)
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "resolution_ms: 60000 (1 minute) or 3600000 (1 hour)");
+    if (req->from && !proc__ts_ok(req->from)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "from: " PROC__TS_RULE);
+    if (req->to && !proc__ts_ok(req->to)) return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "to: " PROC__TS_RULE);
     if (!req->from || !req->to || proc__ms(req->from) >= proc__ms(req->to))
         return cm_call_fail(call, CM_STATUS_INVALID_ARGUMENT, "from and to are required, from before to");
     int size = 0, rc = proc__page_size(call, req->page_size, 1000, 10000, &size);

@@ -10,6 +10,7 @@
 
 #include "cm_alloc.h"
 #include "cm_err.h"
+#include "cm_json.h"
 #include "cm_log.h"
 #include "cm_loop.h"
 #include "cm_metrics.h"
@@ -33,11 +34,20 @@ int proc_rule_id_ok(const char *s) {
     return 1;
 }
 
-static int proc__metric_ok(const char *s) {
+int proc_metric_ok(const char *s) {
     size_t n = s ? strlen(s) : 0;
     if (n == 0 || n > PROC_METRIC_MAX) return 0;
     for (size_t i = 0; i < n; i++)
         if (!isalnum((unsigned char)s[i]) && !strchr("_.:/-", s[i])) return 0;
+    return 1;
+}
+
+/* A device type as device-mgmt defines it: [a-z0-9][a-z0-9._-]{0,62}. */
+static int proc__type_ok(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > 63 || !(islower((unsigned char)s[0]) || isdigit((unsigned char)s[0]))) return 0;
+    for (size_t i = 1; i < n; i++)
+        if (!islower((unsigned char)s[i]) && !isdigit((unsigned char)s[i]) && !strchr("._-", s[i])) return 0;
     return 1;
 }
 
@@ -122,7 +132,7 @@ int proc_rule_check(const proc_rule_pb_t *r, char *why, size_t cap) {
         PROC__BAD("rule.id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}");
     if (!r->name || !*r->name || !proc__printable(r->name, PROC_NAME_MAX))
         PROC__BAD("rule.name is required: 1..%d printable characters", PROC_NAME_MAX);
-    if (!proc__metric_ok(r->metric)) PROC__BAD("rule.metric is required: 1..128 characters of [A-Za-z0-9_.:/-]");
+    if (!proc_metric_ok(r->metric)) PROC__BAD("rule.metric is required: 1..128 characters of [A-Za-z0-9_.:/-]");
     if (r->severity < PROC__SEV_MIN || r->severity > PROC__SEV_MAX) PROC__BAD("rule.severity is not a Severity");
     const Iot__Processing__V1__DeviceSelector *s = r->devices;
     if (s) {
@@ -132,7 +142,10 @@ int proc_rule_check(const proc_rule_pb_t *r, char *why, size_t cap) {
             if (!proc_rule_id_ok(s->device_ids[i]))
                 PROC__BAD("rule.devices.device_ids[%zu] is not a device id ([A-Za-z0-9][A-Za-z0-9._:-]{0,127})", i);
         if (s->group_id && *s->group_id && !proc_rule_id_ok(s->group_id)) PROC__BAD("rule.devices.group_id is not a group id");
-        if (s->type && strlen(s->type) > 63) PROC__BAD("rule.devices.type is at most 63 characters");
+        /* Resolved through device-mgmt's ListDevices, which refuses anything but a device type: a
+         * rule with another type would be stored, and never select a device. */
+        if (s->type && *s->type && !proc__type_ok(s->type))
+            PROC__BAD("rule.devices.type is a device type: up to 63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit");
         if (s->label_selector && *s->label_selector) {
             char err[256];
             cm_selector_t *sel = cm_selector_parse(s->label_selector, err, sizeof err);
@@ -189,6 +202,15 @@ int proc_rule_check(const proc_rule_pb_t *r, char *why, size_t cap) {
         if (c->min_severity < PROC__SEV_MIN || c->min_severity > PROC__SEV_MAX) PROC__BAD("rule.command.min_severity is not a Severity");
         if (c->payload && protobuf_c_message_get_packed_size(&c->payload->base) > PROC_PAYLOAD_MAX)
             PROC__BAD("rule.command.payload is larger than 64 KiB");
+        /* The payload goes to device-mgmt as JSON, and the rule to REST clients: a NaN in it was
+         * stored, then every command it sent was refused and GET /api/v1/rules answered 500. */
+        if (c->payload) {
+            json_t *j = cm_json_from_struct(c->payload);
+            int representable = j != NULL;
+            json_decref(j);
+            if (!representable)
+                PROC__BAD("rule.command.payload is not representable as JSON (NaN, infinity, or nested deeper than %d)", CM_JSON_MAX_DEPTH);
+        }
     }
     if (r->webhook) {
         const Iot__Processing__V1__WebhookAction *w = r->webhook;

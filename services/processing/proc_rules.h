@@ -47,6 +47,8 @@ int proc_rule_check(const proc_rule_pb_t *r, char *why, size_t cap);
 
 /* 1 when s is a valid rule id. */
 int proc_rule_id_ok(const char *s);
+/* 1 when s is a metric name as ingest accepts it. */
+int proc_metric_ok(const char *s);
 
 typedef struct proc_rule_stats_s {
     _Atomic int refs;

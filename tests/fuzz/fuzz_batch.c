@@ -101,7 +101,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cm_arena_t a;
     cm_arena_init(&a, NULL, 0);
     Iot__Ingest__V1__PushTelemetryRequest *req =
-        (void *)cm__pb_decode_request(&iot__ingest__v1__push_telemetry_request__descriptor, &a, in.p, in.n);
+        (void *)cm__pb_decode_server(&iot__ingest__v1__push_telemetry_request__descriptor, &a, in.p, in.n, NULL, 0);
     if (!req) {
         cm_arena_free(&a);
         return 0;

@@ -81,7 +81,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (kind == 0) {
             unsigned hi = fz_byte(&in);
             p = fz_bytes(&in, hi << 8 | fz_byte(&in), &len);
-            m = (void *)cm__pb_decode_request(&iot__ota__v1__upload_artifact_request__descriptor, &a, p, len);
+            m = (void *)cm__pb_decode_server(&iot__ota__v1__upload_artifact_request__descriptor, &a, p, len, NULL, 0);
             if (!m) break; /* the server ends the call: malformed stream message */
         } else if (kind == 1) {
             p = fz_bytes(&in, fz_byte(&in), &len);

@@ -48,8 +48,8 @@ function stop(proc) {
 const newKey = () => `iotk_${crypto.randomBytes(6).toString('hex')}_${crypto.randomBytes(32).toString('hex')}`;
 
 // The suite: device-mgmt, registry and the gateway always; ingest, processing and ota with
-// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv, ingestEnv
-// and otaEnv add to those services' environments.
+// opts.full (otherwise they point at a closed port, for 503 tests). opts.gatewayEnv, ingestEnv,
+// procEnv and otaEnv add to those services' environments.
 async function startSuite(tag, opts = {}) {
   const id = `${tag}_${process.pid}`;
   const pg = process.env.IOT_TEST_PG, redis = process.env.IOT_TEST_REDIS;
@@ -75,7 +75,7 @@ async function startSuite(tag, opts = {}) {
     const proc = await start('processing', 'processing', {
       ...base, IOT_PROC_PG_SCHEMA: `gw_proc_${id}`, IOT_PROC_REDIS_PREFIX: `gw-${id}:proc:`, IOT_INGEST_STREAM_PREFIX: streams,
       IOT_PROC_DM_ADDR: dmAddr, IOT_PROC_MIGRATIONS: 'services/processing/migrations', IOT_PROC_RULES_POLL: '50ms',
-      IOT_REGISTRY_ADDR: regAddr,
+      IOT_REGISTRY_ADDR: regAddr, ...(opts.procEnv || {}),
     });
     s.procs.push(proc);
     const keys = fs.mkdtempSync(path.join(process.env.IOT_TEST_TMP || os.tmpdir(), 'gw-ota-keys-'));

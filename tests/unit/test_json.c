@@ -42,6 +42,17 @@ static void parse_fails(const char *s, size_t len, char *err, size_t cap) {
 
 /* ---- parsing ----------------------------------------------------------------------------- */
 
+/* Text from outside JSON: valid UTF-8 kept, every other byte U+FFFD (the gateway's error messages,
+ * which may echo a query parameter's bytes). */
+static void test_text_replaces_invalid_bytes(void) {
+    json_t *j = cm_json_text("plain \xc3\xa9");
+    ASSERT_STR_EQ(json_string_value(j), "plain \xc3\xa9");
+    json_decref(j);
+    j = cm_json_text("a\xff\xfe b \xe2\x82");
+    ASSERT_STR_EQ(json_string_value(j), "a\xef\xbf\xbd\xef\xbf\xbd b \xef\xbf\xbd\xef\xbf\xbd");
+    json_decref(j);
+}
+
 static void test_parse_error_names_position(void) {
     char err[256];
     parse_fails("{\"a\": }", 7, err, sizeof err);
@@ -507,7 +518,7 @@ static void test_delta(void) {
     check_delta("{\"a\":1}", "[1]", "{\"a\":1}");
 }
 
-TEST_MAIN(TEST_ENTRY(test_parse_error_names_position), TEST_ENTRY(test_parse_accepts_unterminated_buffer_and_scalars),
+TEST_MAIN(TEST_ENTRY(test_text_replaces_invalid_bytes), TEST_ENTRY(test_parse_error_names_position), TEST_ENTRY(test_parse_accepts_unterminated_buffer_and_scalars),
           TEST_ENTRY(test_parse_refuses_duplicate_keys), TEST_ENTRY(test_parse_refuses_nul),
           TEST_ENTRY(test_parse_depth_limit), TEST_ENTRY(test_depth), TEST_ENTRY(test_dump_is_canonical),
           TEST_ENTRY(test_struct_round_trip), TEST_ENTRY(test_struct_refuses_non_objects),

@@ -287,10 +287,10 @@ static void test_malformed_input_is_refused(void) {
     /* What servers call on a request's bytes: the same answers, protobuf-c deciding the rest. */
     cm_arena_t a;
     cm_arena_init(&a, NULL, 0);
-    ASSERT(cm__pb_decode_request(d, &a, truncated_varint, sizeof truncated_varint) == NULL);
-    Iot__Testing__V1__EchoRequest *r = (void *)cm__pb_decode_request(d, &a, unknown, sizeof unknown);
+    ASSERT(cm__pb_decode_server(d, &a, truncated_varint, sizeof truncated_varint, NULL, 0) == NULL);
+    Iot__Testing__V1__EchoRequest *r = (void *)cm__pb_decode_server(d, &a, unknown, sizeof unknown, NULL, 0);
     ASSERT(r && strcmp(r->message, "x") == 0);
-    ASSERT((cm__pb_decode_request(d, &a, group, sizeof group) == NULL) ==
+    ASSERT((cm__pb_decode_server(d, &a, group, sizeof group, NULL, 0) == NULL) ==
            (protobuf_c_message_unpack(d, &a.pb, sizeof group, group) == NULL));
     cm_arena_free(&a);
     /* Nesting beyond the depth limit is refused instead of exhausting the stack. */
@@ -353,6 +353,71 @@ static void test_long_keys_and_lengths_are_refused(void) {
     protobuf_c_message_free_unpacked(m, NULL);
 }
 
+static int decode_request(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n, char *why, size_t cap) {
+    cm_arena_t a;
+    cm_arena_init(&a, NULL, 0);
+    ProtobufCMessage *m;
+    int rc = cm__pb_decode_request(d, &a, p, n, &m, why, cap);
+    cm_arena_free(&a);
+    return rc;
+}
+
+/* Requests: strings are UTF-8 without NUL (a C string would silently end at the NUL, so "a\0b"
+ * would name "a"), checked at any depth, the field named in the refusal; other decoding is as
+ * before. Regression for the bad-input test (tests/gateway/badinput.test.js). */
+static void test_request_strings_are_utf8_without_nul(void) {
+    const ProtobufCMessageDescriptor *batch = &iot__testing__v1__point_batch__descriptor;
+    char why[160];
+    const uint8_t nul[] = {0x0a, 0x03, 'a', 0x00, 'b'}; /* device_id "a\0b" */
+    ASSERT_INT_EQ(decode_request(batch, nul, sizeof nul, why, sizeof why), CM__PB_BAD_STRING);
+    ASSERT_STR_EQ(why, "device_id: holds a NUL byte");
+    ASSERT_INT_EQ(decode(batch, nul, sizeof nul), 0); /* not a request: as protobuf-c */
+    /* points[1].metric: "/" in two bytes (overlong) */
+    const uint8_t nested[] = {0x12, 0x03, 0x0a, 0x01, 'x', 0x12, 0x04, 0x0a, 0x02, 0xc0, 0xaf};
+    ASSERT_INT_EQ(decode_request(batch, nested, sizeof nested, why, sizeof why), CM__PB_BAD_STRING);
+    ASSERT_STR_EQ(why, "points[1].metric: is not valid UTF-8");
+    static const struct {
+        uint8_t b[6];
+        size_t n;
+        int ok;
+    } strings[] = {
+        {{'a', 'b'}, 2, 1},
+        {{0xc3, 0xa9}, 2, 1},             /* é */
+        {{0xf0, 0x9f, 0x98, 0x80}, 4, 1}, /* U+1F600 */
+        {{0xf4, 0x8f, 0xbf, 0xbf}, 4, 1}, /* U+10FFFF */
+        {{0xed, 0xa0, 0x80}, 3, 0},       /* a surrogate */
+        {{0xf4, 0x90, 0x80, 0x80}, 4, 0}, /* above U+10FFFF */
+        {{0xe0, 0x80, 0xaf}, 3, 0},       /* overlong */
+        {{0xe2, 0x82}, 2, 0},             /* cut short */
+        {{0x80}, 1, 0},                   /* a lone continuation byte */
+        {{0xf8, 0x88, 0x80, 0x80, 0x80}, 5, 0},
+        {{0xff}, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
+        uint8_t buf[8] = {0x0a, (uint8_t)strings[i].n};
+        memcpy(buf + 2, strings[i].b, strings[i].n);
+        int rc = decode_request(batch, buf, strings[i].n + 2, why, sizeof why);
+        if (strings[i].ok) ASSERT_INT_EQ(rc, 0);
+        else ASSERT_INT_EQ(rc, CM__PB_BAD_STRING);
+    }
+    /* A map value: EchoResponse.metadata {"k": "\xff"} */
+    const uint8_t map[] = {0x22, 0x06, 0x0a, 0x01, 'k', 0x12, 0x01, 0xff};
+    ASSERT_INT_EQ(decode_request(&iot__testing__v1__echo_response__descriptor, map, sizeof map, why, sizeof why), CM__PB_BAD_STRING);
+    ASSERT_STR_EQ(why, "metadata[0].value: is not valid UTF-8");
+    /* A message protobuf-c decodes (a oneof message given twice is merged): checked all the same. */
+    const uint8_t twice[] = {0x2a, 0x03, 0x0a, 0x01, 'x', 0x2a, 0x04, 0x0a, 0x02, 0xff, 0xfe};
+    const ProtobufCMessageDescriptor *refl = &grpc__reflection__v1alpha__server_reflection_request__descriptor;
+    ASSERT_INT_EQ(decode(refl, twice, sizeof twice), CM__PB_FALLBACK);
+    ASSERT_INT_EQ(decode_request(refl, twice, sizeof twice, why, sizeof why), CM__PB_BAD_STRING);
+    ASSERT_STR_EQ(why, "file_containing_extension.containing_type: is not valid UTF-8");
+    const uint8_t twice_ok[] = {0x2a, 0x03, 0x0a, 0x01, 'x', 0x2a, 0x03, 0x0a, 0x01, 'y'};
+    ASSERT_INT_EQ(decode_request(refl, twice_ok, sizeof twice_ok, why, sizeof why), CM__PB_FALLBACK);
+    /* Field number 0 does not exist. */
+    const uint8_t zero[] = {0x0a, 0x01, 'a', 0x00, 0x01};
+    ASSERT_INT_EQ(decode(batch, zero, sizeof zero), CM__PB_BAD);
+    ASSERT_INT_EQ(decode_request(batch, zero, sizeof zero, why, sizeof why), CM__PB_BAD);
+}
+
 static void test_mutated_input_never_crashes(void) {
     cm_arena_t a;
     cm_arena_init(&a, NULL, 0);
@@ -380,7 +445,10 @@ static void test_mutated_input_never_crashes(void) {
         for (int k = 0; k < flips; k++) buf[rnd() % n] = (uint8_t)rnd();
         size_t len = rnd() % 8 == 0 ? rnd() % n : n;
         ProtobufCMessage *m;
+        char why[64];
         cm__pb_decode(targets[rnd() % 4], &a, buf, len, &m);
+        cm_arena_reset(&a);
+        cm__pb_decode_request(targets[rnd() % 4], &a, buf, len, &m, why, sizeof why);
         cm_arena_reset(&a);
     }
     cm_arena_free(&a);
@@ -391,5 +459,5 @@ static void test_mutated_input_never_crashes(void) {
 TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_alias_points_into_input), TEST_ENTRY(test_oneof_and_enum_match_protobuf_c),
           TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
           TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
-          TEST_ENTRY(test_field_number_zero_is_refused),
-          TEST_ENTRY(test_long_keys_and_lengths_are_refused), TEST_ENTRY(test_mutated_input_never_crashes))
+          TEST_ENTRY(test_field_number_zero_is_refused), TEST_ENTRY(test_long_keys_and_lengths_are_refused),
+          TEST_ENTRY(test_request_strings_are_utf8_without_nul), TEST_ENTRY(test_mutated_input_never_crashes))
