@@ -31,6 +31,8 @@ static int ota__b(PGresult *r, int row, int col) { return PQgetvalue(r, row, col
 
 /* The rollout id (a row of OTA__ROLLOUT_COLS) with its stages and their counts, in the call arena.
  * NULL when the queries fail (the connection is still the caller's). */
+#define OTA__SNAPSHOT "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
 static Iot__Ota__V1__Rollout *ota__rollout_build(cm_call_t *call, cm_pg_conn_t *c, PGresult *r, int row) {
     Iot__Ota__V1__Rollout *o = cm_call_alloc(call, sizeof *o);
     iot__ota__v1__rollout__init(o);
@@ -115,9 +117,13 @@ static Iot__Ota__V1__Rollout *ota__rollout_build(cm_call_t *call, cm_pg_conn_t *
 }
 
 /* Loads rollout id into *out. 0, or the status the call was failed with (NOT_FOUND, ...). */
+/* Reads and releases c. The rollout, its stages and their counts are three statements: they read
+ * one snapshot, or a stage just started by the controller could show its devices while still
+ * "waiting". The read-only transaction ends when the connection is released (rolled back). */
 static int ota__rollout_load_or_fail(cm_call_t *call, ota_ctx_t *ctx, cm_pg_conn_t *c, const char *id, Iot__Ota__V1__Rollout **out) {
     const char *p[1] = {id};
     PGresult *r = NULL;
+    if (cm_pg_exec(c, NULL, OTA__SNAPSHOT, 0, NULL)) return ota__pg_fail(call, ctx, c);
     if (cm_pg_exec(c, &r, "SELECT " OTA__ROLLOUT_COLS " FROM rollouts AS r WHERE r.id = $1::bigint", 1, p)) return ota__pg_fail(call, ctx, c);
     if (PQntuples(r) == 0) {
         PQclear(r);
@@ -328,6 +334,7 @@ int ota_list_rollouts(cm_call_t *call, const ProtobufCMessage *req_, ProtobufCMe
     snprintf(lim, sizeof lim, "%d", size + 1);
     const char *p[4] = {req->artifact_id, st, b, lim};
     PGresult *r = NULL;
+    if (cm_pg_exec(c, NULL, OTA__SNAPSHOT, 0, NULL)) return ota__pg_fail(call, ctx, c); /* as in a Get */
     if (cm_pg_exec(c, &r,
                    "SELECT " OTA__ROLLOUT_COLS " FROM rollouts AS r WHERE ($1 = '' OR r.artifact_id = $1::bigint) AND "
                    "($2::int = 0 OR r.state = $2::int) AND ($3::bigint = 0 OR r.id < $3::bigint) ORDER BY r.id DESC LIMIT $4::int",
