@@ -25,7 +25,11 @@
 #include <stdio.h>
 #include <string.h>
 
-#define CM__PB_MAX_DEPTH 64
+/* Deep enough for the deepest google.protobuf.Struct the JSON side accepts: CM_JSON_MAX_DEPTH (32)
+ * objects are three messages each (Struct, its map entry, Value), about 100 in all. At 64, a
+ * shadow patch the gateway accepted was refused by device-mgmt as malformed (found by
+ * tests/fuzz/fuzz_rest.c). Each level costs well under 2 KiB of stack. */
+#define CM__PB_MAX_DEPTH 128
 
 /* How to decode, and where a refused string's field path goes. */
 typedef struct cm__pbopt_s {

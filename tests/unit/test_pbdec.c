@@ -6,7 +6,9 @@
 #include <string.h>
 
 #include "cm_alloc.h"
+#include "cm_json.h"
 #include "cm_pbdec.h"
+#include "google/protobuf/struct.pb-c.h"
 #include "google/protobuf/descriptor.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "grpc/reflection/v1alpha/reflection.pb-c.h"
@@ -418,6 +420,34 @@ static void test_request_strings_are_utf8_without_nul(void) {
     ASSERT_INT_EQ(decode_request(batch, zero, sizeof zero, why, sizeof why), CM__PB_BAD);
 }
 
+/* The deepest Struct the JSON side accepts (CM_JSON_MAX_DEPTH nested objects, three messages
+ * each) decodes: at a depth limit of 64 a shadow patch the gateway had accepted was refused by
+ * device-mgmt as malformed (found by tests/fuzz/fuzz_rest.c). */
+static void test_deepest_json_struct_decodes(void) {
+    enum { N = CM_JSON_MAX_DEPTH };
+    Google__Protobuf__Struct s[N];
+    Google__Protobuf__Struct__FieldsEntry e[N], *ep[N];
+    Google__Protobuf__Value v[N];
+    for (int i = 0; i < N; i++) {
+        google__protobuf__struct__init(&s[i]);
+        google__protobuf__struct__fields_entry__init(&e[i]);
+        google__protobuf__value__init(&v[i]);
+        if (i == N - 1) break; /* the innermost object is empty */
+        e[i].key = (char *)"a";
+        e[i].value = &v[i];
+        v[i].kind_case = GOOGLE__PROTOBUF__VALUE__KIND_STRUCT_VALUE;
+        v[i].struct_value = &s[i + 1];
+        ep[i] = &e[i];
+        s[i].fields = &ep[i];
+        s[i].n_fields = 1;
+    }
+    size_t n = protobuf_c_message_get_packed_size(&s[0].base);
+    uint8_t *buf = malloc(n);
+    protobuf_c_message_pack(&s[0].base, buf);
+    ASSERT_INT_EQ(decode(&google__protobuf__struct__descriptor, buf, n), 0);
+    free(buf);
+}
+
 static void test_mutated_input_never_crashes(void) {
     cm_arena_t a;
     cm_arena_init(&a, NULL, 0);
@@ -460,4 +490,5 @@ TEST_MAIN(TEST_ENTRY(test_echo_messages_match_protobuf_c), TEST_ENTRY(test_alias
           TEST_ENTRY(test_proto2_optional_and_packed_match_protobuf_c),
           TEST_ENTRY(test_real_descriptor_set_matches_protobuf_c), TEST_ENTRY(test_malformed_input_is_refused),
           TEST_ENTRY(test_field_number_zero_is_refused), TEST_ENTRY(test_long_keys_and_lengths_are_refused),
-          TEST_ENTRY(test_request_strings_are_utf8_without_nul), TEST_ENTRY(test_mutated_input_never_crashes))
+          TEST_ENTRY(test_request_strings_are_utf8_without_nul), TEST_ENTRY(test_deepest_json_struct_decodes),
+          TEST_ENTRY(test_mutated_input_never_crashes))
