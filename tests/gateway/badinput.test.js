@@ -26,7 +26,7 @@ const REPORT = !!process.env.IOT_BADINPUT_REPORT; // print every case and its an
 // ---- the values -------------------------------------------------------------------------------
 
 const SQL = "'; DROP TABLE devices; --";
-const HUGE = 'x'.repeat(1 << 20); // 1 MiB: over every documented string limit, under the 4 MiB message limit
+const HUGE = 'x'.repeat((128 << 10) + 1); // over every documented string limit (the largest is 64 KiB)
 // String mutations: metacharacters are data in free-text fields; the rest never are.
 const STR = {
   sql: SQL,
@@ -78,13 +78,16 @@ const STALE = '999999999';
 // selects from the whole list, taken literally (a LIKE wildcard that slipped through selects more).
 function devicesMatch(count) {
   return async (fx, req, resp) => {
-    const all = [];
-    for (let token = ''; ;) {
-      const r = await fx.call('dm', DM, 'ListDevices', { page_size: 1000, page_token: token });
-      all.push(...(r.devices || []));
-      token = r.next_page_token;
-      if (!token) break;
+    if (!fx.allDevices) { // the whole list, once per method: its cases change no device
+      fx.allDevices = [];
+      for (let token = ''; ;) {
+        const r = await fx.call('dm', DM, 'ListDevices', { page_size: 1000, page_token: token });
+        fx.allDevices.push(...(r.devices || []));
+        token = r.next_page_token;
+        if (!token) break;
+      }
     }
+    const all = fx.allDevices;
     const f = req.filter || {}, lc = (x) => String(x || '').toLowerCase();
     const want = all.filter((d) => (!f.type || d.type === f.type) && (!f.model || d.model === f.model) &&
       (!f.firmware_version || d.firmware_version === f.firmware_version) && (!f.name_contains || lc(d.name).includes(lc(f.name_contains))) &&
@@ -468,6 +471,7 @@ const READ_CACHES = /^\{gw-[^}]*\}:[dt]:/;
 
 async function grpcMethod(ctx, spec) {
   const fx = ctx.fx;
+  fx.allDevices = null;
   const cases = grpcCases(spec, fx);
   const target = ctx.targets[spec.svc];
   const token = spec.token ? spec.token() : undefined;
@@ -546,7 +550,7 @@ const GW = 'iot.gateway.v1';
 const HTTP_OF = { [S.OK]: 200, [S.INVALID_ARGUMENT]: 400, [S.OUT_OF_RANGE]: 400, [S.UNAUTHENTICATED]: 401, [S.PERMISSION_DENIED]: 403,
   [S.NOT_FOUND]: 404, [S.ALREADY_EXISTS]: 409, [S.ABORTED]: 409, [S.FAILED_PRECONDITION]: 412, [S.RESOURCE_EXHAUSTED]: 429,
   [S.UNAVAILABLE]: 503, [S.DEADLINE_EXCEEDED]: 504 };
-const BIG = 'x'.repeat(200 * 1024); // huge for a JSON body (under IOT_GW_MAX_BODY, 1 MiB)
+const BIG = HUGE; // huge for a JSON body too (under IOT_GW_MAX_BODY, 1 MiB)
 const LONG = 'x'.repeat(4000); // huge for a path or query parameter (URLs stay under libmicrohttpd's 32 KiB)
 
 const camel = (n) => n.replace(/_([a-z0-9])/g, (m, c) => c.toUpperCase());

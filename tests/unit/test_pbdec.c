@@ -402,6 +402,25 @@ static void test_request_strings_are_utf8_without_nul(void) {
         if (strings[i].ok) ASSERT_INT_EQ(rc, 0);
         else ASSERT_INT_EQ(rc, CM__PB_BAD_STRING);
     }
+    /* The word-at-a-time path: ASCII of every length up to 40, clean, or with a NUL, a byte over
+     * 0x7f or a whole UTF-8 character at each position. */
+    for (size_t len = 1; len <= 40; len++) {
+        for (size_t at = 0; at <= len; at++) {
+            for (int kind = 0; kind < 4; kind++) {
+                if ((kind && at == len) || (kind == 3 && at + 2 > len)) continue; /* nowhere to put it */
+                uint8_t buf[48];
+                buf[0] = 0x0a;
+                buf[1] = (uint8_t)len;
+                memset(buf + 2, 'a', len);
+                if (kind == 1) buf[2 + at] = 0;
+                if (kind == 2) buf[2 + at] = 0xff;
+                if (kind == 3) memcpy(buf + 2 + at, "\xc3\xa9", 2); /* é: valid */
+                int rc = decode_request(batch, buf, len + 2, why, sizeof why);
+                if (kind == 0 || kind == 3) ASSERT_INT_EQ(rc, 0);
+                else ASSERT_INT_EQ(rc, CM__PB_BAD_STRING);
+            }
+        }
+    }
     /* A map value: EchoResponse.metadata {"k": "\xff"} */
     const uint8_t map[] = {0x22, 0x06, 0x0a, 0x01, 'k', 0x12, 0x01, 0xff};
     ASSERT_INT_EQ(decode_request(&iot__testing__v1__echo_response__descriptor, map, sizeof map, why, sizeof why), CM__PB_BAD_STRING);
